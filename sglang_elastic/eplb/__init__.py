@@ -1,0 +1,20 @@
+"""Expert-parallel load balancing: placements, algorithms and metrics (pure tensor code)."""
+from .algorithms import ALGORITHMS, rebalance, register_algorithm
+from .metrics import balancedness, layer_balancedness, movement, movement_bytes, orphans, rank_load
+from .placement import Placement, PlacementError, load_placement_file, save_placement_file
+
+__all__ = [
+    "ALGORITHMS",
+    "Placement",
+    "PlacementError",
+    "balancedness",
+    "layer_balancedness",
+    "load_placement_file",
+    "movement",
+    "movement_bytes",
+    "orphans",
+    "rank_load",
+    "rebalance",
+    "register_algorithm",
+    "save_placement_file",
+]
