@@ -113,6 +113,7 @@ class _State:
         self.L, self.n, self.S = x.shape
         self.E = per_replica.shape[1]
         self.per = per_replica
+        self.per32 = per_replica.astype(np.float32)
         self.node_of = node_of
         self.rows = np.arange(self.L)
         L, n, E1 = self.L, self.n, self.E + 1
@@ -358,17 +359,22 @@ def _fix_conflicts(st: _State, max_iters: int) -> None:
 
 
 def _refine(st: _State, max_iters: int, target: np.ndarray,
-            orig_present: Optional[np.ndarray] = None, light: int = 4) -> None:
-    """Swap replicas between the busiest live rank and the ``light`` least busy ones.
+            orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2) -> None:
+    """Swap replicas from the busiest live ranks to the least busy ones while that helps.
 
-    Each iteration, in every layer still above ``target``, the busiest rank makes the swap that
-    brings it and one light rank closest to their mean. A layer stops when it reaches ``target`` or
-    its busiest rank has no improving swap. With ``orig_present`` (``[L, n, E+1]``: expert was on that
-    rank before) a swap that fetches fewer new experts wins over a better-balancing one (experts sent
-    back home count negative), so rebalancing from a live placement moves little.
+    Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
+    busiest ranks (above ``target``) looks at its own ``light`` light ranks (interleaved, so no two
+    heavy ranks share one and the iteration's swaps are independent) and makes the swap that brings
+    the pair closest to their mean. A layer stops once at ``target``, or when its busiest rank has no
+    improving swap. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
+    fetches fewer new experts wins over a better-balancing one (experts sent back home count
+    negative), so rebalancing from a live placement moves little.
     """
     L, n, S = st.L, st.n, st.S
-    K = min(light, n - 1)
+    if st.node_of is not None:
+        heavy = 1  # concurrent swaps could each take an expert's last replica off a node
+    H = max(1, min(heavy, n // (light + 1)))
+    K = min(light, (n - H) // H)
     if K <= 0:
         return
     load = st.loads()
@@ -377,42 +383,52 @@ def _refine(st: _State, max_iters: int, target: np.ndarray,
         g = np.flatnonzero(active)
         if g.size == 0:
             return
+        G = g.size
         order = np.argsort(load[g], axis=1)
-        hi, lo = order[:, -1], order[:, :K]  # [G], [G, K]
-        g1, g2 = g[:, None], g[:, None, None]
-        xa, xb = st.x[g, hi], st.x[g1, lo]  # [G, S], [G, K, S]
-        va = st.present[g2, lo[:, :, None], xa[:, None, :] + 1] == 0  # [G, K, S]: a may go light
-        vb = st.present[g2, hi[:, None, None], xb + 1] == 0  # [G, K, S]: b may go heavy
+        hi = order[:, ::-1][:, :H]  # [G, H]
+        lo = order[:, : H * K].reshape(G, K, H).transpose(0, 2, 1)  # [G, H, K]: heavy j's lights
+        g2, g3, g4 = g[:, None], g[:, None, None], g[:, None, None, None]
+        xa, xb = st.x[g2, hi], st.x[g3, lo]  # [G, H, S], [G, H, K, S]
+        hi3 = hi[:, :, None]
+        va = st.present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0  # [G, H, K, S]: a may go light
+        vb = st.present[g4, hi3[..., None], xb + 1] == 0  # [G, H, K, S]: b may go heavy
         if st.node_of is not None:
-            nh, nl = st.node_of[hi][:, None, None], st.node_of[lo][:, :, None]
-            va &= ~st.spread_loss_at(g2, xa[:, None, :], nh, nl)
-            vb &= ~st.spread_loss_at(g2, xb, nl, nh)
-        th = load[g, hi]
-        gap = (th[:, None] - load[g1, lo])[:, :, None, None]  # [G, K, 1, 1]
-        d = st.per[g1, xa][:, None, :, None] - st.per[g2, xb][:, :, None, :]  # [G, K, Sa, Sb]
-        # The pair's new max is (th + tl + |gap - 2d|) / 2: best with d near gap / 2, inside (0, gap).
-        score = np.abs(gap - 2 * d) - gap
-        ok = (d > 0) & (d < gap) & va[..., None] & vb[:, :, None, :]
+            nh, nl = st.node_of[hi3][..., None], st.node_of[lo][..., None]
+            va &= ~st.spread_loss_at(g4, xa[:, :, None, :], nh, nl)
+            vb &= ~st.spread_loss_at(g4, xb, nl, nh)
+        th = load[g2, hi]  # [G, H]
+        gap = (th[:, :, None] - load[g3, lo]).astype(np.float32)[..., None, None]  # [G, H, K, 1, 1]
+        wa = st.per32[g3, xa][:, :, None, :, None]
+        wb = st.per32[g4, xb][:, :, :, None, :]
+        # For d = wa - wb the pair's new max minus th is (|gap - 2d| - gap) / 2: negative iff 0 < d < gap,
+        # and comparable across light ranks, so one argmin picks the heavy rank's best swap.
+        score = np.abs(gap - 2 * (wa - wb)) - gap
+        ok = va[..., None] & vb[..., None, :] & (score < 0)
+        ok &= (th > target[g][:, None])[:, :, None, None, None]
+        score = np.where(ok, score, np.inf)
         if orig_present is not None:
-            fa = (orig_present[g2, lo[:, :, None], xa[:, None, :] + 1] == 0).astype(np.int64) - (
-                orig_present[g1, hi[:, None], xa + 1] == 0)[:, None, :]
-            fb = (orig_present[g2, hi[:, None, None], xb + 1] == 0).astype(np.int64) - (
-                orig_present[g2, lo[:, :, None], xb + 1] == 0)
-            score = score + (2 * th.max()) * (fa[..., None] + fb[:, :, None, :])
-        score = np.where(ok, score, np.inf).reshape(g.size, -1)
-        best = score.argmin(1)
-        found = score[np.arange(g.size), best] < np.inf
-        active[g[~found]] = False
-        if not found.any():
+            fa = (orig_present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0).astype(np.int8) - (
+                orig_present[g3, hi3, xa + 1] == 0)[:, :, None, :]
+            fb = (orig_present[g4, hi3[..., None], xb + 1] == 0).astype(np.int8) - (
+                orig_present[g4, lo[..., None], xb + 1] == 0)
+            # Experts fetched (minus those sent home) first, balance second: |score| < gap < step.
+            step = np.float32(2 * gap.max() + 1)
+            score = score + step * (fa[..., None] + fb[..., None, :])
+        score = score.reshape(G, H, -1)
+        best = score.argmin(2)  # [G, H]
+        found = np.take_along_axis(score, best[..., None], 2)[..., 0] < np.inf
+        active[g[~found[:, 0]]] = False
+        gi, hj = np.nonzero(found)
+        if gi.size == 0:
             return
-        gg, best, hi = g[found], best[found], hi[found]
-        r_lo = lo[found, best // (S * S)]
-        sa, sb = (best % (S * S)) // S, best % S
-        dl = st.per[gg, st.x[gg, hi, sa]] - st.per[gg, st.x[gg, r_lo, sb]]
-        st.swap(gg, hi, sa, r_lo, sb)
-        load[gg, hi] -= dl
-        load[gg, r_lo] += dl
-        active[gg] = load[gg].max(1) > target[gg]
+        gg, b = g[gi], best[gi, hj]
+        r_hi, r_lo = hi[gi, hj], lo[gi, hj, b // (S * S)]
+        sa, sb = (b % (S * S)) // S, b % S
+        dl = st.per[gg, st.x[gg, r_hi, sa]] - st.per[gg, st.x[gg, r_lo, sb]]
+        st.swap(gg, r_hi, sa, r_lo, sb)
+        np.add.at(load, (gg, r_hi), -dl)
+        np.add.at(load, (gg, r_lo), dl)
+        active[g] &= load[g].max(1) > target[g]
 
 
 def _from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
@@ -425,9 +441,8 @@ def _from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], 
         x = _order_ranks_by_node(x, node_of)
     st = _State(x, per, node_of)
     _fix_conflicts(st, max_iters=n * S)
-    # Stop refining a layer within 0.01 % of the bound: the rest is noise, not balance.
-    bound = np.maximum(w.sum(1) / n, per.max(1)) * (1 + 1e-4)
-    _refine(st, iters, bound)
+    # Stop refining a layer within 0.1 % of the bound: past that, swaps cost more time than they buy.
+    _refine(st, iters, np.maximum(w.sum(1) / n, per.max(1)) * (1 + 1e-3))
     return st.x, st.loads().max(1)
 
 
@@ -515,7 +530,8 @@ def _from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
     lb = np.maximum(w.sum(1) / n, bound)
     # The from-scratch placement lands within ~0.05 % of the bound; aim at tol above that.
     target = lb * (1 + tol + 5e-4)
-    _refine(st, iters, target, orig_present=orig)
+    # One swap per layer and step: concurrent swaps would each pay for a move the others make moot.
+    _refine(st, iters, target, orig_present=orig, heavy=1, light=4)
     got = st.loads().max(1)
     missed = np.flatnonzero(got > target)
     if missed.size:
