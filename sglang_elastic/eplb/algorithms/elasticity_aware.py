@@ -255,22 +255,22 @@ def _repair_assign(st: _State, counts: np.ndarray, keep_load: np.ndarray) -> Non
     flat = x.reshape(L, n * S)
     rank_load = np.repeat(keep_load, S, axis=1)
     # Position of each replica among its expert's replicas, most loaded rank first -> drop the first ones.
-    key = np.where(flat >= 0, flat, E).astype(np.float64) * 2.0 - rank_load / (rank_load.max() + 1.0)
+    eid = np.where(flat >= 0, flat, E)  # empty slots sort last
+    key = eid * 2.0 - rank_load / (rank_load.max() + 1.0)
     order = np.argsort(key, axis=1, kind="stable")
-    e_sorted = np.take_along_axis(flat, order, 1)
+    e_sorted = np.take_along_axis(eid, order, 1)
     have = np.zeros((L, E + 1), dtype=np.int64)
-    np.add.at(have, (st.rows[:, None], e_sorted + 1), 1)
+    np.add.at(have, (st.rows[:, None], e_sorted), 1)
     first = np.cumsum(have, 1) - have
-    pos = np.arange(n * S)[None] - np.take_along_axis(first, e_sorted + 1, 1)
-    surplus = have[:, 1:] - counts
-    drop_sorted = (e_sorted >= 0) & (pos < np.take_along_axis(
-        np.concatenate([np.zeros((L, 1), np.int64), surplus], 1), e_sorted + 1, 1))
+    pos = np.arange(n * S)[None] - np.take_along_axis(first, e_sorted, 1)
+    surplus = np.concatenate([have[:, :E] - counts, np.zeros((L, 1), np.int64)], 1)
+    drop_sorted = pos < np.take_along_axis(surplus, e_sorted, 1)
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, 1)
     l, ps = np.nonzero(drop)
     st.remove(l, ps // S, ps % S)
 
-    need = counts - np.minimum(have[:, 1:], counts)  # replicas still to place
+    need = counts - np.minimum(have[:, :E], counts)  # replicas still to place
     # Missing replicas as a list per layer, heaviest first; all layers padded to the same length.
     order = np.argsort(-st.per, axis=1, kind="stable")
     items = [np.repeat(order[i], need[i, order[i]]) for i in range(L)]
@@ -520,7 +520,7 @@ def _from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
     np.add.at(start, (rows[:, None], cur.reshape(L, -1) + 1), 1)
     opt_counts = replica_counts(w, n * S, n)
     bound = (w / opt_counts).max(1)
-    counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=bound)
+    counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=bound * (1 + tol))
     per = w / counts
     st = _State(cur.copy(), per, node_of)
     keep_load = np.where(cur >= 0, per[rows[:, None, None], np.maximum(cur, 0)], 0.0).sum(-1)

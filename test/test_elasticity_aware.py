@@ -1,0 +1,249 @@
+"""The elasticity-aware EPLB: invariants (hypothesis), movement-awareness, node spread, bad input."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sglang_elastic.eplb import Placement, balancedness, movement, orphans, rebalance
+from sglang_elastic.eplb.algorithms.elasticity_aware import rebalance_experts, replica_counts
+from sglang_elastic.eplb.synthetic import drift, synthetic_load
+
+
+@st.composite
+def problems(draw, with_current=False):
+    """A random, feasible placement problem: shapes, live mask, node size, load, maybe a current placement."""
+    nodes = draw(st.integers(1, 3))
+    per_node = draw(st.integers(1, 4))
+    R = nodes * per_node
+    E = draw(st.integers(2, 24))
+    S = draw(st.integers(1, min(E, 6)))
+    L = draw(st.integers(1, 4))
+    need = -(-E // S)
+    if need > R:
+        R_extra = need - R
+        per_node += -(-R_extra // nodes)
+        R = nodes * per_node
+    live = np.array(draw(st.lists(st.booleans(), min_size=R, max_size=R)))
+    dead = np.flatnonzero(~live)
+    # Keep enough live ranks: revive dead ones in order until the experts fit.
+    for r in dead[: max(0, need - int(live.sum()))]:
+        live[r] = True
+    kind = draw(st.sampled_from(["lognormal", "zeros", "ties", "hot"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if kind == "lognormal":
+        w = rng.lognormal(0, 1.2, size=(L, E))
+    elif kind == "zeros":
+        w = rng.lognormal(0, 1, size=(L, E)) * (rng.random((L, E)) < 0.5)
+    elif kind == "ties":
+        w = np.ones((L, E)) * rng.integers(1, 3, size=(L, E))
+    else:
+        w = rng.lognormal(0, 0.3, size=(L, E))
+        w[:, rng.integers(0, E)] *= 50
+    rpn = per_node if draw(st.booleans()) else None
+    current = None
+    if with_current:
+        before = np.ones(R, dtype=bool) if draw(st.booleans()) else np.array(
+            draw(st.lists(st.booleans(), min_size=R, max_size=R)))
+        if before.sum() * S >= E:
+            w0 = rng.lognormal(0, 1, size=(L, E))
+            current = rebalance(w0, R, S, live_ranks=before, ranks_per_node=rpn)
+    return dict(load=w, num_ranks=R, slots_per_rank=S, live_ranks=live, ranks_per_node=rpn, current=current)
+
+
+def check_invariants(p: Placement, prob) -> None:
+    live = np.asarray(prob["live_ranks"], dtype=bool)
+    x = p.by_rank().numpy()
+    E = p.num_logical_experts
+    # a. no routable slot on a dead rank; every live slot filled; every expert on a live rank.
+    assert (x[:, ~live] == -1).all()
+    assert (x[:, live] >= 0).all()
+    assert (p.logcnt > 0).all()
+    assert int(p.logcnt.sum()) == p.num_layers * int(live.sum()) * p.slots_per_rank
+    # c. never two replicas of one expert on one rank.
+    srt = np.sort(x[:, live], axis=-1)
+    assert not (srt[..., 1:] == srt[..., :-1]).any()
+    # Derived maps agree and dead slots never appear in log2phy.
+    dead_slots = np.flatnonzero(np.repeat(~live, p.slots_per_rank))
+    assert not np.isin(p.log2phy.numpy(), dead_slots).any()
+    assert E == prob["load"].shape[-1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_invariants_from_scratch(prob):
+    p = rebalance(**prob)
+    check_invariants(p, prob)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]))
+def test_invariants_from_current(prob, tol):
+    opts = {} if tol is None else {"balance_tolerance": tol}
+    p = rebalance(**prob, **opts)
+    check_invariants(p, prob)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(with_current=True))
+def test_replicas_spread_over_nodes(prob):
+    """With ranks_per_node, an expert with c replicas sits on min(c, live nodes) nodes whenever
+    each node can take its share (checked on the from-scratch path, where we control everything)."""
+    rpn = prob["ranks_per_node"]
+    if rpn is None:
+        return
+    prob = dict(prob, current=None)
+    p = rebalance(**prob)
+    live = prob["live_ranks"]
+    node = np.repeat(np.arange(prob["num_ranks"]) // rpn, p.slots_per_rank)
+    phy = p.phy2log.numpy()
+    live_nodes = len(set(np.flatnonzero(live) // rpn))
+    violations = 0
+    for l in range(p.num_layers):
+        for e in range(p.num_logical_experts):
+            slots = np.flatnonzero(phy[l] == e)
+            violations += len(set(node[slots])) < min(len(slots), live_nodes)
+    # A handful of unavoidable cases exist (a hot expert can need more replicas than some node has
+    # room for); they must stay rare.
+    assert violations <= max(1, p.num_layers * p.num_logical_experts // 20)
+
+
+def test_node_spread_on_deepseek_shape_with_dead_ranks():
+    w = synthetic_load("lognormal1", 8, 256, seed=3)
+    live = np.ones(32, dtype=bool)
+    live[[3, 12, 13]] = False  # nodes of unequal capacity: 7, 6, 8, 8 live ranks
+    p = rebalance(w, 32, 9, live_ranks=live, ranks_per_node=8)
+    phy = p.phy2log.numpy()
+    node = np.repeat(np.arange(32) // 8, 9)
+    for l in range(8):
+        for e in range(256):
+            slots = np.flatnonzero(phy[l] == e)
+            assert len(set(node[slots])) == min(len(slots), 4), (l, e)
+    # Node-awareness must not cost balance.
+    flat = rebalance(w, 32, 9, live_ranks=live)
+    assert balancedness(w, p) >= balancedness(w, flat) - 0.002
+
+
+def test_replica_counts_is_the_greedy_optimum():
+    rng = np.random.default_rng(1)
+    w = rng.lognormal(0, 1.5, size=(5, 20))
+    c = replica_counts(w, 60, 6)
+    assert (c.sum(1) == 60).all() and (c >= 1).all() and (c <= 6).all()
+    # Greedy one at a time, written plainly.
+    for l in range(5):
+        ref = np.ones(20, dtype=int)
+        for _ in range(40):
+            gain = np.where(ref < 6, w[l] / ref, -1)
+            ref[gain.argmax()] += 1
+        assert (c[l] == ref).all()
+
+
+def test_balance_is_high_on_deepseek_shape():
+    w = synthetic_load("lognormal1", 58, 256, seed=0)
+    p = rebalance(w, 32, 9)
+    assert balancedness(w, p) > 0.995
+
+
+def test_same_load_same_ranks_moves_nothing():
+    w = synthetic_load("lognormal1", 6, 64, seed=2)
+    p = rebalance(w, 8, 10)
+    again = rebalance(w, 8, 10, current=p)
+    assert movement(p, again) == 0
+    assert torch.equal(again.phy2log, p.phy2log)
+
+
+def test_failover_with_large_tolerance_moves_only_orphans():
+    w = synthetic_load("lognormal1", 6, 64, seed=4)
+    p = rebalance(w, 8, 12)
+    live = np.ones(8, dtype=bool)
+    live[[2, 5]] = False
+    q = rebalance(w, 8, 12, live_ranks=live, current=p, balance_tolerance=10.0)
+    lost = int(orphans(p, live).sum())
+    assert lost > 0
+    assert movement(p, q) == lost
+
+
+def test_failover_moves_far_less_than_from_scratch_and_keeps_balance():
+    w = synthetic_load("lognormal1", 20, 256, seed=5)
+    p = rebalance(w, 32, 9)
+    live = np.ones(32, dtype=bool)
+    live[[5, 17]] = False
+    q = rebalance(w, 32, 9, live_ranks=live, current=p)
+    fresh = rebalance(w, 32, 9, live_ranks=live)
+    assert movement(p, q) < 0.3 * movement(p, fresh)
+    assert balancedness(w, q) >= 0.98
+
+
+def test_tolerance_trades_movement_for_balance():
+    w = synthetic_load("lognormal1", 20, 128, seed=6)
+    p = rebalance(w, 16, 10)
+    w2 = drift(w, 0.2)
+    tight = rebalance(w2, 16, 10, current=p, balance_tolerance=0.0)
+    loose = rebalance(w2, 16, 10, current=p, balance_tolerance=0.05)
+    assert movement(p, loose) <= movement(p, tight)
+    assert balancedness(w2, tight) >= balancedness(w2, loose) - 1e-9
+
+
+def test_scale_up_fills_new_ranks():
+    w = synthetic_load("hot", 4, 64, seed=7)
+    before = np.ones(8, dtype=bool)
+    before[6:] = False
+    p = rebalance(w, 8, 12, live_ranks=before)
+    q = rebalance(w, 8, 12, current=p)
+    assert (q.by_rank()[:, 6:] >= 0).all()
+    assert balancedness(w, q) > balancedness(w, p) or balancedness(w, p) > 0.999
+
+
+def test_too_few_live_slots_says_what_is_needed():
+    w = np.ones((2, 40))
+    with pytest.raises(ValueError, match=r"need at least 5 live ranks or 20 slots per rank"):
+        rebalance(w, 8, 8, live_ranks=[1, 1, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="need at least 5 live ranks"):
+        rebalance(w, 8, 8, live_ranks=[0] * 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(algorithm="nope"), "unknown EPLB algorithm 'nope'"),
+        (dict(load=np.ones(5)), "load must be"),
+        (dict(load=-np.ones((2, 8))), "negative"),
+        (dict(load=np.full((2, 8), np.nan)), "NaN"),
+        (dict(num_ranks=0), "num_ranks must be a positive integer"),
+        (dict(slots_per_rank=2.5), "slots_per_rank must be a positive integer"),
+        (dict(ranks_per_node=3), "must be a positive divisor"),
+        (dict(live_ranks=[1, 1]), "one entry per rank"),
+        (dict(live_ranks=[2, 1, 1, 1]), "0/1 or bool"),
+        (dict(current=np.zeros((3, 16), dtype=np.int64)), "current placement has shape"),
+        (dict(current=np.full((2, 16), 9)), "outside"),
+        (dict(current=np.zeros((2, 16))), "integer expert ids"),
+        (dict(balance_tolerance=-1.0), "balance_tolerance must be"),
+        (dict(slots_per_rank=9, load=np.ones((2, 8))), "exceeds the number of logical experts"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, message):
+    args = dict(load=np.ones((2, 8)), num_ranks=4, slots_per_rank=4)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        rebalance(**args)
+
+
+def test_sglang_signature_returns_sglang_triple_and_honours_dead_ranks():
+    w = torch.from_numpy(synthetic_load("lognormal1", 4, 32, seed=8)).float()
+    active = torch.tensor([1, 1, 0, 1], dtype=torch.int32)
+    p2l, l2p, cnt = rebalance_experts(w, 48, 2, 2, 4, False, active)
+    assert p2l.shape == (4, 48) and p2l.dtype == torch.int64 and (p2l >= 0).all()
+    assert cnt.shape == (4, 32) and int(cnt.sum()) == 4 * 36
+    assert l2p.shape[:2] == (4, 32)
+    dead = set(range(24, 36))
+    assert not dead & set(l2p.flatten().tolist())
+    # Every listed physical slot really serves that expert.
+    for l in range(4):
+        for e in range(32):
+            for s in l2p[l, e].tolist():
+                if s >= 0:
+                    assert p2l[l, s] == e
+    # Hierarchical: node-aware spreading even with a dead rank (upstream drops it then).
+    p2l_h, _, cnt_h = rebalance_experts(w, 48, 2, 2, 4, True, active)
+    assert torch.equal(cnt_h.sum(1), cnt.sum(1))
