@@ -1,4 +1,6 @@
 """The elasticity-aware EPLB: invariants (hypothesis), movement-awareness, node spread, bad input."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,9 @@ from hypothesis import strategies as st
 from sglang_elastic.eplb import Placement, balancedness, movement, orphans, rebalance
 from sglang_elastic.eplb.algorithms.elasticity_aware import rebalance_experts, replica_counts
 from sglang_elastic.eplb.synthetic import drift, synthetic_load
+
+# SGLE_HYPOTHESIS_EXAMPLES=2000 runs a deeper search than CI does.
+EXAMPLES = int(os.environ.get("SGLE_HYPOTHESIS_EXAMPLES", "150"))
 
 
 @st.composite
@@ -69,14 +74,14 @@ def check_invariants(p: Placement, prob) -> None:
     assert E == prob["load"].shape[-1]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_invariants_from_scratch(prob):
     p = rebalance(**prob)
     check_invariants(p, prob)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]))
 def test_invariants_from_current(prob, tol):
     opts = {} if tol is None else {"balance_tolerance": tol}
@@ -84,28 +89,31 @@ def test_invariants_from_current(prob, tol):
     check_invariants(p, prob)
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems(with_current=True))
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(problems())
 def test_replicas_spread_over_nodes(prob):
-    """With ranks_per_node, an expert with c replicas sits on min(c, live nodes) nodes whenever
-    each node can take its share (checked on the from-scratch path, where we control everything)."""
+    """With ranks_per_node, an expert with c replicas sits on min(c, live nodes) nodes, except where
+    node capacity makes that impossible: a node of K slots holds at most min(K, E) distinct experts."""
     rpn = prob["ranks_per_node"]
     if rpn is None:
         return
-    prob = dict(prob, current=None)
     p = rebalance(**prob)
     live = prob["live_ranks"]
     node = np.repeat(np.arange(prob["num_ranks"]) // rpn, p.slots_per_rank)
+    live_nodes, per_node = np.unique(np.flatnonzero(live) // rpn, return_counts=True)
+    capacity = int(np.minimum(per_node * p.slots_per_rank, p.num_logical_experts).sum())
     phy = p.phy2log.numpy()
-    live_nodes = len(set(np.flatnonzero(live) // rpn))
-    violations = 0
     for l in range(p.num_layers):
+        desired = deficit = 0
         for e in range(p.num_logical_experts):
             slots = np.flatnonzero(phy[l] == e)
-            violations += len(set(node[slots])) < min(len(slots), live_nodes)
-    # A handful of unavoidable cases exist (a hot expert can need more replicas than some node has
-    # room for); they must stay rare.
-    assert violations <= max(1, p.num_layers * p.num_logical_experts // 20)
+            want = min(len(slots), len(live_nodes))
+            desired += want
+            deficit += want - len(set(node[slots]))
+        forced = max(0, desired - capacity)
+        # Single swaps cannot always reach what the capacity bound allows (a chain of swaps may be
+        # needed); allow one miss per layer or 10 % of the experts, whichever is larger.
+        assert deficit <= forced + max(1, p.num_logical_experts // 10), (l, deficit, forced)
 
 
 def test_node_spread_on_deepseek_shape_with_dead_ranks():

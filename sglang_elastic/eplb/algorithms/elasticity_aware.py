@@ -348,9 +348,16 @@ def _fix_conflicts(st: _State, max_iters: int) -> None:
             n1 = st.node_of[r1][:, None, None]
             n2 = st.node_of[None, :, None]
             to_lacking = (n1 != n2) & (st.node_cnt[c3, e1[:, None, None] + 1, n2] == 0)
-            keeps_e2 = ~st.spread_loss_at(c3, e2, n2, n1) & ~((st.node_cnt[c3, e2 + 1, n1] > 0) & (n1 != n2))
-            ok &= is_dup[:, None, None] | (to_lacking & keeps_e2)
+            # e2 may move to r1's node unless that empties a node of it or doubles it there while
+            # another node lacks it.
+            e2_lacking = (st.node_cnt[c3, e2 + 1] == 0).any(-1)
+            keeps_e2 = ~st.spread_loss_at(c3, e2, n2, n1) & ~(
+                (st.node_cnt[c3, e2 + 1, n1] > 0) & (n1 != n2) & e2_lacking)
+            spread_ok = to_lacking & keeps_e2
+            ok &= is_dup[:, None, None] | spread_ok
         cost = np.abs(st.per[c3, np.maximum(e2, 0)] - st.per[c, e1][:, None, None])
+        if st.node_of is not None:  # a duplicate may go anywhere; best without hurting e2's spread
+            cost = cost + np.where(keeps_e2, 0.0, 2 * _BIG) + np.where(to_lacking, 0.0, _BIG)
         cost = np.where(ok, cost, np.inf).reshape(c.size, -1)
         best = cost.argmin(1)
         found = cost[np.arange(c.size), best] < np.inf
