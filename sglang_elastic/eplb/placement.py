@@ -134,38 +134,43 @@ class Placement:
         every logical expert has a replica on a live rank in every layer; no rank holds an expert twice;
         if ``live_ranks`` is given, dead slots match it exactly. Returns ``self`` for chaining.
         """
-        p, E = self.phy2log, self.num_logical_experts
-        if p.numel() and (p.min() < -1 or p.max() >= E):
+        p, E = self.phy2log.numpy(), self.num_logical_experts
+        L, R, S = self.num_layers, self.num_ranks, self.slots_per_rank
+        if p.size and (p.min() < -1 or p.max() >= E):
             raise PlacementError(f"phy2log holds ids outside [-1, {E}): min {int(p.min())}, max {int(p.max())}")
-        dead_slot = self.by_rank() < 0
-        partial = dead_slot.any(-1) & ~dead_slot.all(-1)
+        x = p.reshape(L, R, S)
+        dead_slot = x < 0
+        all_dead, any_dead = dead_slot.all(-1), dead_slot.any(-1)
+        partial = any_dead & ~all_dead
         if partial.any():
-            l, r = (int(x) for x in partial.nonzero()[0])
+            l, r = (int(v) for v in np.argwhere(partial)[0])
             raise PlacementError(f"rank {r} in layer {l} mixes dead (-1) and live slots")
-        rank_dead_per_layer = dead_slot.all(-1)
-        if (rank_dead_per_layer != rank_dead_per_layer[:1]).any():
+        if (all_dead != all_dead[:1]).any():
             raise PlacementError("a rank is dead in some layers and live in others")
+        placement_live = ~all_dead[0] if L else np.ones(R, dtype=bool)
         if live_ranks is not None:
-            mask = torch.from_numpy(as_live_mask(live_ranks, self.num_ranks))
-            wrong = mask != self.live_ranks
+            mask = as_live_mask(live_ranks, R)
+            wrong = mask != placement_live
             if wrong.any():
-                r = int(wrong.nonzero()[0])
-                state = "live" if bool(mask[r]) else "dead"
+                r = int(np.flatnonzero(wrong)[0])
+                state = "live" if mask[r] else "dead"
                 raise PlacementError(
                     f"rank {r} is {state} but the placement {'gives it no' if mask[r] else 'routes to its'} slots"
                 )
-        missing = self.logcnt == 0
+        cnt = np.bincount((np.arange(L)[:, None] * (E + 1) + p + 1).ravel(), minlength=L * (E + 1)).reshape(L, E + 1)
+        missing = cnt[:, 1:] == 0
         if missing.any():
-            l, e = (int(x) for x in missing.nonzero()[0])
+            l, e = (int(v) for v in np.argwhere(missing)[0])
             raise PlacementError(
                 f"logical expert {e} has no replica on a live rank in layer {l} "
                 f"({int(missing.sum())} (layer, expert) pairs missing)"
             )
-        s = torch.sort(self.by_rank(), dim=-1).values
-        dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
-        if not allow_duplicates and dup.any():
-            l, r, i = (int(x) for x in dup.nonzero()[0])
-            raise PlacementError(f"rank {r} holds logical expert {int(s[l, r, i])} twice in layer {l}")
+        if not allow_duplicates:
+            srt = np.sort(x, axis=-1)
+            dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+            if dup.any():
+                l, r, i = (int(v) for v in np.argwhere(dup)[0])
+                raise PlacementError(f"rank {r} holds logical expert {int(srt[l, r, i])} twice in layer {l}")
         return self
 
     # ------------------------------------------------------ SGLang interop
