@@ -1,0 +1,106 @@
+"""Expert backup store: one host-memory copy of every (layer, logical expert), kept on a rank that
+does not serve that expert (on another node when there is one), so that an expert whose every
+replica dies can be restored from a peer instead of from disk.
+
+The assignment of backups to ranks is pure and deterministic (every rank computes the same one);
+the bytes live in one registered host tensor per weight name on each rank, ``[rows, ...]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..eplb.placement import Placement, as_live_mask
+
+__all__ = ["BackupLayout", "assign_backups", "backup_tensor_name"]
+
+
+def backup_tensor_name(weight_name: str) -> str:
+    """Name under which a rank registers its backup rows of ``weight_name`` with the transport."""
+    return f"backup/{weight_name}"
+
+
+@dataclass(frozen=True)
+class BackupLayout:
+    """Where the backup of each (layer, expert) lives.
+
+    Attributes:
+        holder: int64 ``[L, E]`` rank holding the backup (``-1``: none, e.g. no live rank qualifies).
+        row: int64 ``[L, E]`` row in the holder's backup tensor.
+        rows_per_rank: capacity each rank allocates (the same on every rank, so layouts can change
+            without reallocating).
+    """
+
+    holder: torch.Tensor
+    row: torch.Tensor
+    rows_per_rank: int
+
+    def bytes_per_rank(self, bytes_per_expert: int) -> int:
+        """Host memory each rank spends on backups."""
+        return self.rows_per_rank * int(bytes_per_expert)
+
+    def rows_of(self, rank: int) -> torch.Tensor:
+        """``[k, 2]`` (layer, expert) pairs whose backup ``rank`` holds."""
+        return (self.holder == rank).nonzero()
+
+
+def assign_backups(
+    placement: Placement,
+    live_ranks: Optional[Union[torch.Tensor, np.ndarray, Sequence]] = None,
+    ranks_per_node: Optional[int] = None,
+    previous: Optional[BackupLayout] = None,
+    rows_per_rank: Optional[int] = None,
+) -> BackupLayout:
+    """Choose a backup holder for every (layer, expert).
+
+    Preference, per (layer, expert): keep the previous holder if it is live; else a live rank that
+    holds no replica of the expert, on a node holding none (with ``ranks_per_node``), with the fewest
+    backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / live ranks) + E`` — room for a few
+    re-homes after failures; a :class:`ValueError` says so when it runs out.
+    """
+    L, E, R, S = placement.num_layers, placement.num_logical_experts, placement.num_ranks, placement.slots_per_rank
+    live = as_live_mask(live_ranks, R) if live_ranks is not None else placement.live_ranks.numpy()
+    n_live = int(live.sum())
+    if n_live == 0:
+        raise ValueError("no live rank to hold expert backups")
+    cap = rows_per_rank if rows_per_rank is not None else -(-L * E // n_live) + E
+    x = placement.by_rank().numpy()
+    holds = np.zeros((L, R, E + 1), dtype=bool)  # rank r serves expert e in layer l
+    li, ri = np.indices((L, R))
+    holds[li[..., None], ri[..., None], x + 1] = True
+    holds = holds[..., 1:]
+    node = np.arange(R) // ranks_per_node if ranks_per_node else np.arange(R)
+    M = int(node.max()) + 1
+    node_holds = np.zeros((L, M, E), dtype=bool)
+    np.logical_or.at(node_holds, (li, node[ri]), holds)
+
+    holder = np.full((L, E), -1, dtype=np.int64)
+    row = np.full((L, E), -1, dtype=np.int64)
+    used = np.zeros(R, dtype=np.int64)
+    taken = np.zeros((R, cap), dtype=bool)
+    if previous is not None:
+        ph, pr = previous.holder.numpy(), previous.row.numpy()
+        keep = (ph >= 0) & live[np.maximum(ph, 0)] & (pr < cap)
+        holder[keep], row[keep] = ph[keep], pr[keep]
+        np.add.at(used, ph[keep], 1)
+        taken[ph[keep], pr[keep]] = True
+    todo = np.argwhere(holder < 0)
+    # Cost per candidate rank: dead >> serves it >> same node serves it >> load. Rows are few
+    # thousand at most (L * E), and each step is a vector op over ranks.
+    for l, e in todo:
+        cost = used.astype(np.float64) + np.where(holds[l, :, e], 1e6, 0.0) + np.where(
+            node_holds[l, node, e], 1e3, 0.0)
+        cost[~live | (used >= cap)] = np.inf
+        r = int(cost.argmin())
+        if not np.isfinite(cost[r]):
+            raise ValueError(
+                f"backup store full: {cap} rows per rank cannot hold a backup of every expert on {n_live} live ranks"
+            )
+        free = int(np.flatnonzero(~taken[r])[0])
+        holder[l, e], row[l, e] = r, free
+        taken[r, free] = True
+        used[r] += 1
+    return BackupLayout(torch.from_numpy(holder), torch.from_numpy(row), cap)
