@@ -6,7 +6,7 @@ balance, movement and orphans against the placement in force, and writes the pla
 ``sglang-elastic plan: error: ...``, and exit status 2.
 
 Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that registers its options and
-``set_defaults(func=_run_<name>)``, where ``_run_<name>(args) -> int`` returns the exit status.
+``set_defaults(func=_run_<name>, parser=<its parser>)``, where ``_run_<name>(args) -> int`` returns the exit status.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .eplb.algorithms import ALGORITHMS, rebalance
-from .eplb.io import LOAD_SUFFIXES, load_expert_load
+from .eplb.io import load_expert_load
 from .eplb.metrics import balancedness, layer_balancedness, movement, orphans, rank_load
 from .eplb.placement import Placement, PlacementError, load_placement_file, save_placement_file
 from .eplb.synthetic import SYNTHETIC_LOADS, synthetic_load
@@ -161,7 +161,7 @@ def _add_plan_parser(sub: Any) -> None:
     out.add_argument("--plot", metavar="FILE.png",
                      help="plot per-rank load (summed over layers) before and after (needs matplotlib)")
     out.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.set_defaults(func=_run_plan)
+    p.set_defaults(func=_run_plan, parser=p)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -297,8 +297,12 @@ def _plot(path: str, load: np.ndarray, before: Placement, before_title: str, aft
         if int(float(t.get_text() or -1)) in dead:
             t.set_color("tab:red")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--plot {path}: {_one_line(exc)}") from None
+    finally:
+        plt.close(fig)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -379,8 +383,8 @@ def _run_plan(args: argparse.Namespace) -> int:
                          f"on its own live ranks"),
     ]
     if bal_masked is not None:
-        lines.append(("", f"masked {bal_masked:.4f}, the current placement with the dead ranks masked, "
-                          "no rebalance" + (" (orphans' tokens are unroutable and left out)" if n_orphans else "")))
+        lines.append(("", f"masked {bal_masked:.4f}, the current placement with the dead ranks masked out"
+                          + (" (orphans' tokens left out)" if n_orphans else "")))
     lines += [
         ("", f"after  {bal_after:.4f} (mean per layer {lbal_after:.4f}), the planned placement"),
         ("movement", f"{moved} slots ({100 * moved_frac:.2f} % of live slots), {moved_bytes / 1e9:.2f} GB "
@@ -390,7 +394,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         ("time", f"rebalance {elapsed_ms:.1f} ms"),
     ]
     if args.output:
-        save_placement_file(after, args.output)
+        try:
+            save_placement_file(after, args.output)
+        except OSError as exc:
+            raise UsageError(f"--output {args.output}: {_one_line(exc)}") from None
         lines.append(("output", f"{args.output} (for SGLang: --init-expert-location {args.output})"))
     if args.plot:
         title = ("before: current placement, dead ranks masked" if masked is not None
@@ -398,7 +405,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         _plot(args.plot, w, masked if masked is not None else before, title, after, dead)
         lines.append(("plot", args.plot))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: {_one_line(exc)}") from None
         lines.append(("json", args.json))
     print("\n".join(f"  {k:<14}{v}" for k, v in lines))
     return 0
@@ -414,7 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``sglang-elastic`` command line; returns the exit status (0 ok, 2 bad input)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # report them as the subcommand's error, not the top-level parser's
+            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
