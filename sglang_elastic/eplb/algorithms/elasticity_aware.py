@@ -413,14 +413,15 @@ def _best_swaps(st: _State, g: np.ndarray, load: np.ndarray, H: int, K: int, tar
 
 
 def _refine(st: _State, max_iters: int, target: np.ndarray,
-            orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2) -> None:
+            orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2,
+            widen: bool = True) -> None:
     """Swap replicas from the busiest live ranks to the least busy ones while that helps.
 
     Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
     busiest ranks (above ``target``) looks at its own ``light`` light ranks and makes the swap that
     brings the pair closest to their mean (:func:`_best_swaps`). A layer whose busiest rank finds no
-    such swap widens its search to every rank; if that fails too, or the layer reached ``target``,
-    it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
+    such swap widens its search to every rank (if ``widen``); if that fails too, or the layer
+    reached ``target``, it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
     fetches fewer new experts wins over a better-balancing one (experts sent back home count
     negative), so rebalancing from a live placement moves little.
     """
@@ -443,9 +444,9 @@ def _refine(st: _State, max_iters: int, target: np.ndarray,
             if g.size == 0:
                 continue
             found, swaps = _best_swaps(st, g, load, h, k, target, orig_present)
-            if narrow:
+            if narrow and widen:
                 wide[g[~found]] = True
-            else:
+            else:  # the busiest rank cannot improve: other swaps cannot lower this layer's max
                 active[g[~found]] = False
             moves.append(swaps)
         for gg, r_hi, sa, r_lo, sb in moves:
@@ -469,7 +470,8 @@ def _from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], 
     st = _State(x, per, node_of)
     _fix_conflicts(st, max_iters=n * S)
     # Stop refining a layer within 0.1 % of the bound: past that, swaps cost more time than they buy.
-    _refine(st, iters, np.maximum(w.sum(1) / n, per.max(1)) * (1 + 1e-3))
+    # Packing from scratch is already good; a narrow search keeps this path fast.
+    _refine(st, iters, np.maximum(w.sum(1) / n, per.max(1)) * (1 + 1e-3), widen=False)
     return st.x, st.loads().max(1)
 
 
