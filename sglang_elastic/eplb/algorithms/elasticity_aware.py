@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import register_algorithm
+from .deepseek import balanced_packing
 
 __all__ = ["elasticity_aware", "replica_counts", "rebalance_experts"]
 
@@ -471,8 +472,27 @@ def _from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], 
     _fix_conflicts(st, max_iters=n * S)
     # Stop refining a layer within 0.1 % of the bound: past that, swaps cost more time than they buy.
     # Packing from scratch is already good; a narrow search keeps this path fast.
-    _refine(st, iters, np.maximum(w.sum(1) / n, per.max(1)) * (1 + 1e-3), widen=False)
-    return st.x, st.loads().max(1)
+    bound = np.maximum(w.sum(1) / n, per.max(1))
+    _refine(st, iters, bound * (1 + 1e-3), widen=False)
+    x, best = st.x, st.loads().max(1)
+    # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
+    # than differencing; try it where we are still well above the bound and keep the better layer.
+    bad = np.flatnonzero(best > bound * (1 + 5e-3))
+    if bad.size and S > 1:
+        order = np.argsort(-per[bad], axis=1)
+        items = np.repeat(order.ravel(), np.take_along_axis(counts[bad], order, 1).ravel()).reshape(bad.size, n * S)
+        pack, pos = balanced_packing(np.take_along_axis(per[bad], items, 1), n)
+        xl = np.empty((bad.size, n, S), dtype=np.int64)
+        xl[np.arange(bad.size)[:, None], pack, pos] = items
+        if node_of is not None:
+            xl = _order_ranks_by_node(xl, node_of)
+        sl = _State(xl, per[bad], node_of)
+        _fix_conflicts(sl, max_iters=n * S)
+        _refine(sl, iters, bound[bad] * (1 + 1e-3), widen=False)
+        lmax = sl.loads().max(1)
+        better = lmax < best[bad]
+        x[bad[better]], best[bad[better]] = sl.x[better], lmax[better]
+    return x, best
 
 
 def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: int) -> bool:
