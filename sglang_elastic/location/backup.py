@@ -58,15 +58,17 @@ def assign_backups(
 
     Preference, per (layer, expert): keep the previous holder if it is live; else a live rank that
     holds no replica of the expert, on a node holding none (with ``ranks_per_node``), with the fewest
-    backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / live ranks) + E`` — room for a few
-    re-homes after failures; a :class:`ValueError` says so when it runs out.
+    backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / (live - k)) + E`` with
+    ``k = max(1, live // 8)``: room to re-home the backups of ``k`` dead ranks without reallocating.
+    A :class:`ValueError` says so when it runs out.
     """
     L, E, R, S = placement.num_layers, placement.num_logical_experts, placement.num_ranks, placement.slots_per_rank
     live = as_live_mask(live_ranks, R) if live_ranks is not None else placement.live_ranks.numpy()
     n_live = int(live.sum())
     if n_live == 0:
         raise ValueError("no live rank to hold expert backups")
-    cap = rows_per_rank if rows_per_rank is not None else -(-L * E // n_live) + E
+    spare = min(max(1, n_live // 8), n_live - 1)
+    cap = rows_per_rank if rows_per_rank is not None else -(-L * E // (n_live - spare)) + E
     x = placement.by_rank().numpy()
     holds = np.zeros((L, R, E + 1), dtype=bool)  # rank r serves expert e in layer l
     li, ri = np.indices((L, R))

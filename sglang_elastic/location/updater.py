@@ -1,0 +1,378 @@
+"""Layerwise, chunked application of a new expert placement over a transport.
+
+One :meth:`ExpertLocationUpdater.step` moves the weights of ``layers_per_chunk`` layers and commits
+them, so SGLang's generator-driven ``EPLBManager`` (or the rehearsal loop) can run forward passes
+between chunks. Per chunk:
+
+1. plan the chunk's copies from *live* sources (:func:`plan_transfers`), orphans from the backup store;
+2. every copy lands in a staging buffer first (a slot's old expert may be another slot's source);
+3. only when all copies of the chunk arrived are the staged rows written into the weights and the
+   chunk's layers committed in the placement;
+4. if a peer dies mid-chunk (:class:`PeerFailure`), nothing of the chunk is committed: the caller's
+   ``on_failure`` hook gives the new live set and target placement, the backup layout is re-homed,
+   and the chunk is planned again from survivors and backups.
+
+Every rank runs the same updater with the same placements; plans are deterministic, so all ranks
+agree on the copies without talking about them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..eplb.placement import Placement, as_live_mask
+from ..transport.base import Copy, PeerFailure, Transport
+from .backup import BackupLayout, assign_backups, backup_tensor_name
+from .plan import TransferPlan, plan_transfers
+
+__all__ = ["ExpertLocationUpdater", "UpdateFailure", "ChunkReport", "StoreVote", "staging_name"]
+
+log = logging.getLogger(__name__)
+
+
+def staging_name(weight_name: str) -> str:
+    """Name of the staging buffer registered for ``weight_name``."""
+    return f"staging/{weight_name}"
+
+
+class StoreVote:
+    """Agreement on a chunk's outcome through a store served outside the ranks.
+
+    Each live rank posts ``ok`` or the ranks it saw fail; every rank then waits for every live
+    rank's post (a rank that posts nothing within ``timeout_s`` failed too) and all return the same
+    union of failed ranks. Without this, a rank that never talked to the dead peer would commit a
+    chunk its neighbours abandon.
+    """
+
+    def __init__(self, store, rank: int, timeout_s: float, prefix: str = "sgle/update") -> None:
+        self.store, self.rank, self.timeout_s, self.prefix = store, rank, timeout_s, prefix
+
+    def __call__(self, seq: int, live: List[int], failed: List[int]) -> List[int]:
+        import datetime
+
+        key = f"{self.prefix}/{seq}"
+        self.store.set(f"{key}/{self.rank}", ",".join(map(str, failed)) if failed else "ok")
+        out = set(failed)
+        for r in live:
+            try:
+                self.store.wait([f"{key}/{r}"], datetime.timedelta(seconds=self.timeout_s))
+                v = self.store.get(f"{key}/{r}").decode()
+            except Exception:  # the store says: no post within the timeout
+                out.add(r)
+                continue
+            if v != "ok":
+                out.update(int(x) for x in v.split(","))
+        return sorted(out)
+
+
+class UpdateFailure(RuntimeError):
+    """The update cannot proceed (e.g. an expert lost every replica and its backup)."""
+
+
+@dataclass
+class ChunkReport:
+    """What one :meth:`ExpertLocationUpdater.step` did."""
+
+    layers: List[int]
+    copies_remote: int = 0
+    copies_local: int = 0
+    restored: int = 0
+    bytes_moved: int = 0
+    replans: int = 0
+    failed_ranks: List[int] = field(default_factory=list)
+
+
+FailureHook = Callable[[List[int]], Tuple[np.ndarray, Placement]]
+"""``on_failure(dead_ranks) -> (live_mask, new_target)``: called after a PeerFailure."""
+
+
+class ExpertLocationUpdater:
+    """Moves this rank's expert weights from ``current`` to ``target`` a chunk of layers at a time.
+
+    Args:
+        rank: this rank's global id.
+        transport: a :class:`Transport` shared by all ranks taking part.
+        weights: this rank's expert weights by name, each ``[layers, slots_per_rank, ...]``.
+        current: the placement the weights match now.
+        live_ranks: mask of live ranks now.
+        layers_per_chunk: layers moved and committed per :meth:`step` (``>= 1``).
+        ranks_per_node: prefer same-node sources, spread backups over nodes.
+        backup: keep a backup store (host memory) for orphan restores.
+        canary: after each chunk, check every slot's checksum against the expected expert's.
+        checksum: ``(layer, expert) -> float`` reference checksums for the canary (required with it).
+        timeout_s: per-chunk transfer timeout before a silent peer counts as failed.
+        vote: agreement hook ``vote(seq, live_ranks, failed) -> failed_everywhere`` (e.g.
+            :class:`StoreVote`); required when ranks can fail, so that all survivors abandon the same chunk.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        transport: Transport,
+        weights: Dict[str, torch.Tensor],
+        current: Placement,
+        live_ranks: Optional[Sequence] = None,
+        *,
+        layers_per_chunk: int = 1,
+        ranks_per_node: Optional[int] = None,
+        backup: bool = True,
+        canary: bool = False,
+        checksum: Optional[Callable[[int, int], float]] = None,
+        timeout_s: float = 10.0,
+        vote: Optional[Callable[[int, List[int], List[int]], List[int]]] = None,
+    ) -> None:
+        if not isinstance(layers_per_chunk, int) or isinstance(layers_per_chunk, bool) or layers_per_chunk < 1:
+            raise ValueError(f"layers_per_chunk must be an integer >= 1, got {layers_per_chunk!r}")
+        if not weights:
+            raise ValueError("weights must name at least one expert weight tensor")
+        L, S = current.num_layers, current.slots_per_rank
+        for name, t in weights.items():
+            if t.dim() < 2 or t.shape[0] != L or t.shape[1] != S:
+                raise ValueError(f"weights[{name!r}] has shape {tuple(t.shape)}, expected [{L}, {S}, ...]")
+        if canary and checksum is None:
+            raise ValueError("canary mode needs a checksum(layer, expert) reference")
+        self.rank = rank
+        self.transport = transport
+        self.weights = weights
+        self.placement = current
+        self.live = as_live_mask(live_ranks, current.num_ranks) if live_ranks is not None else current.live_ranks.numpy()
+        if not self.live[rank]:
+            raise ValueError(f"rank {rank} is not live in the given mask")
+        self.layers_per_chunk = layers_per_chunk
+        self.ranks_per_node = ranks_per_node
+        self.canary = canary
+        self.checksum = checksum
+        self.timeout_s = timeout_s
+        self.vote = vote
+        self._seq = 0
+        self.target: Optional[Placement] = None
+        self._pending: List[int] = []
+        self._on_failure: Optional[FailureHook] = None
+        rows = L * S
+        for name, t in weights.items():
+            transport.register(name, t.view(rows, -1))
+            stage = torch.empty((layers_per_chunk * S,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
+            self._staging = getattr(self, "_staging", {})
+            self._staging[name] = stage
+            transport.register(staging_name(name), stage.view(stage.shape[0], -1))
+        self.backup_layout: Optional[BackupLayout] = None
+        self._backup: Dict[str, torch.Tensor] = {}
+        if backup:
+            self.backup_layout = assign_backups(current, self.live, ranks_per_node)
+            cap = self.backup_layout.rows_per_rank
+            for name, t in weights.items():
+                buf = torch.empty((cap,) + tuple(t.shape[2:]), dtype=t.dtype, device="cpu")
+                self._backup[name] = buf
+                transport.register(backup_tensor_name(name), buf.view(cap, -1))
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def bytes_per_expert(self) -> int:
+        """Bytes of one expert across all weight tensors."""
+        return sum(t[0, 0].numel() * t.element_size() for t in self.weights.values())
+
+    def backup_bytes(self) -> int:
+        """Host memory this rank spends on the backup store."""
+        return sum(b.numel() * b.element_size() for b in self._backup.values())
+
+    # ---------------------------------------------------------------- backup
+    def fill_backup(self, layers: Optional[Sequence[int]] = None) -> int:
+        """(Re)fill backups of ``layers`` (default all) from live replicas; collective. Returns rows filled.
+
+        Called at start-up and after layers commit; only rows whose holder changed or whose layer
+        changed are copied.
+        """
+        if self.backup_layout is None:
+            return 0
+        layout, p = self.backup_layout, self.placement
+        S = p.slots_per_rank
+        lids = range(p.num_layers) if layers is None else layers
+        l2p = p.log2phy
+        copies = []
+        for l in lids:
+            hold = layout.holder[l]
+            for e in torch.nonzero(hold >= 0).flatten().tolist():
+                slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
+                if not slots:
+                    continue  # no live replica: the backup is the only copy; keep it
+                src_slot = slots[(l + e) % len(slots)]
+                for name in self.weights:
+                    copies.append(Copy(src_slot // S, int(hold[e]), name, l * S + src_slot % S,
+                                       backup_tensor_name(name), int(layout.row[l, e])))
+        self._execute(copies)
+        return len(copies) // max(len(self.weights), 1)
+
+    # ---------------------------------------------------------------- update
+    def begin(self, target: Placement, on_failure: Optional[FailureHook] = None) -> List[int]:
+        """Start moving to ``target``; returns the layers that will change, in chunk order."""
+        if target.phy2log.shape != self.placement.phy2log.shape:
+            raise ValueError(
+                f"target placement has shape {tuple(target.phy2log.shape)}, current {tuple(self.placement.phy2log.shape)}"
+            )
+        # Upstream placements may hold an expert twice on a rank: wasteful, but valid to apply.
+        target.validate(self.live, allow_duplicates=True)
+        self.target = target
+        self._on_failure = on_failure
+        changed = (target.phy2log != self.placement.phy2log).any(1)
+        self._pending = torch.nonzero(changed).flatten().tolist()
+        return list(self._pending)
+
+    @property
+    def done(self) -> bool:
+        """True when no layer is left to move."""
+        return not self._pending
+
+    def step(self) -> Optional[ChunkReport]:
+        """Move and commit the next chunk of layers; ``None`` when the update is complete."""
+        if not self._pending:
+            return None
+        chunk = self._pending[: self.layers_per_chunk]
+        report = ChunkReport(layers=list(chunk))
+        while True:
+            try:
+                self._move_chunk(chunk, report)
+                break
+            except PeerFailure as exc:
+                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+                report.failed_ranks.extend(dead)
+                report.replans += 1
+                self._handle_failure(dead)
+                # The target may have changed: recompute which layers of the chunk still need work.
+                chunk = [l for l in chunk if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
+        self._pending = [l for l in self._pending if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
+        return report
+
+    def run(self) -> Iterator[ChunkReport]:
+        """Generator: one chunk per ``next()``, for SGLang's EPLBManager-style interleaving."""
+        while True:
+            rep = self.step()
+            if rep is None:
+                return
+            yield rep
+
+    def update(self, target: Placement, on_failure: Optional[FailureHook] = None) -> List[ChunkReport]:
+        """Apply ``target`` completely (all chunks back to back)."""
+        self.begin(target, on_failure)
+        return list(self.run())
+
+    # -------------------------------------------------------------- internals
+    def set_live(self, live_ranks: Sequence) -> None:
+        """Adopt a new live set (collective over the new live ranks).
+
+        Tells the transport, drops dead ranks' slots from the committed placement (their weights are
+        gone), and re-homes backups the dead ranks held, filling them from live replicas.
+        """
+        live = as_live_mask(live_ranks, self.placement.num_ranks)
+        if not live[self.rank]:
+            raise UpdateFailure(f"rank {self.rank} was declared dead")
+        self.live = live
+        self.transport.set_peers(np.flatnonzero(live).tolist())
+        phy = self.placement.phy2log.clone()
+        phy.view(phy.shape[0], self.placement.num_ranks, -1)[:, torch.from_numpy(~live)] = -1
+        self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
+        if self.backup_layout is not None:
+            prev = self.backup_layout
+            self.backup_layout = assign_backups(self.placement, live, self.ranks_per_node,
+                                                previous=prev, rows_per_rank=prev.rows_per_rank)
+            self._refill_rehomed(prev)
+        if self.target is not None:
+            changed = (self.target.phy2log != self.placement.phy2log).any(1)
+            self._pending = torch.nonzero(changed).flatten().tolist()
+
+    def _handle_failure(self, dead: List[int]) -> None:
+        if self._on_failure is None:
+            raise UpdateFailure(f"rank(s) {dead} failed during the update and no on_failure hook was given")
+        live, target = self._on_failure(dead)
+        target.validate(as_live_mask(live, self.placement.num_ranks), allow_duplicates=True)
+        self.target = target
+        self.set_live(live)
+
+    def _refill_rehomed(self, prev: BackupLayout) -> None:
+        layout, p, S = self.backup_layout, self.placement, self.placement.slots_per_rank
+        changed = (layout.holder != prev.holder).nonzero().tolist()
+        l2p = p.log2phy
+        copies = []
+        for l, e in changed:
+            slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
+            if not slots:
+                continue
+            src = slots[(l + e) % len(slots)]
+            for name in self.weights:
+                copies.append(Copy(src // S, int(layout.holder[l, e]), name, l * S + src % S,
+                                   backup_tensor_name(name), int(layout.row[l, e])))
+        self._execute(copies)
+
+    def _execute(self, copies: List[Copy]) -> None:
+        """Run ``copies``; with a vote, every live rank learns whether all of them succeeded."""
+        failed: List[int] = []
+        try:
+            self.transport.execute(copies, self.timeout_s)
+        except PeerFailure as exc:
+            failed.extend(getattr(exc, "ranks", None) or [exc.rank])
+        if self.vote is not None:
+            self._seq += 1
+            failed = self.vote(self._seq, np.flatnonzero(self.live).tolist(), failed)
+        if failed:
+            raise PeerFailure(failed[0], ranks=failed)
+
+    def _move_chunk(self, chunk: List[int], report: ChunkReport) -> None:
+        S, R = self.placement.slots_per_rank, self.placement.num_ranks
+        old = self.placement.phy2log[chunk]
+        new = self.target.phy2log[chunk]
+        plan = plan_transfers(old, new, self.live, S, self.ranks_per_node)
+        # Staging rows: each (chunk-local layer, destination slot) gets row li * S + local slot.
+        copies: List[Copy] = []
+        src_slots = plan.src_slots.tolist()
+        for (li, src, dst, e, p), ss in zip(plan.transfers.tolist(), src_slots):
+            l = chunk[li]
+            for name in self.weights:
+                copies.append(Copy(src, dst, name, l * S + ss % S, staging_name(name), li * S + p % S))
+        restored = 0
+        for li, dst, e, p in plan.orphans.tolist():
+            l = chunk[li]
+            if self.backup_layout is None:
+                raise UpdateFailure(f"expert {e} of layer {l} has no live replica and no backup store")
+            holder, row = int(self.backup_layout.holder[l, e]), int(self.backup_layout.row[l, e])
+            if holder < 0 or not self.live[holder]:
+                raise UpdateFailure(
+                    f"expert {e} of layer {l} lost every replica and its backup (holder rank {holder}); "
+                    "reload it from the checkpoint"
+                )
+            for name in self.weights:
+                copies.append(Copy(holder, dst, backup_tensor_name(name), row, staging_name(name), li * S + p % S))
+            restored += 1
+        self._execute(copies)
+        # All copies of the chunk arrived (execute is collective): write staged rows, then commit.
+        mine = [(li, p) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
+        mine += [(li, p) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
+        for li, p in mine:
+            for name, w in self.weights.items():
+                w[chunk[li], p % S].copy_(self._staging[name][li * S + p % S])
+        phy = self.placement.phy2log.clone()
+        phy[chunk] = new
+        self.placement = Placement(phy, R, self.placement.num_logical_experts)
+        report.copies_local += int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
+        report.copies_remote += plan.num_remote()
+        report.restored += restored
+        report.bytes_moved += (plan.num_remote() + restored) * self.bytes_per_expert
+        if self.canary:
+            self._check(chunk)
+
+    def _check(self, layers: List[int]) -> None:
+        S = self.placement.slots_per_rank
+        for l in layers:
+            for s in range(S):
+                e = int(self.placement.phy2log[l, self.rank * S + s])
+                if e < 0:
+                    continue
+                got = float(sum(float(w[l, s].double().sum()) for w in self.weights.values()))
+                want = self.checksum(l, e)
+                if not np.isclose(got, want, rtol=1e-6, atol=1e-6):
+                    raise UpdateFailure(
+                        f"canary: rank {self.rank} layer {l} slot {s} should hold expert {e} "
+                        f"(checksum {want}) but has {got}"
+                    )
