@@ -52,9 +52,14 @@ def test_rehoming_keeps_live_holders_and_moves_only_dead_ones():
     q = rebalance(w, 8, 6, live_ranks=live, ranks_per_node=2, current=p)
     second = assign_backups(q, live, ranks_per_node=2, previous=first, rows_per_rank=first.rows_per_rank)
     h1, h2 = first.holder.numpy(), second.holder.numpy()
-    kept = live[h1]
+    x = q.by_rank().numpy()
+    serves = np.array([[e in x[l, h1[l, e]] for e in range(32)] for l in range(3)])
+    kept = live[h1] & ~serves
+    assert kept.any() and (~kept).any()
     assert (h2[kept] == h1[kept]).all() and (second.row.numpy()[kept] == first.row.numpy()[kept]).all()
     assert live[h2].all()
+    # Nothing is backed up on a rank that serves the expert (one failure must not take both).
+    assert not np.array([[e in x[l, h2[l, e]] for e in range(32)] for l in range(3)]).any()
 
 
 def test_backup_store_full_is_a_clear_error():

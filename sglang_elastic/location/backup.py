@@ -56,7 +56,8 @@ def assign_backups(
 ) -> BackupLayout:
     """Choose a backup holder for every (layer, expert).
 
-    Preference, per (layer, expert): keep the previous holder if it is live; else a live rank that
+    Preference, per (layer, expert): keep the previous holder if it is live and does not serve the
+    expert now; else a live rank that
     holds no replica of the expert, on a node holding none (with ``ranks_per_node``), with the fewest
     backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / (live - k)) + E`` with
     ``k = max(1, live // 8)``: room to re-home the backups of ``k`` dead ranks without reallocating.
@@ -85,7 +86,10 @@ def assign_backups(
     taken = np.zeros((R, cap), dtype=bool)
     if previous is not None:
         ph, pr = previous.holder.numpy(), previous.row.numpy()
-        keep = (ph >= 0) & live[np.maximum(ph, 0)] & (pr < cap)
+        serves_now = holds[np.arange(L)[:, None], np.maximum(ph, 0), np.arange(E)[None, :]]
+        # Keep a backup where it is unless its holder died or now serves the expert itself (then one
+        # failure would take both copies).
+        keep = (ph >= 0) & live[np.maximum(ph, 0)] & (pr < cap) & ~serves_now
         holder[keep], row[keep] = ph[keep], pr[keep]
         np.add.at(used, ph[keep], 1)
         taken[ph[keep], pr[keep]] = True

@@ -42,31 +42,33 @@ def staging_name(weight_name: str) -> str:
 class StoreVote:
     """Agreement on a chunk's outcome through a store served outside the ranks.
 
-    Each live rank posts ``ok`` or the ranks it saw fail; every rank then waits for every live
-    rank's post (a rank that posts nothing within ``timeout_s`` failed too) and all return the same
-    union of failed ranks. Without this, a rank that never talked to the dead peer would commit a
-    chunk its neighbours abandon.
+    Each live rank posts ``ok`` or the ranks it suspects; every rank then waits for every live rank's
+    post. A rank that posts nothing within ``timeout_s`` is dead; a rank that posted is alive, even if
+    a neighbour suspected it (a frozen peer makes timeouts cascade, so suspicions are not proof).
+    All ranks return the same ``(dead, all_ok)``. Without this, a rank that never talked to the dead
+    peer would commit a chunk its neighbours abandon.
     """
 
     def __init__(self, store, rank: int, timeout_s: float, prefix: str = "sgle/update") -> None:
         self.store, self.rank, self.timeout_s, self.prefix = store, rank, timeout_s, prefix
 
-    def __call__(self, seq: int, live: List[int], failed: List[int]) -> List[int]:
+    def __call__(self, seq: str, live: List[int], failed: List[int]) -> Tuple[List[int], bool]:
         import datetime
 
         key = f"{self.prefix}/{seq}"
         self.store.set(f"{key}/{self.rank}", ",".join(map(str, failed)) if failed else "ok")
-        out = set(failed)
+        dead, all_ok = [], True
         for r in live:
             try:
                 self.store.wait([f"{key}/{r}"], datetime.timedelta(seconds=self.timeout_s))
-                v = self.store.get(f"{key}/{r}").decode()
+                all_ok &= self.store.get(f"{key}/{r}").decode() == "ok"
             except Exception:  # the store says: no post within the timeout
-                out.add(r)
-                continue
-            if v != "ok":
-                out.update(int(x) for x in v.split(","))
-        return sorted(out)
+                dead.append(r)
+        return dead, all_ok and not dead
+
+
+class _Transient(RuntimeError):
+    """A copy failed but every rank is alive: retry the chunk."""
 
 
 class UpdateFailure(RuntimeError):
@@ -105,8 +107,9 @@ class ExpertLocationUpdater:
         canary: after each chunk, check every slot's checksum against the expected expert's.
         checksum: ``(layer, expert) -> float`` reference checksums for the canary (required with it).
         timeout_s: per-chunk transfer timeout before a silent peer counts as failed.
-        vote: agreement hook ``vote(seq, live_ranks, failed) -> failed_everywhere`` (e.g.
+        vote: agreement hook ``vote(key, live_ranks, suspected) -> (dead, all_ok)`` (e.g.
             :class:`StoreVote`); required when ranks can fail, so that all survivors abandon the same chunk.
+        generation: membership generation this updater starts in (see :meth:`set_live`).
     """
 
     def __init__(
@@ -123,7 +126,8 @@ class ExpertLocationUpdater:
         canary: bool = False,
         checksum: Optional[Callable[[int, int], float]] = None,
         timeout_s: float = 10.0,
-        vote: Optional[Callable[[int, List[int], List[int]], List[int]]] = None,
+        vote: Optional[Callable[[str, List[int], List[int]], Tuple[List[int], bool]]] = None,
+        generation: int = 0,
     ) -> None:
         if not isinstance(layers_per_chunk, int) or isinstance(layers_per_chunk, bool) or layers_per_chunk < 1:
             raise ValueError(f"layers_per_chunk must be an integer >= 1, got {layers_per_chunk!r}")
@@ -148,6 +152,7 @@ class ExpertLocationUpdater:
         self.checksum = checksum
         self.timeout_s = timeout_s
         self.vote = vote
+        self.generation = generation
         self._seq = 0
         self.target: Optional[Placement] = None
         self._pending: List[int] = []
@@ -232,10 +237,16 @@ class ExpertLocationUpdater:
             return None
         chunk = self._pending[: self.layers_per_chunk]
         report = ChunkReport(layers=list(chunk))
+        retries = 0
         while True:
             try:
                 self._move_chunk(chunk, report)
                 break
+            except _Transient as exc:
+                retries += 1
+                if retries > 3:
+                    raise UpdateFailure(f"chunk {chunk} kept failing with every rank alive: {exc}") from exc
+                self.transport.set_peers(np.flatnonzero(self.live).tolist())  # rebuild what broke
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
                 report.failed_ranks.extend(dead)
@@ -260,15 +271,19 @@ class ExpertLocationUpdater:
         return list(self.run())
 
     # -------------------------------------------------------------- internals
-    def set_live(self, live_ranks: Sequence) -> None:
+    def set_live(self, live_ranks: Sequence, generation: Optional[int] = None) -> None:
         """Adopt a new live set (collective over the new live ranks).
 
         Tells the transport, drops dead ranks' slots from the committed placement (their weights are
         gone), and re-homes backups the dead ranks held, filling them from live replicas.
+        ``generation`` (e.g. the membership epoch) restarts the vote numbering so that a rank that
+        just joined, with a fresh updater built with the same ``generation``, agrees on it.
         """
         live = as_live_mask(live_ranks, self.placement.num_ranks)
         if not live[self.rank]:
             raise UpdateFailure(f"rank {self.rank} was declared dead")
+        if generation is not None:
+            self.generation, self._seq = generation, 0
         self.live = live
         self.transport.set_peers(np.flatnonzero(live).tolist())
         phy = self.placement.phy2log.clone()
@@ -292,32 +307,52 @@ class ExpertLocationUpdater:
         self.set_live(live)
 
     def _refill_rehomed(self, prev: BackupLayout) -> None:
+        """Fill backups whose holder changed from live replicas (collective). A backup with no live
+        replica to copy from is lost: its holder becomes ``-1`` so a restore fails loudly."""
         layout, p, S = self.backup_layout, self.placement, self.placement.slots_per_rank
         changed = (layout.holder != prev.holder).nonzero().tolist()
         l2p = p.log2phy
-        copies = []
+        copies, lost = [], []
         for l, e in changed:
             slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
             if not slots:
+                lost.append((l, e))
                 continue
             src = slots[(l + e) % len(slots)]
             for name in self.weights:
                 copies.append(Copy(src // S, int(layout.holder[l, e]), name, l * S + src % S,
                                    backup_tensor_name(name), int(layout.row[l, e])))
+        if lost:
+            holder = layout.holder.clone()
+            for l, e in lost:
+                holder[l, e] = -1
+            self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank)
         self._execute(copies)
 
+    def _rehome_after_commit(self) -> None:
+        """Keep every backup off the ranks that now serve its expert (collective)."""
+        prev = self.backup_layout
+        self.backup_layout = assign_backups(self.placement, self.live, self.ranks_per_node,
+                                            previous=prev, rows_per_rank=prev.rows_per_rank)
+        self._refill_rehomed(prev)
+
     def _execute(self, copies: List[Copy]) -> None:
-        """Run ``copies``; with a vote, every live rank learns whether all of them succeeded."""
+        """Run ``copies``; with a vote, every live rank learns the same outcome."""
         failed: List[int] = []
         try:
             self.transport.execute(copies, self.timeout_s)
         except PeerFailure as exc:
-            failed.extend(getattr(exc, "ranks", None) or [exc.rank])
-        if self.vote is not None:
-            self._seq += 1
-            failed = self.vote(self._seq, np.flatnonzero(self.live).tolist(), failed)
-        if failed:
-            raise PeerFailure(failed[0], ranks=failed)
+            failed = list(exc.ranks)
+        if self.vote is None:
+            if failed:
+                raise PeerFailure(failed[0], ranks=failed)
+            return
+        self._seq += 1
+        dead, all_ok = self.vote(f"{self.generation}/{self._seq}", np.flatnonzero(self.live).tolist(), failed)
+        if dead:
+            raise PeerFailure(dead[0], ranks=dead)
+        if not all_ok:
+            raise _Transient(f"copies failed on a live rank (suspected {failed or 'elsewhere'})")
 
     def _move_chunk(self, chunk: List[int], report: ChunkReport) -> None:
         S, R = self.placement.slots_per_rank, self.placement.num_ranks
@@ -355,6 +390,8 @@ class ExpertLocationUpdater:
         phy = self.placement.phy2log.clone()
         phy[chunk] = new
         self.placement = Placement(phy, R, self.placement.num_logical_experts)
+        if self.backup_layout is not None:
+            self._rehome_after_commit()
         report.copies_local += int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
         report.copies_remote += plan.num_remote()
         report.restored += restored
