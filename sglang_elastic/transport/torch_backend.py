@@ -5,12 +5,16 @@ Each live set (epoch) gets its own process group, built directly as ``ProcessGro
 default process group, so a group can be thrown away and rebuilt over the survivors any number of
 times. ``set_peers`` is collective over the new live set.
 
-Failure detection: a killed peer closes its sockets and gloo raises on the pending send/recv at
-once; a frozen peer is caught by the deadline of each wait (``timeout_s``). After the data phase
-every participant sends every other participant a token saying "done" or "rank X failed"; a rank
-that was only waiting on others thus learns who failed and raises the same :class:`PeerFailure`
-within ``timeout_s + slack_s(timeout_s)``. A group that saw a failure is marked broken and rebuilt
-by the next ``set_peers``.
+Failure detection: a killed peer closes its sockets and gloo raises on the pending (or newly
+posted) send/recv at once; a frozen peer is caught by the deadline of each wait (``timeout_s``).
+After the data phase every participant sends every other participant a token saying "done" or
+"rank X failed"; a rank that was only waiting on others thus learns who failed and raises the same
+:class:`PeerFailure` within ``timeout_s + slack_s(timeout_s)``. A rank that noticed a failure
+still completes its ops with the live peers (for at most half the slack), so that they are not
+left waiting for it and blame the wrong rank. CUDA rows between CUDA tensors go over NCCL in one
+coalesced group; an NCCL group cannot name the peer that stalled it, so its timeout is resolved by
+the gloo tokens and the communicator is aborted at once. A group that saw a failure is marked
+broken and rebuilt by the next ``set_peers``.
 """
 from __future__ import annotations
 
@@ -104,8 +108,7 @@ class TorchTransport(BaseTransport):
         self.store.set(f"{prefix}arrived/{self.rank}", str(self.incarnation))
         missing = [r for r in members if not store_wait(self.store, f"{prefix}arrived/{r}", deadline)]
         if missing:
-            raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {self.kind} group over {list(members)}",
-                              ranks=missing)
+            raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {self.kind} group over {list(members)}")
         idx = members.index(self.rank)
         gopts = dist.ProcessGroupGloo._Options()
         gopts._timeout = _td(self.connect_timeout_s)
