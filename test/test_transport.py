@@ -289,9 +289,44 @@ def test_peer_failure_survives_pickling():
     assert isinstance(exc, PeerFailure) and exc.rank == 3 and exc.ranks == [3, 1] and str(exc) == "gone"
 
 
+def _in_child(fn, *args) -> None:
+    """Run ``fn(*args)`` in a fresh process and re-raise its failure here.
+
+    NIXL's agent crashes its process at interpreter exit (a native destructor), even after close();
+    keeping the agent out of the pytest process keeps pytest's exit status meaningful. The child
+    leaves with os._exit for the same reason.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_main, args=(q, fn, args))
+    p.start()
+    try:
+        status, payload = q.get(timeout=120)
+    finally:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    assert status == "ok", payload
+
+
+def _child_main(q, fn, args) -> None:
+    try:
+        fn(*args)
+        q.put(("ok", None))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_inputs_single_rank(kind):
     _require(kind)
+    _in_child(_bad_inputs_single_rank, kind)
+
+
+def _bad_inputs_single_rank(kind):
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                        timeout=datetime.timedelta(seconds=30))
     t = make_transport(kind, 0, store)

@@ -60,12 +60,23 @@ def placements(seed: int):
     return w1, p0, p1
 
 
-def worker(kind: str, rank: int, port: int, chunk: int, seed: int, victim: int, mode: str, out) -> None:
+def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, victim: int, mode: str,
+           out) -> None:
     """One rank: build transport + updater, move p0 -> p1, check weights; `victim` is SIGKILLed
     (mode "kill") or frozen with SIGSTOP (mode "stop") in the middle of the update."""
     try:
         from sglang_elastic.location.updater import ExpertLocationUpdater, StoreVote
+        from sglang_elastic.membership import MembershipClient
+        from sglang_elastic.state import ElasticEPStateManager
         from sglang_elastic.transport import make_transport
+
+        # Membership through the orchestrator's store; the state manager follows it.
+        state = ElasticEPStateManager.init(ep_size=R)
+        member = MembershipClient("127.0.0.1", mport, rank, heartbeat_interval_s=0.5)
+        member.bind_state(state)
+        member.join()
+        member.wait_for_epoch(lambda v: len(v.live) == R, timeout=60)
+        epoch0 = state.membership_epoch
 
         store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
                                            timeout=datetime.timedelta(seconds=30))
@@ -80,8 +91,11 @@ def worker(kind: str, rank: int, port: int, chunk: int, seed: int, victim: int, 
 
         def on_failure(dead):
             epochs.append(sorted(dead))
-            live = np.ones(R, dtype=bool)
-            live[dead] = False
+            for d in dead:  # tell membership; it decides, and every survivor sees the same verdict
+                member.report_dead(d, "transport PeerFailure")
+            view = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
+            live = np.zeros(R, dtype=bool)
+            live[list(view.live)] = True
             # Deterministic on every survivor: the same inputs give the same placement.
             return live, rebalance(load, R, S, live_ranks=live, current=p1)
 
@@ -93,9 +107,11 @@ def worker(kind: str, rank: int, port: int, chunk: int, seed: int, victim: int, 
             restored += upd.step().restored
             steps += 1
         bad = wrong_slots(w, upd.placement, rank)
-        out.put((rank, "ok", dict(bad=bad, epoch=len(epochs), dead_seen=epochs, restored=restored, final=upd.placement.phy2log.tolist(),
+        out.put((rank, "ok", dict(bad=bad, epoch=state.membership_epoch - epoch0, dead_seen=epochs,
+                                  live=state.live_ranks(), restored=restored, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist())))
         transport.close()
+        member.close()
     except Exception:
         out.put((rank, "error", traceback.format_exc()))
 
@@ -105,8 +121,12 @@ def run_cluster(kind: str, chunk: int, seed: int, victim: int = -1, mode: str = 
     port = free_port()
     master = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=30))
+    from sglang_elastic.membership import MembershipServer
+
+    membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=4.0)
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(kind, r, port, chunk, seed, victim, mode, out)) for r in range(R)]
+    procs = [ctx.Process(target=worker, args=(kind, r, port, membership.port, chunk, seed, victim, mode, out))
+             for r in range(R)]
     for p in procs:
         p.start()
     try:
@@ -124,6 +144,7 @@ def run_cluster(kind: str, chunk: int, seed: int, victim: int = -1, mode: str = 
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        membership.close()
         del master
 
 
@@ -176,6 +197,8 @@ def test_peer_dies_mid_update_survivors_finish_from_backups(kind, victim, mode):
         assert r["bad"] == [], f"rank {rank} holds wrong weights at {r['bad']}"
         assert r["final"] == r["target"]
         assert r["dead_seen"] == [[victim]], "one failure event, naming the victim, on every survivor"
+        assert r["epoch"] == 1, "the membership epoch advanced exactly once on every survivor"
+        assert victim not in list(r["live"]), "the state manager agrees"
         final = np.array(r["final"]).reshape(L, R, S)
         assert (final[:, victim] == -1).all(), "no slot left on the dead rank"
     assert sum(r["restored"] for r in results.values()) > 0, "orphans came back from the backup store"
