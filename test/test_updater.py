@@ -7,6 +7,7 @@ and all, and after a rank is SIGKILLed in the middle of an update (orphans resto
 import datetime
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import traceback
@@ -86,7 +87,8 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         load, p0, p1 = placements(seed)
         w = weights_for(p0, rank)
         upd = ExpertLocationUpdater(rank, transport, {"w": w}, p0, layers_per_chunk=chunk,
-                                    timeout_s=TIMEOUT, vote=StoreVote(store, rank, TIMEOUT + 5))
+                                    timeout_s=TIMEOUT, vote=StoreVote(store, rank, TIMEOUT + 5),
+                                    canary=True, checksum=lambda l, e: float(expert_value(l, e).sum()))
         upd.fill_backup()
 
         def on_failure(dead):
@@ -212,3 +214,136 @@ def test_bad_chunk_size_is_a_clear_error():
         ExpertLocationUpdater(0, None, {"w": torch.zeros(L, S, D)}, p, layers_per_chunk=0)
     with pytest.raises(ValueError, match=r"expected \[4, 5, \.\.\.\]"):
         ExpertLocationUpdater(0, None, {"w": torch.zeros(L, S + 1, D)}, p)
+
+
+# ----------------------------------------------------------------------------- rejoin cycles
+CYCLES = 2
+
+
+def rejoin_worker(kind, rank, port, mport, fresh, cycle, out) -> None:
+    """A rank of the rejoin drill. Each cycle: everyone live fills backups and moves to a placement
+    that uses every rank (a joiner receives its experts from peers); then rank 2 dies at the start
+    of the next update, survivors finish it from backups, publish the placement, and a fresh process
+    joins as rank 2 for the next cycle."""
+    try:
+        from sglang_elastic.location.updater import ExpertLocationUpdater, StoreVote
+        from sglang_elastic.membership import MembershipClient
+        from sglang_elastic.transport import make_transport
+
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
+                                           timeout=datetime.timedelta(seconds=60))
+        # Transport first: peers that see this rank in the membership must find its new incarnation.
+        transport = make_transport(kind, rank, store)
+        member = MembershipClient("127.0.0.1", mport, rank, heartbeat_interval_s=0.5)
+        member.join()
+        view = member.wait_for_epoch(lambda v: len(v.live) == R, timeout=90)
+        load = synthetic_load("lognormal1", L, E, seed=11)
+        if fresh:  # the joiner learns the placement in force from the store and owns no weights yet
+            current = Placement(torch.tensor(eval(store.get(f"placement/{cycle}").decode())), R, E)
+            w = torch.full((L, S, D), float("nan"), dtype=torch.float64)
+        else:
+            current = rebalance(load, R, S)
+            w = weights_for(current, rank)
+        while True:
+            transport.set_peers(sorted(view.live))
+            vote = StoreVote(store, rank, TIMEOUT + 5, prefix=f"rj/{view.epoch}")
+            upd = ExpertLocationUpdater(rank, transport, {"w": w}, current, live_ranks=np.ones(R, dtype=bool),
+                                        timeout_s=TIMEOUT, generation=view.epoch, vote=vote)
+            upd.fill_backup()
+            upd.update(rebalance(drift(load, 0.1, seed=cycle), R, S, current=current))
+            bad = wrong_slots(w, upd.placement, rank)
+            if bad:
+                raise AssertionError(f"cycle {cycle}: wrong weights at {bad}")
+            import threading
+
+            out.put((rank, "cycle", (cycle, len(os.listdir("/proc/self/fd")), threading.active_count())))
+            if cycle == CYCLES:
+                break
+
+            def on_failure(dead):
+                for d in dead:
+                    member.report_dead(d, "transport PeerFailure")
+                v = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
+                live = np.array([r in v.live for r in range(R)])
+                return live, rebalance(load, R, S, live_ranks=live, current=upd.placement)
+
+            upd.begin(rebalance(drift(load, 0.2, seed=cycle + 100), R, S, current=upd.placement), on_failure)
+            if rank == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # dies as the update starts
+            while not upd.done:
+                upd.step()
+            bad = wrong_slots(w, upd.placement, rank)
+            if bad:
+                raise AssertionError(f"cycle {cycle} failover: wrong weights at {bad}")
+            current = upd.placement
+            cycle += 1
+            if rank == min(r for r in range(R) if r != 2):
+                store.set(f"placement/{cycle}", repr(current.phy2log.tolist()))
+            store.set(f"ready/{cycle}/{rank}", "1")
+            view = member.wait_for_epoch(lambda v: 2 in v.live and len(v.live) == R, timeout=120)
+        out.put((rank, "ok", None))
+        transport.close()
+        member.close()
+    except Exception:
+        out.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.mark.parametrize("kind", ["torch", "nixl"])
+def test_rank_dies_and_a_fresh_process_rejoins_with_its_experts(kind):
+    """Kill rank 2, start a fresh process as rank 2: it joins through membership, receives its
+    experts from peers in the next update, and every rank checks every slot; the survivors' thread
+    and fd counts do not grow across cycles."""
+    if not _available(kind):
+        pytest.fail(f"transport library for {kind!r} is not installed; .ci/setup installs it")
+    from sglang_elastic.membership import MembershipServer
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    master = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=60))
+    membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=3.0)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=rejoin_worker, args=(kind, r, port, membership.port, False, 0, out))
+             for r in range(R)]
+    started = set()
+    for p in procs:
+        p.start()
+    cycles = {}
+    try:
+        done = set()
+        while done != set(range(R)):
+            rank, status, payload = out.get(timeout=180)
+            if status == "error":  # collect the other ranks' view of the same failure too
+                others = []
+                try:
+                    while True:
+                        others.append(out.get(timeout=5))
+                except queue.Empty:
+                    pass
+                pytest.fail(f"rank {rank} failed:\n{payload}\nothers: {others}")
+            if status == "cycle":
+                cycle, fds, threads = payload
+                cycles.setdefault(rank, []).append((fds, threads))
+                if rank != 2 and cycle < CYCLES and cycle + 1 not in started:
+                    # Once the survivors finished the failover and published the placement, a fresh
+                    # process takes rank 2's id.
+                    master.wait([f"ready/{cycle + 1}/{r}" for r in (0, 1, 3)], datetime.timedelta(seconds=120))
+                    started.add(cycle + 1)
+                    fresh = ctx.Process(target=rejoin_worker,
+                                        args=(kind, 2, port, membership.port, True, cycle + 1, out))
+                    fresh.start()
+                    procs.append(fresh)
+            else:
+                done.add(rank)
+        for r in (0, 1, 3):
+            assert len(cycles[r]) == CYCLES + 1, (r, cycles)
+            fds = [f for f, _ in cycles[r][1:]]
+            threads = [t for _, t in cycles[r][1:]]
+            assert max(fds) - min(fds) <= 2 and max(threads) - min(threads) <= 1, cycles[r]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        membership.close()
+        del master
