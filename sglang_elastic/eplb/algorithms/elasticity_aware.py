@@ -158,18 +158,16 @@ class _State:
 
     def duplicates(self) -> np.ndarray:
         """bool ``[L, n, S]``: slots holding a later copy of an expert already on the same rank."""
-        L, n, S, E1 = self.L, self.n, self.S, self.E + 1
-        key = (np.arange(L * n).reshape(L, n, 1) * E1 + self.x + 1).ravel()
-        cnt = np.bincount(key, minlength=L * n * E1)
-        multi = (cnt[key] > 1).reshape(L, n, S) & (self.x >= 0)
-        if not multi.any():
-            return multi
-        # Of each repeated expert keep the first copy: a slot is a duplicate if an earlier slot matches.
-        xs = self.x
-        earlier = np.zeros_like(multi)
-        for s in range(1, S):
-            earlier[..., s] = (xs[..., :s] == xs[..., s:s + 1]).any(-1)
-        return multi & earlier
+        x = self.x
+        srt = np.sort(x, axis=-1)  # cheap way to find the few ranks that have a repeat at all
+        has = ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(-1)
+        dup = np.zeros(x.shape, dtype=bool)
+        if has.any():
+            l, r = np.nonzero(has)
+            xs = x[l, r]  # [K, S]
+            same = (xs[:, :, None] == xs[:, None, :]) & np.triu(np.ones((self.S, self.S), dtype=bool), 1)
+            dup[l, r] = same.any(1) & (xs >= 0)
+        return dup
 
     def spread_loss_at(self, l: np.ndarray, e: np.ndarray, from_node: np.ndarray, to_node: np.ndarray) -> np.ndarray:
         """bool: moving a replica of ``e`` from ``from_node`` to ``to_node`` lowers how many nodes hold ``e``."""
