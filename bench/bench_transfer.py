@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import statistics
 import sys
 import time
 import traceback

@@ -11,7 +11,6 @@ from sglang_elastic.location.backup import assign_backups
 def _check(layout, placement, live, rpn):
     holder, row = layout.holder.numpy(), layout.row.numpy()
     L, E = holder.shape
-    S = placement.slots_per_rank
     x = placement.by_rank().numpy()
     assert (holder >= 0).all() and live[holder].all()
     # rows unique per holder and within capacity

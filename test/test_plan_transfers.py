@@ -1,11 +1,10 @@
 """plan_transfers: live sources only, local first, same node next, spread, orphans exact (pure)."""
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_elastic.eplb import Placement, rebalance
+from sglang_elastic.eplb import rebalance
 from sglang_elastic.location import plan_transfers
 
 

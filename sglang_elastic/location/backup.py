@@ -8,7 +8,7 @@ the bytes live in one registered host tensor per weight name on each rank, ``[ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ def assign_backups(
     ``k = max(1, live // 8)``: room to re-home the backups of ``k`` dead ranks without reallocating.
     A :class:`ValueError` says so when it runs out.
     """
-    L, E, R, S = placement.num_layers, placement.num_logical_experts, placement.num_ranks, placement.slots_per_rank
+    L, E, R = placement.num_layers, placement.num_logical_experts, placement.num_ranks
     live = as_live_mask(live_ranks, R) if live_ranks is not None else placement.live_ranks.numpy()
     n_live = int(live.sum())
     if n_live == 0:

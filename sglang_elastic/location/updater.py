@@ -27,7 +27,7 @@ import torch
 from ..eplb.placement import Placement, as_live_mask
 from ..transport.base import Copy, PeerFailure, Transport
 from .backup import BackupLayout, assign_backups, backup_tensor_name
-from .plan import TransferPlan, plan_transfers
+from .plan import plan_transfers
 
 __all__ = ["ExpertLocationUpdater", "UpdateFailure", "ChunkReport", "StoreVote", "staging_name"]
 

@@ -424,7 +424,7 @@ def _refine(st: _State, max_iters: int, target: np.ndarray,
     fetches fewer new experts wins over a better-balancing one (experts sent back home count
     negative), so rebalancing from a live placement moves little.
     """
-    L, n, S = st.L, st.n, st.S
+    L, n = st.L, st.n
     if n < 2:
         return
     if st.node_of is not None:
