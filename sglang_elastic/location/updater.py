@@ -158,10 +158,10 @@ class ExpertLocationUpdater:
         self._pending: List[int] = []
         self._on_failure: Optional[FailureHook] = None
         rows = L * S
+        self._staging: Dict[str, torch.Tensor] = {}
         for name, t in weights.items():
             transport.register(name, t.view(rows, -1))
             stage = torch.empty((layers_per_chunk * S,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
-            self._staging = getattr(self, "_staging", {})
             self._staging[name] = stage
             transport.register(staging_name(name), stage.view(stage.shape[0], -1))
         self.backup_layout: Optional[BackupLayout] = None
@@ -188,28 +188,33 @@ class ExpertLocationUpdater:
     def fill_backup(self, layers: Optional[Sequence[int]] = None) -> int:
         """(Re)fill backups of ``layers`` (default all) from live replicas; collective. Returns rows filled.
 
-        Called at start-up and after layers commit; only rows whose holder changed or whose layer
-        changed are copied.
+        Called at start-up; afterwards backups follow commits and failures through re-homing.
+        A backup with no live replica to copy from keeps what it has (it may be the only copy).
         """
         if self.backup_layout is None:
             return 0
-        layout, p = self.backup_layout, self.placement
-        S = p.slots_per_rank
-        lids = range(p.num_layers) if layers is None else layers
-        l2p = p.log2phy
-        copies = []
-        for l in lids:
-            hold = layout.holder[l]
-            for e in torch.nonzero(hold >= 0).flatten().tolist():
-                slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
-                if not slots:
-                    continue  # no live replica: the backup is the only copy; keep it
-                src_slot = slots[(l + e) % len(slots)]
-                for name in self.weights:
-                    copies.append(Copy(src_slot // S, int(hold[e]), name, l * S + src_slot % S,
-                                       backup_tensor_name(name), int(layout.row[l, e])))
+        lids = range(self.placement.num_layers) if layers is None else layers
+        pairs = [(l, e) for l in lids for e in torch.nonzero(self.backup_layout.holder[l] >= 0).flatten().tolist()]
+        copies, _ = self._backup_copies(pairs)
         self._execute(copies)
         return len(copies) // max(len(self.weights), 1)
+
+    def _backup_copies(self, pairs: Sequence[Tuple[int, int]]) -> Tuple[List[Copy], List[Tuple[int, int]]]:
+        """Copies filling the backups of ``(layer, expert)`` pairs from live replicas of the committed
+        placement (one replica per pair, rotating so sources spread), and the pairs with no live replica."""
+        layout, S = self.backup_layout, self.placement.slots_per_rank
+        l2p = self.placement.log2phy
+        copies, lost = [], []
+        for l, e in pairs:
+            slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
+            if not slots:
+                lost.append((l, e))
+                continue
+            src = slots[(l + e) % len(slots)]
+            for name in self.weights:
+                copies.append(Copy(src // S, int(layout.holder[l, e]), name, l * S + src % S,
+                                   backup_tensor_name(name), int(layout.row[l, e])))
+        return copies, lost
 
     # ---------------------------------------------------------------- update
     def begin(self, target: Placement, on_failure: Optional[FailureHook] = None) -> List[int]:
@@ -309,19 +314,8 @@ class ExpertLocationUpdater:
     def _refill_rehomed(self, prev: BackupLayout) -> None:
         """Fill backups whose holder changed from live replicas (collective). A backup with no live
         replica to copy from is lost: its holder becomes ``-1`` so a restore fails loudly."""
-        layout, p, S = self.backup_layout, self.placement, self.placement.slots_per_rank
-        changed = (layout.holder != prev.holder).nonzero().tolist()
-        l2p = p.log2phy
-        copies, lost = [], []
-        for l, e in changed:
-            slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
-            if not slots:
-                lost.append((l, e))
-                continue
-            src = slots[(l + e) % len(slots)]
-            for name in self.weights:
-                copies.append(Copy(src // S, int(layout.holder[l, e]), name, l * S + src % S,
-                                   backup_tensor_name(name), int(layout.row[l, e])))
+        layout = self.backup_layout
+        copies, lost = self._backup_copies((layout.holder != prev.holder).nonzero().tolist())
         if lost:
             holder = layout.holder.clone()
             for l, e in lost:
