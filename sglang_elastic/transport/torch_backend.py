@@ -60,6 +60,44 @@ class _Group:
         self.gloo = self.nccl = None
 
 
+def form_group(store, ns: str, view, rank: int, incarnation: int, device: torch.device, timeout_s: float,
+               host: str, what: str = "torch") -> _Group:
+    """Build process groups (gloo, plus NCCL on cuda) over ``view`` = ((rank, incarnation), ...).
+
+    Collective over the view's members, through ``store`` under ``ns``; the k-th formation of the
+    same view gets fresh keys, so a group can be rebuilt over the same members any number of times.
+    Raises :class:`PeerFailure` naming the first member that did not arrive within ``timeout_s``.
+    """
+    members = tuple(r for r, _ in view)
+    n = len(members)
+    h = hashlib.sha1(repr(view).encode()).hexdigest()[:16]
+    base = f"{ns}/{h}"
+    # Every member adds once per formation of this exact view: the k-th formation is gen k.
+    gen = (int(store.add(f"{base}/join", 1)) - 1) // n
+    prefix = f"{base}/{gen}/"
+    deadline = time.monotonic() + timeout_s
+    store.set(f"{prefix}arrived/{rank}", str(incarnation))
+    missing = [r for r in members if not store_wait(store, f"{prefix}arrived/{r}", deadline)]
+    if missing:
+        raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {what} group over {list(members)}")
+    idx = members.index(rank)
+    gopts = dist.ProcessGroupGloo._Options()
+    gopts._timeout = _td(timeout_s)
+    gopts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    gloo = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "gloo/", store), idx, n, gopts)
+    nccl = None
+    if device.type == "cuda":
+        nopts = dist.ProcessGroupNCCL.Options()
+        nopts._timeout = _td(timeout_s)
+        nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "nccl/", store), idx, n, nopts)
+        # Create the communicator now, while every member is known to be here, not lazily
+        # inside a later call (where a dead peer would stall its init past the deadline).
+        nccl.allreduce([torch.zeros(1, device=device)]).wait()
+        torch.cuda.synchronize(device)
+    log.debug("rank %d: %s group gen %d over %s", rank, what, gen, list(members))
+    return _Group(members, gloo, nccl)
+
+
 class TorchTransport(BaseTransport):
     kind = "torch"
 
@@ -97,34 +135,8 @@ class TorchTransport(BaseTransport):
         self._view = None
 
     def _build_group(self, view) -> _Group:
-        members = tuple(r for r, _ in view)
-        n = len(members)
-        h = hashlib.sha1(repr(view).encode()).hexdigest()[:16]
-        base = f"{self.ns}/grp/{h}"
-        # Every member adds once per formation of this exact view: the k-th formation is gen k.
-        gen = (int(self.store.add(f"{base}/join", 1)) - 1) // n
-        prefix = f"{base}/{gen}/"
-        deadline = time.monotonic() + self.connect_timeout_s
-        self.store.set(f"{prefix}arrived/{self.rank}", str(self.incarnation))
-        missing = [r for r in members if not store_wait(self.store, f"{prefix}arrived/{r}", deadline)]
-        if missing:
-            raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {self.kind} group over {list(members)}")
-        idx = members.index(self.rank)
-        gopts = dist.ProcessGroupGloo._Options()
-        gopts._timeout = _td(self.connect_timeout_s)
-        gopts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
-        gloo = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "gloo/", self.store), idx, n, gopts)
-        nccl = None
-        if self.device.type == "cuda":
-            nopts = dist.ProcessGroupNCCL.Options()
-            nopts._timeout = _td(self.connect_timeout_s)
-            nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "nccl/", self.store), idx, n, nopts)
-            # Create the communicator now, while every member is known to be here, not lazily
-            # inside an execute (where a dead peer would stall its init past the deadline).
-            nccl.allreduce([torch.zeros(1, device=self.device)]).wait()
-            torch.cuda.synchronize(self.device)
-        log.debug("rank %d: %s group gen %d over %s", self.rank, self.kind, gen, list(members))
-        return _Group(members, gloo, nccl)
+        return form_group(self.store, f"{self.ns}/grp", view, self.rank, self.incarnation, self.device,
+                          self.connect_timeout_s, self.host, self.kind)
 
     # ------------------------------------------------------------------ execute
     def execute(self, copies, timeout_s: float) -> None:

@@ -1,0 +1,208 @@
+"""``torch`` dispatcher: token exchange over a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+On CPU every peer pair exchanges (header, rows) with gloo send/recv of its own, so a dead peer
+fails only its own pair: the survivors finish the call without it, mark it failed and route around
+it from the next call. On GPU the exchange is one NCCL ``all_to_all`` of headers and one of rows
+(the fast path; NCCL cannot name a dead peer, so a failure there raises :class:`PeerFailure` after
+``timeout_s`` and the caller rebuilds with :meth:`TorchDispatcher.set_peers`).
+
+Groups are standalone (built over a ``PrefixStore`` of the orchestrator's store, never the default
+group) and rebuilt collectively by :meth:`TorchDispatcher.set_peers` when membership changes.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..transport.base import PeerFailure
+from ..transport._common import store_wait
+from ..transport.torch_backend import _Group, form_group
+from .base import Exchange, HostDispatcher
+
+__all__ = ["TorchExchange", "TorchDispatcher"]
+
+_TAG_HDR, _TAG_ROWS = 40, 50
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(seconds, 0.001))
+
+
+class TorchExchange(Exchange):
+    """Pairwise exchange over gloo (CPU) or NCCL all-to-all (cuda); see the module docstring."""
+
+    def __init__(self, rank: int, store, *, device: torch.device, connect_timeout_s: float = 60.0,
+                 host: str = "127.0.0.1", ns: str = "dispatch/torch") -> None:
+        self.rank, self.store, self.device, self.host = rank, store, torch.device(device), host
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.ns = ns
+        self.incarnation = int(store.add(f"{ns}/inc/{rank}", 1))
+        store.set(f"{ns}/cur/{rank}", str(self.incarnation))
+        self.group: Optional[_Group] = None
+        self._view = None
+
+    def set_peers(self, ranks: Sequence[int]) -> None:
+        ranks = sorted({int(r) for r in ranks} | {self.rank})
+        deadline = time.monotonic() + self.connect_timeout_s
+        missing = [r for r in ranks if not store_wait(self.store, f"{self.ns}/cur/{r}", deadline)]
+        if missing:
+            raise PeerFailure(missing[0], f"rank(s) {missing} never created a torch dispatcher")
+        # A rank that restarts must create its dispatcher before it is announced live, so the
+        # incarnation read here is the one that will join the group.
+        view = tuple((r, self.incarnation if r == self.rank else int(self.store.get(f"{self.ns}/cur/{r}")))
+                     for r in ranks)
+        if view == self._view and self.group is not None:
+            return
+        self._drop()
+        self._view = view
+        if len(view) > 1:
+            self.group = form_group(self.store, f"{self.ns}/grp", view, self.rank, self.incarnation, self.device,
+                                    self.connect_timeout_s, self.host, "torch dispatcher")
+
+    def _drop(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+        self.group, self._view = None, None
+
+    def run(self, seq, phase, sends, row_bytes, deadline):
+        if not sends:
+            return {}, []
+        g = self.group
+        unknown = [p for p in sends if g is None or p not in g.index]
+        if unknown:
+            raise RuntimeError(f"rank {self.rank}: peers {unknown} are not in the dispatcher's group; call "
+                               "set_peers() after a membership change")
+        if self.device.type == "cuda":
+            return self._run_nccl(g, sends, row_bytes, deadline)
+        return self._run_gloo(g, sends, row_bytes, deadline)
+
+    def _run_gloo(self, g: _Group, sends, row_bytes, deadline):
+        failed: List[int] = []
+        hdr_len = next(iter(sends.values()))[0].numel()
+        hin = {p: torch.empty(hdr_len, dtype=torch.int64) for p in sends}
+        # gloo's recv/send works may be waited for once only (a second wait blocks for another
+        # message), so sends are kept apart and waited for at the end.
+        send_works: Dict[int, list] = {p: [] for p in sends}
+
+        def post(p, fn, t, tag):
+            if p in failed:
+                return None
+            try:
+                w = fn([t], g.index[p], tag)
+                if fn == g.gloo.send:
+                    send_works[p].append(w)
+                return w
+            except Exception:  # a pair whose peer is already gone raises at post time
+                failed.append(p)
+                return None
+
+        recv_hdr = {p: post(p, g.gloo.recv, hin[p], _TAG_HDR) for p in sends}
+        for p, (hdr, rows) in sends.items():
+            post(p, g.gloo.send, hdr, _TAG_HDR)
+            if rows.shape[0]:
+                post(p, g.gloo.send, rows.contiguous(), _TAG_ROWS)
+        got: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        recv_rows = {}
+        for p, w in recv_hdr.items():
+            if p in failed or w is None:
+                continue
+            if not self._wait(w, deadline):
+                failed.append(p)
+                continue
+            n = int(hin[p][2:].sum())
+            buf = torch.empty(n, row_bytes, dtype=torch.uint8)
+            recv_rows[p] = (buf, post(p, g.gloo.recv, buf, _TAG_ROWS) if n else None)
+        for p, (buf, w) in recv_rows.items():
+            if p in failed or (w is not None and not self._wait(w, deadline)):
+                if p not in failed:
+                    failed.append(p)
+                continue
+            got[p] = (hin[p], buf)
+        # Sends must be complete before the caller reuses its buffers; a peer that took our data
+        # is alive, one that did not is failed.
+        for p, ws in send_works.items():
+            if p in failed:
+                continue
+            for w in ws:
+                if not self._wait(w, deadline):
+                    failed.append(p)
+                    got.pop(p, None)
+                    break
+        return got, failed
+
+    @staticmethod
+    def _wait(work, deadline: float) -> bool:
+        try:
+            work.wait(_td(deadline - time.monotonic()))
+            return True
+        except Exception:
+            return False
+
+    def _run_nccl(self, g: _Group, sends, row_bytes, deadline):
+        members = g.members
+        missing = [p for p in members if p != self.rank and p not in sends]
+        if missing:
+            raise RuntimeError(f"the NCCL dispatcher exchanges with every member; no data for {missing}")
+        hdr_len = next(iter(sends.values()))[0].numel()
+        hout = torch.zeros(len(members), hdr_len, dtype=torch.int64)
+        rows_out = []
+        for i, p in enumerate(members):
+            if p != self.rank:
+                hout[i] = sends[p][0]
+                rows_out.append(sends[p][1])
+            else:
+                rows_out.append(torch.empty(0, row_bytes, dtype=torch.uint8, device=self.device))
+        hin = torch.empty_like(hout, device=self.device)
+        self._a2a(g, hin, hout.to(self.device), None, None, deadline)
+        hin = hin.cpu()
+        in_n = [int(x) for x in hin[:, 2:].sum(1)]
+        out_n = [r.shape[0] for r in rows_out]
+        src = torch.cat([r.to(self.device) for r in rows_out]).contiguous()
+        dst = torch.empty(sum(in_n), row_bytes, dtype=torch.uint8, device=self.device)
+        self._a2a(g, dst, src, [n * row_bytes for n in in_n], [n * row_bytes for n in out_n], deadline, flat=True)
+        got, o = {}, 0
+        for i, p in enumerate(members):
+            if p != self.rank:
+                got[p] = (hin[i], dst[o:o + in_n[i]])
+            o += in_n[i]
+        return got, []
+
+    def _a2a(self, g: _Group, out, inp, out_splits, in_splits, deadline, flat: bool = False) -> None:
+        import torch.distributed as dist
+
+        o, i = (out.view(-1), inp.view(-1)) if flat else (out, inp)
+        work = g.nccl.alltoall_base(o, i, out_splits or [], in_splits or [], dist.AllToAllOptions())
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                g.nccl.abort()
+                raise PeerFailure(-1, f"rank {self.rank}: NCCL all-to-all did not finish in time; rebuild the group")
+            time.sleep(2e-5)
+        work.wait()
+
+    def close(self) -> None:
+        self._drop()
+
+
+class TorchDispatcher(HostDispatcher):
+    """The ``torch`` dispatcher. ``store`` is a ``torch.distributed.Store`` served outside the ranks;
+    construction is collective over the live ranks of ``state`` (see :class:`Dispatcher` for the rest)."""
+
+    kind = "torch"
+
+    def __init__(self, *, store, connect_timeout_s: float = 60.0, host: str = "127.0.0.1", **kw) -> None:
+        if store is None:
+            raise ValueError("the torch dispatcher needs a torch.distributed.Store (e.g. the orchestrator's TCPStore)")
+        device = torch.device(kw.get("device", "cpu"))
+        ex = TorchExchange(kw["rank"], store, device=device, connect_timeout_s=connect_timeout_s, host=host)
+        super().__init__(ex, **kw)
+        self.set_peers(self.state.live_ranks())
+
+    def set_peers(self, ranks: Sequence[int]) -> None:
+        """Rebuild the group over ``ranks`` (collective over them), e.g. after a rank joined."""
+        self.exchange.set_peers(ranks)
+
+    def close(self) -> None:
+        self.exchange.close()
