@@ -188,17 +188,20 @@ class TorchExchange(Exchange):
 
 class TorchDispatcher(HostDispatcher):
     """The ``torch`` dispatcher. ``store`` is a ``torch.distributed.Store`` served outside the ranks;
-    construction is collective over the live ranks of ``state`` (see :class:`Dispatcher` for the rest)."""
+    construction is collective over the live ranks of ``state`` unless ``connect=False`` (then call
+    :meth:`set_peers`); see :class:`Dispatcher` for the rest."""
 
     kind = "torch"
 
-    def __init__(self, *, store, connect_timeout_s: float = 60.0, host: str = "127.0.0.1", **kw) -> None:
+    def __init__(self, *, store, connect_timeout_s: float = 60.0, host: str = "127.0.0.1", connect: bool = True,
+                 **kw) -> None:
         if store is None:
             raise ValueError("the torch dispatcher needs a torch.distributed.Store (e.g. the orchestrator's TCPStore)")
         device = torch.device(kw.get("device", "cpu"))
         ex = TorchExchange(kw["rank"], store, device=device, connect_timeout_s=connect_timeout_s, host=host)
         super().__init__(ex, **kw)
-        self.set_peers(self.state.live_ranks())
+        if connect:  # a joining rank connects later, when the others are told about it
+            self.set_peers(self.state.live_ranks())
 
     def set_peers(self, ranks: Sequence[int]) -> None:
         """Rebuild the group over ``ranks`` (collective over them), e.g. after a rank joined."""

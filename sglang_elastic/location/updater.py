@@ -223,8 +223,11 @@ class ExpertLocationUpdater:
             raise ValueError(
                 f"target placement has shape {tuple(target.phy2log.shape)}, current {tuple(self.placement.phy2log.shape)}"
             )
-        # Upstream placements may hold an expert twice on a rank: wasteful, but valid to apply.
-        target.validate(self.live, allow_duplicates=True)
+        # Upstream placements may hold an expert twice on a rank: wasteful, but valid to apply. A live
+        # rank the target leaves empty is being drained (planned scale-down): it serves as a source
+        # until the update completes, then leaves.
+        serving = self.live & target.live_ranks.numpy()
+        target.validate(serving, allow_duplicates=True)
         self.target = target
         self._on_failure = on_failure
         changed = (target.phy2log != self.placement.phy2log).any(1)
