@@ -294,7 +294,7 @@ class Orchestrator:
         self.store.set(f"plan/{sc.steps}", json.dumps(dict(stop=True)))
         for p in self.procs.values():
             p.join(timeout=20)
-        self.summary.update(failures=failures, joins=joins, lost_requests=len(queue),
+        self.summary.update(failures=failures, joins=joins, lost_requests=len(queue), recovering=recovering,
                             requests=next_batch, total_s=time.time() - t_launch)
         return self.summary
 
