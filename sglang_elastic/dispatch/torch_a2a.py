@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -43,6 +44,10 @@ class TorchExchange(Exchange):
         store.set(f"{ns}/cur/{rank}", str(self.incarnation))
         self.group: Optional[_Group] = None
         self._view = None
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"dispatch-{rank}")
+        # A gloo wait that times out closes every pair of the context, not just the silent peer's:
+        # the group is then unusable until set_peers() rebuilds it (see run()).
+        self.broken = False
 
     def set_peers(self, ranks: Sequence[int]) -> None:
         ranks = sorted({int(r) for r in ranks} | {self.rank})
@@ -54,7 +59,7 @@ class TorchExchange(Exchange):
         # incarnation read here is the one that will join the group.
         view = tuple((r, self.incarnation if r == self.rank else int(self.store.get(f"{self.ns}/cur/{r}")))
                      for r in ranks)
-        if view == self._view and self.group is not None:
+        if view == self._view and self.group is not None and not self.broken:
             return
         self._drop()
         self._view = view
@@ -65,7 +70,7 @@ class TorchExchange(Exchange):
     def _drop(self) -> None:
         if self.group is not None:
             self.group.destroy()
-        self.group, self._view = None, None
+        self.group, self._view, self.broken = None, None, False
 
     def run(self, seq, phase, sends, row_bytes, deadline):
         if not sends:
@@ -77,68 +82,65 @@ class TorchExchange(Exchange):
                                "set_peers() after a membership change")
         if self.device.type == "cuda":
             return self._run_nccl(g, sends, row_bytes, deadline)
+        if self.broken:  # nothing can move until set_peers(); nobody is to blame for that
+            return {}, []
         return self._run_gloo(g, sends, row_bytes, deadline)
 
     def _run_gloo(self, g: _Group, sends, row_bytes, deadline):
-        failed: List[int] = []
         hdr_len = next(iter(sends.values()))[0].numel()
-        hin = {p: torch.empty(hdr_len, dtype=torch.int64) for p in sends}
-        # gloo's recv/send works may be waited for once only (a second wait blocks for another
-        # message), so sends are kept apart and waited for at the end.
-        send_works: Dict[int, list] = {p: [] for p in sends}
-
-        def post(p, fn, t, tag):
-            if p in failed:
-                return None
+        # Every receive and send is posted before anyone waits, so no pair can deadlock on another.
+        posted: Dict[int, tuple] = {}
+        failed: List[int] = []
+        for p, (hdr, rows) in sends.items():
+            hin = torch.empty(hdr_len, dtype=torch.int64)
             try:
-                w = fn([t], g.index[p], tag)
-                if fn == g.gloo.send:
-                    send_works[p].append(w)
-                return w
+                rh = g.gloo.recv([hin], g.index[p], _TAG_HDR)
+                outs = [g.gloo.send([hdr], g.index[p], _TAG_HDR)]
+                if rows.shape[0]:
+                    outs.append(g.gloo.send([rows.contiguous()], g.index[p], _TAG_ROWS))
             except Exception:  # a pair whose peer is already gone raises at post time
                 failed.append(p)
-                return None
-
-        recv_hdr = {p: post(p, g.gloo.recv, hin[p], _TAG_HDR) for p in sends}
-        for p, (hdr, rows) in sends.items():
-            post(p, g.gloo.send, hdr, _TAG_HDR)
-            if rows.shape[0]:
-                post(p, g.gloo.send, rows.contiguous(), _TAG_ROWS)
+                continue
+            posted[p] = (hin, rh, outs)
+        # One waiter per peer: a frozen peer uses up its own deadline only (a gloo wait that times out
+        # also closes its pair, so waits cannot be sliced into polls).
+        results = list(self._pool.map(lambda p: (p, self._finish_pair(g, p, *posted[p], row_bytes, deadline)),
+                                      list(posted)))
         got: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        recv_rows = {}
-        for p, w in recv_hdr.items():
-            if p in failed or w is None:
-                continue
-            if not self._wait(w, deadline):
+        for p, res in results:
+            if res is None:
                 failed.append(p)
-                continue
-            n = int(hin[p][2:].sum())
-            buf = torch.empty(n, row_bytes, dtype=torch.uint8)
-            recv_rows[p] = (buf, post(p, g.gloo.recv, buf, _TAG_ROWS) if n else None)
-        for p, (buf, w) in recv_rows.items():
-            if p in failed or (w is not None and not self._wait(w, deadline)):
-                if p not in failed:
-                    failed.append(p)
-                continue
-            got[p] = (hin[p], buf)
-        # Sends must be complete before the caller reuses its buffers; a peer that took our data
-        # is alive, one that did not is failed.
-        for p, ws in send_works.items():
-            if p in failed:
-                continue
-            for w in ws:
-                if not self._wait(w, deadline):
-                    failed.append(p)
-                    got.pop(p, None)
-                    break
+            else:
+                got[p] = res
         return got, failed
 
-    @staticmethod
-    def _wait(work, deadline: float) -> bool:
+    def _finish_pair(self, g: _Group, p: int, hin, rh, outs, row_bytes: int, deadline: float):
+        """Wait for peer ``p``'s header and rows and for our sends to it; ``None`` if it failed.
+        (gloo works may be waited for once only: a second wait blocks for another message.)"""
+        if not self._wait(rh, deadline):
+            return None
+        n = int(hin[2:].sum())
+        buf = torch.empty(n, row_bytes, dtype=torch.uint8)
+        if n:
+            try:
+                rr = g.gloo.recv([buf], g.index[p], _TAG_ROWS)
+            except Exception:
+                return None
+            if not self._wait(rr, deadline):
+                return None
+        # Sends must be complete before the caller reuses its buffers.
+        for w in outs:
+            if not self._wait(w, deadline):
+                return None
+        return hin, buf
+
+    def _wait(self, work, deadline: float) -> bool:
         try:
             work.wait(_td(deadline - time.monotonic()))
             return True
-        except Exception:
+        except Exception as exc:
+            if "imed out" in str(exc) or "timeout" in str(exc).lower():
+                self.broken = True
             return False
 
     def _run_nccl(self, g: _Group, sends, row_bytes, deadline):
@@ -184,6 +186,7 @@ class TorchExchange(Exchange):
 
     def close(self) -> None:
         self._drop()
+        self._pool.shutdown(wait=False)
 
 
 class TorchDispatcher(HostDispatcher):

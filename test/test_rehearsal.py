@@ -1,0 +1,171 @@
+"""`sglang-elastic rehearse`: config errors before anything starts, the default scenario end to end
+on real processes (torch and NIXL transports), a frozen rank, and no child process outliving the
+command, also after SIGINT."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sglang_elastic.rehearsal.config import ConfigError, load_config, parse_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "sglang_elastic.cli", "rehearse"]
+
+
+def _children(pid: int) -> set:
+    """All descendants of ``pid`` (from /proc)."""
+    kids, frontier = set(), {pid}
+    while frontier:
+        nxt = set()
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid in frontier and int(d) not in kids:
+                nxt.add(int(d))
+        kids |= nxt
+        frontier = nxt
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, files, match", [
+    (["--transport", "carrier-pigeon"], {}, "invalid choice: 'carrier-pigeon'"),
+    (["--config", "{c}", "--scenario", "{s}"],
+     {"c": "model: {experts: 8}\n", "s": "steps: 10\nevents:\n  - {step: 1, action: kill, rank: 0}\n"
+      "  - {step: 2, action: kill, rank: 1}\n  - {step: 3, action: kill, rank: 2}\n"
+      "  - {step: 4, action: kill, rank: 3}\n"}, "kill rank 3 leaves no live rank"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 1, action: kill, rank: 0}\n"
+                                  "  - {step: 2, action: kill, rank: 1}\n"}, "live slots < 32 experts"),
+    (["--ranks", "2"], {}, "2 ranks x 12 slots = 24 live slots < 32 experts"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents: [ {step: 1, action: kill\n"}, "is not valid YAML"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 1, action: explode, rank: 0}\n"},
+     "unknown action 'explode'"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 12, action: kill, rank: 0}\n"},
+     r"step must be an integer in \[0, 10\)"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 1, action: join, rank: 9}\n"},
+     "rank ids are 0..3"),
+    (["--scenario", "/nonexistent/scenario.yaml"], {}, "cannot read scenario file"),
+    (["--config", "{c}"], {"c": "model: {experts: 0}\n"}, "model.experts must be >= 1"),
+    (["--config", "{c}"], {"c": "cluster: {transport: 3}\n"}, "cluster.transport must be str"),
+])
+def test_bad_input_is_one_line_before_anything_starts(tmp_path, args, files, match):
+    paths = {k: _write(tmp_path, f"{k}.yaml", v) for k, v in files.items()}
+    argv = [a.format(**paths) for a in args]
+    t0 = time.monotonic()
+    p = subprocess.run(CLI + argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    err = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(err) >= 1 and __import__("re").search(match, err[-1]), p.stderr
+    assert "step " not in p.stdout  # nothing ran
+    assert time.monotonic() - t0 < 30
+
+
+def test_scenario_parsing():
+    s = parse_scenario({"steps": 5, "events": [{"step": 3, "action": "rebalance"}, {"step": 1, "action": "kill", "rank": 1}]})
+    assert [(e.step, e.action, e.rank) for e in s.events] == [(1, "kill", 1), (3, "rebalance", None)]
+    with pytest.raises(ConfigError, match="rebalance takes no rank"):
+        parse_scenario({"steps": 5, "events": [{"step": 1, "action": "rebalance", "rank": 0}]})
+    with pytest.raises(ConfigError, match="join rank 1, which is already live"):
+        load_config(overrides=None, scenario=None).__class__.from_dict(
+            {"scenario": {"steps": 5, "events": [{"step": 1, "action": "join", "rank": 1}]}})
+    cfg = load_config()
+    assert cfg.cluster.ranks == 4 and {e.action for e in cfg.scenario.events} >= {"rebalance", "kill", "join", "leave"}
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+def _rehearse(tmp_path, *extra, timeout=300):
+    out = tmp_path / "r.json"
+    p = subprocess.Popen(CLI + ["--json", str(out), "--quiet", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        seen |= _children(p.pid)
+        time.sleep(0.5)
+    if p.poll() is None:
+        p.kill()
+    text = p.stdout.read()
+    assert p.returncode == 0, text[-4000:]
+    time.sleep(0.5)
+    assert not [k for k in seen if _alive(k)], "a rank process outlived the command"
+    return json.loads(out.read_text()), text, seen
+
+
+@pytest.mark.parametrize("transport", ["torch", "nixl"])
+def test_default_scenario_end_to_end(tmp_path, transport):
+    data, text, seen = _rehearse(tmp_path, "--transport", transport)
+    v = data["verdict"]
+    assert v["mismatches"] == 0 and v["lost_requests"] == 0 and v["unrecovered_failures"] == 0
+    assert v["degraded_mismatches"] == 0
+    assert len(v["failover_interruption_s"]) == 1 and v["failover_interruption_s"][0] > 0
+    assert len(v["scale_up_s"]) == 1 and v["scale_up_s"][0] > 0
+    assert len(seen) >= 5  # 4 ranks and the joiner (plus multiprocessing helpers)
+    phases = {r["phase"] for r in data["phases"]}
+    assert {"warm-up", "rebalance", "failover", "scale-up", "scale-down", "steady"} <= phases
+    steps = data["steps"]
+    # Load balancing matters and the rebalance improves it.
+    bal = [s["balancedness"] for s in steps]
+    assert max(bal[8:12]) > bal[0] + 0.1
+    # The killed rank's step had retried batches, served again in the next step.
+    assert sum(s["batches_retried"] for s in steps) >= 1
+    assert data["verdict"]["requests"] == sum(s["batches_done"] for s in steps)
+    # Live ranks follow the scenario: 4 -> 3 (kill) -> 4 (join) -> 3 (leave).
+    lives = [len(s["live"]) for s in steps]
+    assert lives[0] == 4 and min(lives[12:22]) == 3 and lives[25] == 4 and lives[-1] == 3
+    assert "results per phase" in text
+
+
+def test_frozen_rank_is_found_by_timeouts(tmp_path):
+    scen = _write(tmp_path, "freeze.yaml", "steps: 8\nevents:\n  - {step: 2, action: freeze, rank: 1}\n")
+    data, text, _ = _rehearse(tmp_path, "--scenario", scen)
+    v = data["verdict"]
+    assert v["mismatches"] == 0 and v["lost_requests"] == 0 and v["unrecovered_failures"] == 0
+    assert len(v["failover_interruption_s"]) == 1
+    assert [len(s["live"]) for s in data["steps"]][-1] == 3
+
+
+def test_sigint_stops_every_child(tmp_path):
+    p = subprocess.Popen(CLI, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        lines.append(line)
+        seen |= _children(p.pid)
+        if "step   2" in line:
+            break
+    assert len(seen) >= 4, "".join(lines)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    rest = p.stdout.read()
+    assert p.returncode == 130, rest
+    assert "interrupted" in rest
+    time.sleep(1.0)
+    assert not [k for k in seen if _alive(k)], "a rank process outlived Ctrl-C"
