@@ -279,7 +279,9 @@ class Orchestrator:
                                   t_event=t_ev, step=step)
             if recovering is not None and all_ok and not queue and rec.mismatches == 0 and not \
                     (recovering["step"] == step):
-                recovering["interruption_s"] = rec.t_end - recovering["t_event"]
+                # Outputs exist once every rank served (before its update chunk ran).
+                t_ok = max((res["t_served"] for res in results.values()), default=rec.t_end)
+                recovering["interruption_s"] = t_ok - recovering["t_event"]
                 recovering["recovered_step"] = step
                 failures.append(recovering)
                 recovering = None

@@ -120,13 +120,22 @@ class Rank:
         self.state.mark_failed([d for d in dead if self.state.is_alive(d)], reason="updater")
         return live, rebalance(self.update_load, self.R, self.S, live_ranks=live, current=self.updater.placement)
 
-    def apply(self, plan: Dict[str, Any]) -> None:
+    def apply_membership(self, plan: Dict[str, Any]) -> bool:
+        """Adopt the plan's live set for serving (mask and dispatcher peers); True if it changed."""
         live, epoch = sorted(plan["live"]), plan["epoch"]
-        if epoch != self.epoch:
+        if epoch == self.epoch:
+            return False
+        self.state.apply_membership(live, epoch)
+        self.dispatcher.set_peers(live)
+        return True
+
+    def apply_updater(self, plan: Dict[str, Any], changed: bool) -> None:
+        """Adopt the live set for weight movement (collective) and start the plan's target, if any.
+        Runs after serving: a failover retries its batches before any backup is re-homed."""
+        live, epoch = sorted(plan["live"]), plan["epoch"]
+        if changed:
             joined = set(live) - set(self.live) or (self.updater is None)
-            self.state.apply_membership(live, epoch)
             self.transport.set_peers(live)
-            self.dispatcher.set_peers(live)
             if joined:
                 if self.updater is not None:
                     self.placement = self.updater.placement
@@ -183,9 +192,12 @@ class Rank:
                 self.member.report_dead(d, "dispatcher gave up on it")
 
     def run_step(self, step: int, plan: Dict[str, Any]) -> Dict[str, Any]:
-        self.apply(plan)
         t0 = time.time()
+        changed = self.apply_membership(plan)
         update = dict(layers=[], bytes=0, restored=0, remote=0)
+        if plan.get("update_all"):
+            self.apply_updater(plan, changed)
+            changed, plan = False, dict(plan, target=None)
         if plan.get("update_all"):  # stop-the-world recovery: the whole update before serving
             for rep in self.updater.run():
                 update["layers"] += rep.layers
@@ -199,6 +211,7 @@ class Rank:
             passes.append(self.forward(mine[p] if p < len(mine) else None, step, plan, p == 0))
         self._report_failures()
         t_served = time.time()
+        self.apply_updater(plan, changed)
         pause = 0.0
         if self.updater.target is not None and not self.updater.done:
             t1 = time.perf_counter()
