@@ -128,7 +128,7 @@ class Orchestrator:
 
         c, sc = self.cfg.cluster, self.cfg.scenario
         self.membership = MembershipServer("127.0.0.1", 0, world_size=c.ranks, max_ranks=self.R,
-                                           heartbeat_timeout_s=c.heartbeat_timeout_s)
+                                           heartbeat_timeout_s=c.heartbeat_timeout_s, tick_s=0.02)
         self.port = self.membership.port
         self.store = torch.distributed.TCPStore("127.0.0.1", self.port, is_master=False,
                                                 timeout=datetime.timedelta(seconds=60))
@@ -210,6 +210,7 @@ class Orchestrator:
             # --- batches: retried ones first, then one new batch per serving rank
             serving = live
             todo = list(queue)
+            retried = set(queue)
             queue.clear()
             for _ in serving:
                 todo.append(next_batch)
@@ -279,8 +280,10 @@ class Orchestrator:
                                   t_event=t_ev, step=step)
             if recovering is not None and all_ok and not queue and rec.mismatches == 0 and not \
                     (recovering["step"] == step):
-                # Outputs exist once every rank served (before its update chunk ran).
-                t_ok = max((res["t_served"] for res in results.values()), default=rec.t_end)
+                # The in-flight requests are the retried batches (served first): their outputs exist
+                # when the last of their forward passes finished (before any update chunk ran).
+                done = [p["t_done"] for res in results.values() for p in res["passes"] if p["batch"] in retried]
+                t_ok = max(done) if done else max((res["t_served"] for res in results.values()), default=rec.t_end)
                 recovering["interruption_s"] = t_ok - recovering["t_event"]
                 recovering["recovered_step"] = step
                 failures.append(recovering)

@@ -96,6 +96,9 @@ class Rank:
         self.updater = None
         self.update_load: Optional[np.ndarray] = None
         self.reported_dead: set = set()
+        # Tell membership the moment the dispatcher gives up on a peer, not at the end of the step.
+        self.state.add_listener(lambda ev: self._report_failures()
+                                if ev.kind == "failed" and "dispatcher" in ev.reason else None)
 
     # ------------------------------------------------------------------ control
     def _new_updater(self, epoch: int, live: List[int]) -> None:
@@ -180,7 +183,7 @@ class Rank:
             x = x + o
         dt = time.perf_counter() - t0
         lost = self.dispatcher.stats.lost_pairs - lost0
-        return dict(batch=batch_id, tokens=T, ok=lost == 0, lost_pairs=lost, latency=dt,
+        return dict(batch=batch_id, tokens=T, ok=lost == 0, lost_pairs=lost, latency=dt, t_done=time.time(),
                     mismatch=int((mismatch & ~degraded).sum()) if lost == 0 else 0,
                     degraded=int(degraded.sum()) if lost == 0 else 0,
                     degraded_mismatch=int((mismatch & degraded).sum()) if lost == 0 else 0)
