@@ -141,10 +141,11 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, table: RoutingTabl
     ids = topk_ids.to(torch.int64)
     T = ids.shape[0]
     tok = torch.arange(T, device=ids.device, dtype=torch.int64) + int(token_offset)
-    if load is not None:
-        used = ids >= 0
-        load.index_add_(0, ids[used], torch.ones_like(ids[used], dtype=load.dtype))
-    phys = _pick_replica(ids, log2phy, live_mask, S, tok)
+    # Map + mask + record in one pass: the Triton kernel where Triton runs (CUDA), else this module's
+    # torch reference (the kernel is tested to give identical results).
+    from .. import kernels
+
+    phys = kernels.map_mask_record(ids, log2phy, live_mask.to(ids.device), S, int(token_offset), load)
     missing = (ids >= 0) & (phys < 0)
     logical = torch.where(phys >= 0, ids, torch.full_like(ids, -1))
     rerouted = torch.zeros_like(missing)
