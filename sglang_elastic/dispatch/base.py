@@ -285,8 +285,10 @@ class HostDispatcher(Dispatcher):
     """A dispatcher whose bytes move through an :class:`Exchange` of whole rows (host-path backends).
 
     Each call exchanges with every live peer (empty rows included): the all-to-all of headers is
-    what keeps single receive buffers safe without a barrier, and what lets every rank notice a
-    dead peer within one call.
+    what lets every rank notice a dead peer within one call, and what keeps single receive buffers
+    safe without a barrier as long as dispatch and combine alternate. Overlapped micro-batches
+    (dispatch a, dispatch b, combine a, ...) need two receive buffers per phase (the one-sided
+    exchanges default to two) or the per-pair message order of the gloo exchange.
     """
 
     def __init__(self, exchange: Exchange, **kw) -> None:
@@ -355,7 +357,7 @@ class HostDispatcher(Dispatcher):
             hs, scale = buf.view(self.dtype).view(S, R * M, H), None
         lost = [p for p in peers if p not in got] + [p for p in failed if p not in peers]
         if failed:
-            self._peer_failed(failed, f"no dispatch data within {self.timeout_s}s")
+            self._peer_failed(failed, f"it failed or fell silent during dispatch (timeout {self.timeout_s}s)")
         handle = DispatchHandle(layer, hidden_states.shape[0], self.dtype, routed, plan, recv_counts, pos,
                                 tuple(p for p in peers if p in got), tuple(lost))
         n_valid = int(masked_m.sum())
@@ -385,7 +387,7 @@ class HostDispatcher(Dispatcher):
         got, failed = self.exchange.run(self._seq, PHASE_COMBINE, sends, self.combine_row_bytes,
                                         time.monotonic() + self.timeout_s) if sends else ({}, [])
         if failed:
-            self._peer_failed(failed, f"no combine data within {self.timeout_s}s")
+            self._peer_failed(failed, f"it failed or fell silent during combine (timeout {self.timeout_s}s)")
         plan, routed = handle.plan, handle.routed
         T, K = routed.phys.shape
         per_dst = plan.rank_rows().tolist()
