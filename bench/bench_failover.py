@@ -25,11 +25,12 @@ from sglang_elastic.rehearsal.report import verdict  # noqa: E402
 SCENARIO = {"steps": 22, "events": [{"step": 4, "action": "rebalance"}, {"step": 12, "action": "kill", "rank": 2}]}
 
 
-def run_once(transport: str, recovery: str) -> dict:
+def run_once(transport: str, recovery: str, ffn: int) -> dict:
     """One rehearsal with the fault; returns its headline figures."""
     base = load_config(overrides={"transport": transport, "recovery": recovery})
     d = base.to_dict()
     d["scenario"] = SCENARIO
+    d["model"]["ffn"] = ffn
     cfg = RehearsalConfig.from_dict(d)
     orch = Orchestrator(cfg)
     try:
@@ -50,12 +51,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transport", default="torch", choices=("torch", "nixl", "mooncake"))
+    ap.add_argument("--ffn", type=int, default=256, help="expert MLP width (bigger experts: more bytes to move)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = ap.parse_args()
     rows = {"ours (elastic)": [], "upstream-style stop-the-world": []}
     for i in range(args.repeats):
         for name, rec in (("ours (elastic)", "elastic"), ("upstream-style stop-the-world", "stop_the_world")):
-            r = run_once(args.transport, rec)
+            r = run_once(args.transport, rec, args.ffn)
             rows[name].append(r)
             print(f"  run {i + 1} {name}: interruption {r['interruption']:.3f} s, wrong {r['wrong']}, lost {r['lost']}, "
                   f"moved after the fault {r['moved_mb']:.1f} MiB", file=sys.stderr, flush=True)
@@ -63,7 +65,7 @@ def main() -> int:
     ours, up = med["ours (elastic)"], med["upstream-style stop-the-world"]
     sep = " | " if args.markdown else "  "
     head = ["variant", "interruption s (median)", "worst step s", "moved after fault MiB", "wrong", "lost", "degraded tokens"]
-    print(f"failover, 4 CPU ranks, transport {args.transport}, {args.repeats} runs each (medians)")
+    print(f"failover, 4 CPU ranks, transport {args.transport}, ffn {args.ffn}, {args.repeats} runs each (medians)")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))

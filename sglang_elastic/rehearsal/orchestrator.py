@@ -23,7 +23,7 @@ import torch
 
 from ..eplb import Placement, balancedness, rebalance
 from .config import RehearsalConfig
-from .rank import rank_main
+from .rank import BATCHES_PER_PASS, rank_main
 
 __all__ = ["Orchestrator", "RehearsalError", "StepRecord"]
 
@@ -218,8 +218,9 @@ class Orchestrator:
             batches: Dict[str, List[int]] = {str(r): [] for r in serving}
             for i, b in enumerate(todo):
                 batches[str(serving[i % len(serving)])].append(b)
-            passes = max(len(v) for v in batches.values())
+            passes = -(-max(len(v) for v in batches.values()) // BATCHES_PER_PASS)
             plan = dict(step=step, live=live, epoch=epoch, batches=batches, passes=passes, target=pending_target,
+                        batches_per_pass=BATCHES_PER_PASS,
                         kill=kill, freeze=freeze, update_all=stop_the_world, leave=leaving_exit)
             if pending_target is not None:
                 update_active = True

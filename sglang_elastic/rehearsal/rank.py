@@ -32,6 +32,9 @@ from .model import MoEModel
 __all__ = ["rank_main", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-4
+# A rank serves up to this many request batches in one forward pass (retried ones come first), so a
+# failover's retried requests are served in the first pass after the failure.
+BATCHES_PER_PASS = 2
 
 
 def die_with_parent() -> None:
@@ -77,7 +80,8 @@ class Rank:
         self.transport = make_transport(c.transport, rank, self.store)
         self.dispatcher = make_dispatcher(
             c.transport, path="host", rank=rank, num_ranks=self.R, num_local_experts=self.S, hidden=m.hidden,
-            num_topk=m.top_k, max_tokens_per_rank=c.tokens_per_rank, placement=self.placement, state=self.state,
+            num_topk=m.top_k, max_tokens_per_rank=BATCHES_PER_PASS * c.tokens_per_rank, placement=self.placement,
+            state=self.state,
             store=self.store, dtype=torch.float32, timeout_s=c.timeout_s, policy=c.policy, connect=False)
         H, F = m.hidden, m.ffn
         self.w1 = torch.full((self.L, self.S, H, F), float("nan"))
@@ -155,13 +159,17 @@ class Rank:
             self.updater.begin(target, self._on_update_failure)
 
     # ------------------------------------------------------------------ serving
-    def forward(self, batch_id: Optional[int], step: int, plan: Dict[str, Any], first_pass: bool) -> Dict[str, Any]:
+    def forward(self, batch_ids: List[int], plan: Dict[str, Any], first_pass: bool) -> List[Dict[str, Any]]:
+        """One forward pass over the concatenated tokens of ``batch_ids`` (possibly none: this rank
+        still takes part in every exchange); one result per batch."""
         c, m = self.cfg.cluster, self.cfg.model
-        T = c.tokens_per_rank if batch_id is not None else 0
-        x = self.model.batch(batch_id, T) if batch_id is not None else torch.zeros(0, m.hidden)
+        T = c.tokens_per_rank
+        x = (torch.cat([self.model.batch(b, T) for b in batch_ids]) if batch_ids
+             else torch.zeros(0, m.hidden))
+        n = x.shape[0]
         lost0 = self.dispatcher.stats.lost_pairs
-        mismatch = torch.zeros(T, dtype=torch.bool)
-        degraded = torch.zeros(T, dtype=torch.bool)
+        mismatch = torch.zeros(n, dtype=torch.bool)
+        degraded = torch.zeros(n, dtype=torch.bool)
         t0 = time.perf_counter()
         for l in range(self.L):
             h = self.model.norm(x)
@@ -173,8 +181,7 @@ class Rank:
                 self.store.set("event/frozen_at", repr(time.time()))
                 os.kill(os.getpid(), signal.SIGSTOP)
             out = self.dispatcher.dispatch(h, ids, w, layer=l, router_logits=logits)
-            hs = out.hidden_states
-            y = self.model.mlp(hs, self.w1[l], self.w2[l])
+            y = self.model.mlp(out.hidden_states, self.w1[l], self.w2[l])
             o = self.dispatcher.combine(y, out.handle)
             routed = out.handle.routed
             ref = self.model.reference_layer(l, h, routed.logical, routed.weights, self.ref_experts[l])
@@ -183,10 +190,15 @@ class Rank:
             x = x + o
         dt = time.perf_counter() - t0
         lost = self.dispatcher.stats.lost_pairs - lost0
-        return dict(batch=batch_id, tokens=T, ok=lost == 0, lost_pairs=lost, latency=dt, t_done=time.time(),
-                    mismatch=int((mismatch & ~degraded).sum()) if lost == 0 else 0,
-                    degraded=int(degraded.sum()) if lost == 0 else 0,
-                    degraded_mismatch=int((mismatch & degraded).sum()) if lost == 0 else 0)
+        t_done = time.time()
+        res = []
+        for i, b in enumerate(batch_ids):
+            mm, dg = mismatch[i * T:(i + 1) * T], degraded[i * T:(i + 1) * T]
+            ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
+            res.append(dict(batch=b, tokens=T, ok=ok, lost_pairs=lost, latency=dt, t_done=t_done,
+                            mismatch=int((mm & ~dg).sum()) if ok else 0, degraded=int(dg.sum()) if ok else 0,
+                            degraded_mismatch=int((mm & dg).sum()) if ok else 0))
+        return res
 
     def _report_failures(self) -> None:
         for d in self.state.dead_ranks():
@@ -209,9 +221,10 @@ class Rank:
                 update["remote"] += rep.copies_remote
             self.dispatcher.set_placement(self.updater.placement)
         mine = plan["batches"].get(str(self.rank), [])
+        per = plan.get("batches_per_pass", 1)
         passes = []
         for p in range(plan["passes"]):
-            passes.append(self.forward(mine[p] if p < len(mine) else None, step, plan, p == 0))
+            passes += self.forward(mine[p * per:(p + 1) * per], plan, p == 0)
         self._report_failures()
         t_served = time.time()
         self.apply_updater(plan, changed)
@@ -227,7 +240,7 @@ class Rank:
                 update["remote"] += rep.copies_remote
             self.dispatcher.set_placement(self.updater.placement)
         load = self.dispatcher.take_load()
-        return dict(rank=self.rank, step=step, passes=[p for p in passes if p["batch"] is not None],
+        return dict(rank=self.rank, step=step, passes=passes,
                     load=load.tolist(), t_start=t0, t_served=t_served, t_end=time.time(), update=update,
                     update_pause=pause, update_done=self.updater.done,
                     placement=self.updater.placement.phy2log.tolist(), dead_seen=sorted(self.reported_dead))
