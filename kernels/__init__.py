@@ -74,9 +74,8 @@ def map_mask_record(topk_ids: torch.Tensor, log2phy_layer: torch.Tensor, live_ma
     from sglang_elastic.dispatch.routing import _pick_replica
 
     ids = topk_ids.to(torch.int64)
-    if load is not None:
-        used = ids >= 0
-        load.index_add_(0, ids[used], torch.ones_like(ids[used], dtype=load.dtype))
+    if load is not None:  # masked add: boolean indexing would sync with the host
+        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
     tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + int(token_offset)
     return _pick_replica(ids, log2phy_layer, live_mask, slots_per_rank, tok)
 

@@ -105,6 +105,19 @@ def _pick_replica(experts: torch.Tensor, log2phy: torch.Tensor, live_mask: torch
     return torch.where((experts >= 0) & (n_live > 0), phys, torch.full_like(phys, -1))
 
 
+def _map_mask_record(ids, log2phy, live_mask, slots_per_rank: int, token_offset: int, load):
+    try:
+        from .. import kernels
+    except ImportError:  # a source checkout used without `pip install`: kernels/ is not a subpackage
+        kernels = None
+    if kernels is not None:
+        return kernels.map_mask_record(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
+    if load is not None:
+        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
+    tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + token_offset
+    return _pick_replica(ids, log2phy, live_mask, slots_per_rank, tok)
+
+
 def renormalize(weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Zero the weights of pairs not ``kept`` and rescale each row to its original sum (float32)."""
     w = weights.float()
@@ -143,16 +156,14 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, table: RoutingTabl
     tok = torch.arange(T, device=ids.device, dtype=torch.int64) + int(token_offset)
     # Map + mask + record in one pass: the Triton kernel where Triton runs (CUDA), else this module's
     # torch reference (the kernel is tested to give identical results).
-    from .. import kernels
-
-    phys = kernels.map_mask_record(ids, log2phy, live_mask.to(ids.device), S, int(token_offset), load)
+    phys = _map_mask_record(ids, log2phy, live_mask.to(ids.device), S, int(token_offset), load)
     missing = (ids >= 0) & (phys < 0)
     logical = torch.where(phys >= 0, ids, torch.full_like(ids, -1))
     rerouted = torch.zeros_like(missing)
     if policy == "reroute":
         scores = router_logits.float().clone()
         no_live = live_replica_counts(log2phy, live_mask, S) == 0
-        scores[:, no_live] = float("-inf")
+        scores.masked_fill_(no_live[None, :], float("-inf"))  # no host sync (unlike bool indexing)
         chosen = torch.zeros_like(scores, dtype=torch.int32)
         chosen.scatter_add_(1, ids.clamp(min=0), (ids >= 0).to(torch.int32))
         scores.masked_fill_(chosen > 0, float("-inf"))

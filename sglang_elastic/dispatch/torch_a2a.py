@@ -197,11 +197,12 @@ class TorchDispatcher(HostDispatcher):
     kind = "torch"
 
     def __init__(self, *, store, connect_timeout_s: float = 60.0, host: str = "127.0.0.1", connect: bool = True,
-                 **kw) -> None:
+                 ns: str = "dispatch/torch", **kw) -> None:
         if store is None:
             raise ValueError("the torch dispatcher needs a torch.distributed.Store (e.g. the orchestrator's TCPStore)")
         device = torch.device(kw.get("device", "cpu"))
-        ex = TorchExchange(kw["rank"], store, device=device, connect_timeout_s=connect_timeout_s, host=host)
+        # One dispatcher per namespace at a time: peers read each other's incarnation under ``ns``.
+        ex = TorchExchange(kw["rank"], store, device=device, connect_timeout_s=connect_timeout_s, host=host, ns=ns)
         super().__init__(ex, **kw)
         if connect:  # a joining rank connects later, when the others are told about it
             self.set_peers(self.state.live_ranks())
