@@ -33,6 +33,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["sglang-elastic=sglang_elastic.cli:main"],
+        # SGLang runs register() in every process before parsing flags (see docs/sglang.md).
+        "sglang.srt.plugins": ["sglang_elastic = sglang_elastic.sglang_plugin:register"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

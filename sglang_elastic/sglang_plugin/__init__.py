@@ -1,0 +1,137 @@
+"""SGLang plugin: SGLang's own flags run on sglang_elastic.
+
+Registered under SGLang's entry-point group ``sglang.srt.plugins`` (name ``sglang_elastic``), so
+with this package installed SGLang's ``load_plugins()`` calls :func:`register` in every process
+(launcher, schedulers, DP controller, detokenizer) before anything else runs. ``register`` queues
+hooks on SGLang's ``HookRegistry``; SGLang applies them right after, and a REPLACE of a class or
+function also rebinds every module that imported it by name.
+
+What is replaced or hooked (see ``docs/sglang.md``):
+
+==========================================================================  ======================
+``sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts``      REPLACE: our algorithm
+``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater``           REPLACE: our updater
+``sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager``                  REPLACE: our state
+``sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher``            REPLACE: our dispatcher
+``sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher``    REPLACE: our dispatcher
+``sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__``          AFTER: layer id -> ours
+``sglang.srt.server_args.ServerArgs.add_cli_args``                          AFTER: our flags
+``sglang.srt.server_args.ServerArgs.from_cli_args``                         AFTER: flags -> env
+==========================================================================  ======================
+
+Version gate: only :data:`SUPPORTED_SGLANG_VERSIONS` get hooks; any other version logs one warning
+and nothing is applied. ``SGLANG_PLUGINS`` filtering is SGLang's own (it never calls us when our
+name is not listed). This package is the only part of sglang_elastic that imports sglang, lazily.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Tuple
+
+__all__ = ["register", "SUPPORTED_SGLANG_VERSIONS", "PLUGIN_NAME", "registered_targets"]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "sglang_elastic"
+SUPPORTED_SGLANG_VERSIONS: Tuple[str, ...] = ("0.5.23",)
+
+_registered: List[str] = []
+_done = False
+
+
+def installed_sglang_version() -> Optional[str]:
+    """The installed SGLang distribution's version, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        return None
+
+
+def registered_targets() -> List[str]:
+    """Targets this process queued hooks on (empty before :func:`register` or when the gate refused)."""
+    return list(_registered)
+
+
+def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
+    """(target, loader of the hook object, hook type name). Loaders import lazily, each on its own, so
+    a hook whose module cannot load here (say, SGLang's dispatchers without torchvision) skips alone."""
+
+    def algorithm():
+        from .eplb import rebalance_experts
+
+        return rebalance_experts
+
+    def updater():
+        from .updater import ElasticExpertLocationUpdater
+
+        return ElasticExpertLocationUpdater
+
+    def state():
+        from .state import SGLangElasticEPStateManager
+
+        return SGLangElasticEPStateManager
+
+    def nixl():
+        from .dispatcher import ElasticNixlEPDispatcher
+
+        return ElasticNixlEPDispatcher
+
+    def mooncake():
+        from .dispatcher import ElasticMooncakeEPDispatcher
+
+        return ElasticMooncakeEPDispatcher
+
+    def layer_id():
+        from .dispatcher import set_layer_id_after_init
+
+        return set_layer_id_after_init
+
+    def cli():
+        from .options import after_add_cli_args
+
+        return after_add_cli_args
+
+    def env():
+        from .options import after_from_cli_args
+
+        return after_from_cli_args
+
+    return [
+        ("sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts", algorithm, "REPLACE"),
+        ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater", updater, "REPLACE"),
+        ("sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager", state, "REPLACE"),
+        ("sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher", nixl, "REPLACE"),
+        ("sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher", mooncake, "REPLACE"),
+        ("sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__", layer_id, "AFTER"),
+        ("sglang.srt.server_args.ServerArgs.add_cli_args", cli, "AFTER"),
+        ("sglang.srt.server_args.ServerArgs.from_cli_args", env, "AFTER"),
+    ]
+
+
+def register() -> None:
+    """SGLang's plugin entry point (zero arguments): queue our hooks when the SGLang version is supported.
+
+    Idempotent per process. On an unsupported version: one warning, nothing queued.
+    """
+    global _done
+    if _done:
+        return
+    _done = True
+    version = installed_sglang_version()
+    if version not in SUPPORTED_SGLANG_VERSIONS:
+        log.warning("sglang_elastic: SGLang %s is not a supported version (supported: %s); the plugin applies "
+                    "nothing and SGLang runs its own implementation", version, ", ".join(SUPPORTED_SGLANG_VERSIONS))
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, load, kind in _hooks():
+        try:
+            hook = load()
+        except Exception as exc:  # e.g. SGLang's dispatcher modules need torchvision
+            log.warning("sglang_elastic: not hooking %s: %s: %s", target, type(exc).__name__, exc)
+            continue
+        HookRegistry.register(target, hook, HookType[kind])
+        _registered.append(target)
+    log.info("sglang_elastic: hooks queued on %d SGLang targets", len(_registered))

@@ -1,0 +1,258 @@
+"""Our NIXL and Mooncake dispatchers behind SGLang's ``NixlEPDispatcher`` / ``MooncakeEPDispatcher``.
+
+SGLang builds one dispatcher per MoE layer (two with two-batch overlap) with the constructor
+``(group, router_topk, permute_fusion, num_experts, num_local_experts, hidden_size, params_dtype,
+deepep_mode, async_finish, return_recv_hook)`` and calls ``dispatch(hidden_states, topk_output)``
+-> ``DeepEPLLDispatchOutput`` and ``combine(combine_input) -> Tensor`` (or the ``_a``/``_b``
+halves). The adapter maps that onto our contract, ``dispatch(x, topk_ids, topk_weights, layer=)``
+and ``combine(expert_output, handle)``:
+
+* SGLang's ``topk_ids`` are already *physical* slots (its top-k maps logical experts through the
+  expert-location metadata), so the inner dispatcher routes with an identity table over the
+  ``R * S`` slots: its live mask (our state's ``active_ranks``, shared with SGLang) drops and
+  renormalises pairs whose rank is dead;
+* before that, a pair whose slot's rank is dead moves to a live replica of the same logical expert
+  (when the layer is known, set by the hook on ``FusedMoE.__init__``), on the device, no host sync;
+* the inner dispatcher is ours, made by name (``make_dispatcher(kind, path=...)``): the GPU kernels
+  (NIXL-EP / Mooncake EP) by default, the host agents with ``--elastic-dispatch-path host``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from sglang.srt.layers.moe.token_dispatcher.base import BaseDispatcher, CombineInput
+from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLDispatchOutput
+from sglang.srt.layers.moe.utils import DeepEPMode
+
+from ..eplb.placement import Placement
+from ..state import ElasticEPStateManager as _OurManager
+from . import options
+from .state import add_scale_listener, placement_version
+
+__all__ = ["ElasticNixlEPDispatcher", "ElasticMooncakeEPDispatcher", "make_inner", "set_layer_id_after_init"]
+
+log = logging.getLogger(__name__)
+
+def make_inner(kind: str, path: str, **kw: Any):
+    """Our dispatcher of ``kind`` on ``path`` (module-level so tools and tests can swap it)."""
+    from ..dispatch import make_dispatcher
+
+    return make_dispatcher(kind, path=path, **kw)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    return int(text) if text else default
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _parallel_max_ep_size() -> Optional[int]:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().max_ep_size
+    except Exception:  # runtime not published (tools, tests)
+        return None
+
+
+def _global_tcp_store():
+    try:
+        from sglang.srt.runtime_context import get_resources
+
+        return get_resources().tcp_store
+    except Exception:
+        return None
+
+
+class _ElasticEPDispatcher(BaseDispatcher):
+    """SGLang's low-latency EP dispatcher contract over one of our dispatchers (see module docstring)."""
+
+    kind = ""
+    max_tokens_env = ""
+
+    def __init__(self, group: "dist.ProcessGroup", router_topk: int, permute_fusion: bool = False,
+                 num_experts: Optional[int] = None, num_local_experts: Optional[int] = None,
+                 hidden_size: Optional[int] = None, params_dtype: Optional[torch.dtype] = None,
+                 deepep_mode: DeepEPMode = DeepEPMode.LOW_LATENCY, async_finish: bool = False,
+                 return_recv_hook: bool = False) -> None:
+        super().__init__()
+        if deepep_mode.enable_normal():
+            raise NotImplementedError(f"sglang_elastic's {self.kind} dispatcher runs DeepEP's low-latency format "
+                                      f"only: launch with --deepep-mode low_latency (got {deepep_mode.value})")
+        if not (num_experts and num_local_experts and hidden_size):
+            raise ValueError("num_experts, num_local_experts and hidden_size are required")
+        self.group, self.deepep_mode = group, deepep_mode
+        self.layer_id: Optional[int] = None  # set by the FusedMoE.__init__ hook
+        opts = options.current()
+        self.path = opts.elastic_dispatch_path
+        self.inner_kwargs = self._inner_kwargs(group, router_topk, num_experts, num_local_experts, hidden_size,
+                                               params_dtype, opts)
+        self.inner = make_inner(self.kind, self.path, **self.inner_kwargs, **self._backend_kwargs(group))
+        self._table: Optional[Tuple[Any, int, torch.Tensor]] = None
+        self._peers_dirty = False
+        self._pending: Optional[Any] = None
+        add_scale_listener(self)
+
+    # ------------------------------------------------------------------ construction
+    def _inner_kwargs(self, group, router_topk: int, num_experts: int, num_local_experts: int, hidden_size: int,
+                      params_dtype: Optional[torch.dtype], opts: options.PluginOptions) -> Dict[str, Any]:
+        """Our :class:`~sglang_elastic.dispatch.base.Dispatcher` arguments from SGLang's."""
+        offset = _OurManager.get_ep_join_rank_offset()
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group) + offset
+        R = _parallel_max_ep_size() or (offset + world)
+        S = int(num_local_experts)
+        if num_experts > R * S:
+            raise ValueError(f"{num_experts} physical experts exceed {R} ranks x {S} local experts")
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return dict(rank=rank, num_ranks=R, num_local_experts=S, hidden=int(hidden_size), num_topk=int(router_topk),
+                    max_tokens_per_rank=_env_int(self.max_tokens_env, 128),
+                    placement=Placement(torch.arange(R * S).unsqueeze(0), R, R * S),
+                    state=_OurManager.instance(), use_fp8=self._use_fp8(), dtype=params_dtype or torch.bfloat16,
+                    device=device, timeout_s=opts.elastic_dispatch_timeout, record_load=False)
+
+    def _backend_kwargs(self, group) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _use_fp8(self) -> bool:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ SGLang's contract
+    def dispatch(self, hidden_states: torch.Tensor, topk_output) -> DeepEPLLDispatchOutput:
+        self.dispatch_a(hidden_states, topk_output)
+        return self.dispatch_b()
+
+    def dispatch_a(self, hidden_states: torch.Tensor, topk_output) -> None:
+        if self._peers_dirty:
+            self._connect_new_peers()
+        ids = self._to_live_replicas(topk_output.topk_ids)
+        self._pending = self.inner.dispatch(hidden_states, ids, topk_output.topk_weights, layer=0,
+                                            check_inputs=False)
+
+    def dispatch_b(self) -> DeepEPLLDispatchOutput:
+        out, self._pending = self._pending, None
+        if out is None:
+            raise RuntimeError("dispatch_b() without dispatch_a()")
+        self._handle = out.handle
+        _record_low_latency(out.masked_m)
+        return DeepEPLLDispatchOutput(out.hidden_states, out.hidden_states_scale, out.topk_ids, out.topk_weights,
+                                      out.masked_m, out.expected_m)
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        self.combine_a(combine_input)
+        return self.combine_b()
+
+    def combine_a(self, combine_input: CombineInput) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is None:
+            raise RuntimeError("combine() without a matching dispatch()")
+        self._handle = None
+        self._pending = self.inner.combine(combine_input[0], handle)
+
+    def combine_b(self) -> torch.Tensor:
+        out, self._pending = self._pending, None
+        if out is None:
+            raise RuntimeError("combine_b() without combine_a()")
+        return out
+
+    # ------------------------------------------------------------------ elasticity
+    def on_scale(self, from_ep_size: int, to_ep_size: int) -> None:
+        """SGLang admitted ranks: connect them on the next dispatch (every rank dispatches together)."""
+        self._peers_dirty = True
+
+    def _connect_new_peers(self) -> None:
+        self._peers_dirty = False
+        set_peers = getattr(self.inner, "set_peers", None)
+        state = _OurManager.instance()
+        if set_peers is not None and state is not None:
+            set_peers([r for r in state.live_ranks() if r < self.inner.num_ranks])
+
+    def _to_live_replicas(self, ids: torch.Tensor) -> torch.Tensor:
+        """Move pairs whose slot's rank is dead to a live replica of the same logical expert (device only)."""
+        table = self._replica_table()
+        if table is None or ids.numel() == 0:
+            return ids
+        S = self.inner.num_local_experts
+        live = self.inner.live_mask
+        safe = ids.clamp(min=0).long()
+        dead = (ids >= 0) & (live[safe // S] == 0)
+        cand = table[safe]                                            # [T, K, X]
+        ok = (cand >= 0) & (live[cand.clamp(min=0) // S] != 0)
+        pick = cand.gather(-1, ok.to(torch.int8).argmax(-1, keepdim=True)).squeeze(-1)
+        return torch.where(dead & ok.any(-1), pick.to(ids.dtype), ids)
+
+    def _replica_table(self) -> Optional[torch.Tensor]:
+        """``[P, X]``: every physical slot of the logical expert each slot serves, for this layer."""
+        if self.layer_id is None:
+            return None
+        try:
+            from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+            meta = get_global_expert_location_metadata()
+        except Exception:
+            return None
+        if meta is None or self.layer_id >= meta.num_layers:
+            return None
+        key = (id(meta), placement_version())
+        if self._table is None or self._table[:2] != key:
+            # From the physical map itself: SGLang's logical_to_all_physical_map may be collapsed to the
+            # nearest replica per rank, which would leave no alternative to move to.
+            p2l = meta.physical_to_logical_map_cpu[self.layer_id]
+            siblings = Placement(p2l.unsqueeze(0), meta.ep_size, meta.num_logical_experts).log2phy[0][p2l]
+            P = self.inner.num_ranks * self.inner.num_local_experts
+            table = torch.full((max(P, siblings.shape[0]), siblings.shape[1]), -1, dtype=torch.int64)
+            table[: siblings.shape[0]] = siblings
+            self._table = key + (table.to(self.inner.device),)
+        return self._table[2]
+
+
+def _record_low_latency(masked_m: torch.Tensor) -> None:
+    """Feed SGLang's expert-distribution recorder as its own low-latency dispatchers do."""
+    try:
+        from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+
+        get_global_expert_distribution_recorder().on_deepep_dispatch_low_latency(masked_m)
+    except Exception:  # no recorder outside a server
+        pass
+
+
+class ElasticNixlEPDispatcher(_ElasticEPDispatcher):
+    """``--moe-a2a-backend nixl`` on sglang_elastic (replaces SGLang's ``NixlEPDispatcher``)."""
+
+    kind = "nixl"
+    max_tokens_env = "SGLANG_NIXL_EP_NUM_MAX_DISPATCH_TOKENS_PER_RANK"
+
+    def _backend_kwargs(self, group) -> Dict[str, Any]:
+        return dict(store=_global_tcp_store())
+
+    def _use_fp8(self) -> bool:
+        return not _env_flag("SGLANG_NIXL_EP_BF16_DISPATCH")  # upstream's switch: fp8 unless asked
+
+
+class ElasticMooncakeEPDispatcher(_ElasticEPDispatcher):
+    """``--moe-a2a-backend mooncake`` on sglang_elastic (replaces SGLang's ``MooncakeEPDispatcher``)."""
+
+    kind = "mooncake"
+    max_tokens_env = "SGLANG_MOONCAKE_EP_NUM_MAX_DISPATCH_TOKENS_PER_RANK"
+
+    def _backend_kwargs(self, group) -> Dict[str, Any]:
+        return dict(group=group) if self.path == "gpu" else dict(store=_global_tcp_store())
+
+    def _use_fp8(self) -> bool:
+        return True  # upstream's Mooncake low-latency dispatch is fp8
+
+
+def set_layer_id_after_init(result, moe_layer, *args, **kwargs) -> None:
+    """AFTER hook on ``FusedMoE.__init__``: tell our dispatcher adapters which layer they serve."""
+    d = getattr(moe_layer, "dispatcher", None)
+    for inner in getattr(d, "_inners", None) or [d]:
+        if isinstance(inner, _ElasticEPDispatcher):
+            inner.layer_id = getattr(moe_layer, "layer_id", None)

@@ -1,0 +1,154 @@
+"""One live-rank truth: SGLang's ``ElasticEPStateManager`` name, our manager underneath.
+
+The plugin REPLACEs ``sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager`` with
+:class:`SGLangElasticEPStateManager`, a subclass of ours whose singleton *is* ours
+(``sglang_elastic.state.ElasticEPStateManager._instance``): SGLang's model runner, EPLB manager,
+expert-location updater and dispatchers, our algorithm bridge, our updater bridge and our
+dispatchers all read and write the same :class:`~sglang_elastic.state.ElasticEPState` object.
+
+Only ``init`` needs SGLang's runtime (upstream semantics: capacity ``--max-ep-size`` or the world
+size, joiner state for ``--elastic-ep-join-mode``); everything else is our manager's
+upstream-compatible surface. Upstream code that writes ``active_ranks`` in place and then calls
+``sync_active_to_cpu()`` (the joiner path does) is adopted by our state as failed/joined events with
+an epoch bump, so our listeners hear about it.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Optional, Union
+
+import torch
+
+from ..state import ElasticEPState
+from ..state import ElasticEPStateManager as _OurManager
+
+__all__ = ["SGLangElasticEPStateManager", "add_scale_listener", "placement_version", "bump_placement_version"]
+
+log = logging.getLogger(__name__)
+
+# Called with (from_ep_size, to_ep_size) on SGLang's on_scale (our dispatcher adapters register here).
+_scale_listeners: "weakref.WeakSet" = weakref.WeakSet()
+
+
+# Bumped whenever SGLang's expert-location metadata changes in place (our updater adapter does it),
+# so dispatcher adapters rebuild their replica tables.
+_placement_version = 0
+
+
+def placement_version() -> int:
+    """Counter of in-place changes to SGLang's expert-location metadata made through the plugin."""
+    return _placement_version
+
+
+def bump_placement_version() -> None:
+    """Record that SGLang's expert-location metadata changed in place."""
+    global _placement_version
+    _placement_version += 1
+
+
+def add_scale_listener(obj: Any) -> None:
+    """Have ``obj.on_scale(from_ep_size, to_ep_size)`` called when SGLang admits ranks (weakly held)."""
+    _scale_listeners.add(obj)
+
+
+def _notify_scale(from_ep_size: int, to_ep_size: int) -> None:
+    for obj in list(_scale_listeners):
+        try:
+            obj.on_scale(from_ep_size, to_ep_size)
+        except Exception:
+            log.exception("sglang_elastic: on_scale(%d, %d) failed in %r", from_ep_size, to_ep_size, obj)
+
+
+def _sglang_device() -> torch.device:
+    """Where SGLang keeps ``active_ranks``: cuda on CUDA builds, else cpu (upstream's rule)."""
+    try:
+        from sglang.srt.utils import is_cuda
+
+        if is_cuda():
+            return torch.device("cuda")
+    except Exception:
+        pass
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class SGLangElasticEPStateManager(_OurManager):
+    """SGLang's ``ElasticEPStateManager`` surface over our process-wide state.
+
+    Class attributes are read through to our manager; the two that upstream code assigns
+    (``_instance`` in ``init``/``reset`` and ``_on_scale``) are always written on our manager so no
+    shadow copy appears on this subclass.
+    """
+
+    @classmethod
+    def instance(cls) -> Optional[ElasticEPState]:
+        return _OurManager._instance
+
+    @classmethod
+    def init(cls, server_args: Any = None, **kw: Any) -> Optional[ElasticEPState]:
+        """Upstream ``init(server_args)`` when SGLang's runtime is published, else our keyword init."""
+        if _OurManager._instance is not None:
+            return _OurManager._instance
+        if kw or server_args is None:
+            return _OurManager.init(server_args, **kw)
+        try:
+            from sglang.srt.runtime_context import get_exec, get_parallel
+
+            moe, par = get_exec().moe, get_parallel()
+            backend = moe.elastic_ep_backend
+        except Exception:  # nothing published (tests, tools): read the record itself
+            return _OurManager.init(server_args)
+        if backend is None:
+            return None
+        return cls._init_from_runtime(moe, par)
+
+    @classmethod
+    def _init_from_runtime(cls, moe: Any, par: Any) -> ElasticEPState:
+        """Upstream's init: capacity, serving size, nixl scale hook, joiner state."""
+        world = torch.distributed.get_world_size()
+        capacity = par.max_world_size
+        if capacity < world:
+            raise ValueError(f"--max-ep-size ({capacity}) must be >= world_size ({world})")
+        joiner = bool(getattr(moe, "is_ep_joiner", False))
+        live = [torch.distributed.get_rank()] if joiner else range(world)
+        state = _OurManager.init(ep_size=world, max_ep_size=capacity, device=_sglang_device(), live=live)
+        state.effective_ep_size = state.original_ep_size = world
+        state.ep_join_rank_offset = par.ep_join_rank_offset
+        if joiner and moe.ep_join_mode == "scale":
+            state.effective_ep_size = par.ep_join_rank_offset + par.tp_size
+            state.original_ep_size = par.elastic_ep_initial_size or par.ep_join_rank_offset
+            state.has_scaled = True
+        if moe.moe_a2a_backend in ("nixl", "mooncake"):
+            _OurManager._on_scale = _on_scale_both
+        log.info("[sglang_elastic] elastic EP state: capacity=%d world=%d live=%s (joiner=%s)",
+                 capacity, world, state.live_ranks(), joiner)
+        return state
+
+    @classmethod
+    def reset(cls) -> None:
+        _OurManager.reset()
+
+    @classmethod
+    def healthy_rank_state(cls, ep_size: Optional[int] = None,
+                           device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        return _OurManager.healthy_rank_state(ep_size=ep_size, device=device)
+
+    # upstream private helpers that other upstream code may call
+    @staticmethod
+    def _select_device() -> torch.device:
+        return _sglang_device()
+
+    @classmethod
+    def _build_state(cls, *, ep_size: Optional[int] = None, device: Optional[torch.device] = None) -> ElasticEPState:
+        return ElasticEPState(ep_size if ep_size is not None else torch.distributed.get_world_size(),
+                              device if device is not None else _sglang_device())
+
+    @staticmethod
+    def _on_scale_nixl(from_ep_size: int, to_ep_size: int) -> None:
+        _on_scale_both(from_ep_size, to_ep_size)
+
+
+def _on_scale_both(from_ep_size: int, to_ep_size: int) -> None:
+    """SGLang admitted ranks: tell our dispatcher adapters, and upstream's NIXL buffer facade if loaded."""
+    _notify_scale(from_ep_size, to_ep_size)
+

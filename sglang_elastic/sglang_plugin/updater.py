@@ -1,0 +1,379 @@
+"""Our expert-location updater behind SGLang's ``ExpertLocationUpdater``.
+
+SGLang calls ``ExpertLocationUpdater().update(routed_experts_weights_of_layer, new_metadata,
+update_layer_ids, nnodes, rank)`` from every EP rank together, once per chunk of
+``--eplb-rebalance-layers-per-chunk`` layers (periodic EPLB, the fault rebalance, the post-scale
+rebalance), and reloads from disk (or its DRAM backup) the logical experts the call reports missing.
+
+SGLang keeps each MoE layer's expert weights as separate tensors ``[S, ...]``, while our
+:class:`~sglang_elastic.location.updater.ExpertLocationUpdater` moves ``[layers, S, ...]`` tensors.
+:class:`LayerwiseBridge` therefore runs one of ours per MoE layer over zero-copy ``[1, S, ...]``
+views of SGLang's tensors, all on one transport, with one staging buffer shared by every layer
+(layers move one at a time on every rank). What that gives SGLang:
+
+* sources are live ranks only (an expert with a live replica is never reported missing);
+* experts with no live replica come from our host-memory backup store on a peer;
+* only experts lost with their backup are reported missing, and only by the ranks whose new slots
+  need them (SGLang then reloads exactly those from disk);
+* a peer that dies mid-update is marked failed in the shared state and the layer is re-planned
+  over the survivors (our algorithm repairs the target); SGLang's metadata gets what was applied.
+
+Membership: deaths since the last call re-home backups (:meth:`ExpertLocationUpdater.set_live`);
+joins (and the first call) rebuild the per-layer updaters from SGLang's metadata and refill the
+backups, collectively. A joined rank's slots are taken to hold what SGLang's metadata says (a scale
+joiner loads them from disk; a recovered rank too, and our dead-slot filler equals SGLang's trivial
+placement); the next rebalance fills them from live peers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..eplb.algorithms import rebalance
+from ..eplb.placement import Placement, PlacementError
+from ..location.updater import ExpertLocationUpdater, staging_name
+from ..state import ElasticEPStateManager as _OurManager
+from . import eplb as _eplb
+from . import options
+from .state import bump_placement_version
+
+__all__ = ["LayerwiseBridge", "ElasticExpertLocationUpdater", "UpdateSummary"]
+
+log = logging.getLogger(__name__)
+
+TransportFactory = Callable[[int, torch.device], object]
+
+
+@dataclass
+class UpdateSummary:
+    """What one :meth:`LayerwiseBridge.update` did (logged as one line)."""
+
+    layers: List[int]
+    copies_remote: int = 0
+    copies_local: int = 0
+    restored_from_backup: int = 0
+    bytes_moved: int = 0
+    replans: int = 0
+    failed_ranks: List[int] = field(default_factory=list)
+    missing: Dict[int, List[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"layers={self.layers} remote={self.copies_remote} local={self.copies_local} "
+                f"restored_from_backup={self.restored_from_backup} bytes={self.bytes_moved} "
+                f"replans={self.replans} failed_ranks={self.failed_ranks} "
+                f"missing_reloaded_from_disk={self.missing} time={self.seconds:.3f}s")
+
+
+def _weight_name(layer: int, index: int) -> str:
+    return f"L{layer}.{index}"
+
+
+class LayerwiseBridge:
+    """One of our updaters per MoE layer over SGLang's per-layer weight tensors (see module docstring).
+
+    Args:
+        rank: this EP rank.
+        make_transport: ``(rank, device) -> Transport``, called once.
+        backup: keep the host-memory backup store.
+        timeout_s: transfer timeout before a silent peer counts as failed.
+        vote: optional agreement hook for our updater (e.g. :class:`~sglang_elastic.location.updater.StoreVote`).
+    """
+
+    def __init__(self, rank: int, make_transport: TransportFactory, *, backup: bool = True,
+                 timeout_s: float = 30.0, vote=None) -> None:
+        self.rank = int(rank)
+        self._make_transport = make_transport
+        self.transport = None
+        self.backup = backup
+        self.timeout_s = timeout_s
+        self.vote = vote
+        self.updaters: Dict[int, ExpertLocationUpdater] = {}
+        self.live: Optional[np.ndarray] = None
+        self._staging: Dict[Tuple, torch.Tensor] = {}
+        self._rpn: Optional[int] = None
+        self._E = 0
+        # Layers whose lost experts SGLang reloads from disk after our call: their backups were filled
+        # from slots that did not hold them yet, so they are refilled at the start of the next call.
+        self._refill: set = set()
+
+    # ------------------------------------------------------------------ entry point
+    def update(self, weights_of_layer: Dict[int, List[torch.Tensor]], old_p2l: torch.Tensor, new_p2l: torch.Tensor,
+               layer_ids: Sequence[int], num_logical: int, ranks_per_node: Optional[int] = None
+               ) -> Tuple[Dict[int, List[int]], Dict[int, Placement], UpdateSummary]:
+        """Move this rank's weights of ``layer_ids`` from ``old_p2l`` to ``new_p2l`` (SGLang maps, ``[L, P]``).
+
+        Collective over the live ranks. Returns ``(missing, applied, summary)``: logical experts per
+        layer this rank must reload from disk, and the placements applied where they differ from
+        ``new_p2l`` (a peer died mid-update, or the target used a dead rank).
+        """
+        t0 = time.perf_counter()
+        summary = UpdateSummary(layers=list(layer_ids))
+        some = weights_of_layer[layer_ids[0]] if layer_ids else next(iter(weights_of_layer.values()))
+        S = int(some[0].shape[0])
+        P = int(old_p2l.shape[1])
+        if P % S:
+            raise ValueError(f"{P} physical slots are not a whole number of ranks of {S} local slots")
+        R = P // S
+        self._E = num_logical
+        live = _eplb.live_mask(R)
+        self._adopt(live, weights_of_layer, old_p2l, ranks_per_node, summary)
+        self._refill_reloaded(old_p2l)
+        missing: Dict[int, List[int]] = {}
+        applied: Dict[int, Placement] = {}
+        for l in layer_ids:
+            self._sync_live(summary)
+            upd = self.updaters[l]
+            self._sync_committed(upd, old_p2l[l:l + 1])
+            wanted = Placement.from_sglang(new_p2l[l:l + 1], R, num_logical, self.live)
+            target = self._checked_target(wanted, l)
+            lost = self._pretend_lost(upd, target)
+            if lost:
+                self._refill.add(l)
+            mine = self._lost_on_rank(target, lost)
+            if mine:
+                missing[l] = mine
+            self._move_layer(upd, l, target, summary)
+            if not torch.equal(upd.target.phy2log, wanted.phy2log):
+                applied[l] = upd.target
+        summary.missing = missing
+        summary.seconds = time.perf_counter() - t0
+        return missing, applied, summary
+
+    # ------------------------------------------------------------------ membership
+    def _adopt(self, live: np.ndarray, weights_of_layer, old_p2l, ranks_per_node, summary: UpdateSummary) -> None:
+        """First call or a join: (re)build every layer's updater; deaths only: re-home backups."""
+        joined = self.live is None or bool((live & ~self.live).any()) or set(weights_of_layer) != set(self.updaters)
+        if not live[self.rank]:
+            raise RuntimeError(f"rank {self.rank} is not live in the elastic EP state")
+        if joined or ranks_per_node != self._rpn:
+            self._build(live, weights_of_layer, old_p2l, ranks_per_node)
+            return
+        if bool((self.live & ~live).any()):
+            summary.failed_ranks.extend(np.flatnonzero(self.live & ~live).tolist())
+            self.live = live
+            self._sync_live(summary)
+
+    def _refill_reloaded(self, old_p2l: torch.Tensor) -> None:
+        """Refill the backups of layers SGLang reloaded from disk since the last call (collective)."""
+        for l in sorted(self._refill):
+            upd = self.updaters.get(l)
+            if upd is not None:
+                self._sync_committed(upd, old_p2l[l:l + 1])
+                upd.fill_backup()
+        self._refill.clear()
+
+    def _sync_live(self, summary: UpdateSummary) -> None:
+        """Bring every layer's updater to the bridge's live set (collective; re-homes backups)."""
+        for upd in self.updaters.values():
+            if not np.array_equal(upd.live, self.live):
+                upd.set_live(self.live)
+
+    def _build(self, live: np.ndarray, weights_of_layer, old_p2l: torch.Tensor, ranks_per_node) -> None:
+        """New per-layer updaters from SGLang's metadata, and a full backup refill (collective)."""
+        device = next(iter(weights_of_layer.values()))[0].device
+        if self.transport is None:
+            self.transport = self._make_transport(self.rank, device)
+        self.transport.set_peers(np.flatnonzero(live).tolist())
+        R = live.shape[0]
+        self.live, self._rpn = live.copy(), ranks_per_node
+        self.updaters = {}
+        self._refill = set()
+        for l in sorted(weights_of_layer):
+            current = Placement.from_sglang(old_p2l[l:l + 1], R, self._E, live)
+            weights = {_weight_name(l, i): t.unsqueeze(0) for i, t in enumerate(weights_of_layer[l])}
+            upd = ExpertLocationUpdater(self.rank, self.transport, weights, current, live, layers_per_chunk=1,
+                                        ranks_per_node=ranks_per_node, backup=self.backup,
+                                        timeout_s=self.timeout_s, vote=self.vote)
+            self._share_staging(upd, weights)
+            self.updaters[l] = upd
+        restored = sum(upd.fill_backup() for upd in self.updaters.values())
+        log.info("[sglang_elastic] updater ready: %d layers, live ranks %s, %d backup rows filled on this rank's "
+                 "peers", len(self.updaters), np.flatnonzero(live).tolist(), restored)
+
+    def _share_staging(self, upd: ExpertLocationUpdater, weights: Dict[str, torch.Tensor]) -> None:
+        """Point the updater's staging at one buffer per tensor shape, shared by all layers.
+
+        Layers move one at a time on every rank, so one staging buffer serves all of them; without
+        this, every layer would keep its own copy of a layer's expert weights on the GPU.
+        """
+        for name, t in weights.items():
+            own = upd._staging[name]  # our updater's staging; registered under staging_name(name)
+            key = (tuple(own.shape), own.dtype, own.device)
+            shared = self._staging.setdefault(key, own)
+            if shared is not own:
+                upd._staging[name] = shared
+                self.transport.register(staging_name(name), shared.view(shared.shape[0], -1))
+
+    # ------------------------------------------------------------------ one layer
+    def _sync_committed(self, upd: ExpertLocationUpdater, old_row: torch.Tensor) -> None:
+        """Adopt SGLang's map where it differs from ours (a disk reload or broadcast rewrote weights)."""
+        now = Placement.from_sglang(old_row, upd.placement.num_ranks, self._E, self.live)
+        if not torch.equal(now.phy2log, upd.placement.phy2log):
+            upd.placement = now
+
+    def _checked_target(self, target: Placement, layer: int) -> Placement:
+        """The target if every expert has a replica on a live rank, else our algorithm's repair of it."""
+        try:
+            return target.validate(self.live, allow_duplicates=True)
+        except PlacementError:
+            return self._repair(target, layer)
+
+    def _repair(self, target: Placement, layer: int) -> Placement:
+        """Movement-aware repair of ``target`` over the bridge's live ranks (its live part is kept where it can)."""
+        load = _eplb.last_load()
+        w = load[layer:layer + 1] if load is not None and load.shape[0] > layer else torch.ones(1, self._E)
+        R, S = target.num_ranks, target.slots_per_rank
+        cur = target.phy2log.clone()
+        cur.view(1, R, S)[:, torch.from_numpy(~self.live)] = -1
+        fixed = rebalance(w, R, S, live_ranks=self.live, current=cur, ranks_per_node=self._rpn)
+        log.warning("[sglang_elastic] layer %d: target used dead ranks; repaired over live ranks %s", layer,
+                    np.flatnonzero(self.live).tolist())
+        return fixed
+
+    def _pretend_lost(self, upd: ExpertLocationUpdater, target: Placement) -> List[int]:
+        """Experts of ``target`` with no live replica and no live backup ("lost"): disk must restore them.
+
+        Our updater cannot restore them, so its committed placement is told they already sit in their
+        target slots (no copy is planned into those slots; SGLang's disk reload then writes them).
+        Whatever those slots held stops being a source, which may lose more experts: iterate.
+        """
+        lost: List[int] = []
+        S = upd.placement.slots_per_rank
+        while True:
+            old = upd.placement.phy2log[0]
+            new = target.phy2log[0]
+            live_slot = torch.from_numpy(np.repeat(self.live, S))
+            have = set(old[live_slot & (old >= 0)].tolist())
+            layout = upd.backup_layout
+            more = []
+            for e in sorted(set(new[new >= 0].tolist()) - have):
+                holder = int(layout.holder[0, e]) if layout is not None else -1
+                if holder < 0 or not self.live[holder]:
+                    more.append(e)
+            if not more:
+                return lost
+            lost.extend(more)
+            phy = upd.placement.phy2log.clone()
+            hit = torch.isin(new, torch.tensor(more)) & live_slot
+            phy[0, hit] = new[hit]
+            upd.placement = Placement(phy, upd.placement.num_ranks, upd.placement.num_logical_experts)
+
+    def _lost_on_rank(self, target: Placement, lost: List[int]) -> List[int]:
+        """The lost experts this rank's target slots hold (what this rank must reload)."""
+        if not lost:
+            return []
+        S = target.slots_per_rank
+        mine = target.phy2log[0, self.rank * S:(self.rank + 1) * S].tolist()
+        return sorted(set(lost) & set(mine))
+
+    def _move_layer(self, upd: ExpertLocationUpdater, layer: int, target: Placement, summary: UpdateSummary) -> None:
+        def on_failure(dead: List[int]):
+            mgr = _OurManager.instance()
+            if mgr is not None:
+                mgr.mark_failed([d for d in dead if mgr.is_alive(d)], reason="updater PeerFailure")
+            self.live = self.live.copy()
+            self.live[dead] = False
+            summary.failed_ranks.extend(dead)
+            return self.live, self._checked_target(upd.target, layer)
+
+        upd.begin(target, on_failure)
+        while not upd.done:
+            rep = upd.step()
+            if rep is None:
+                break
+            summary.copies_remote += rep.copies_remote
+            summary.copies_local += rep.copies_local
+            summary.restored_from_backup += rep.restored
+            summary.bytes_moved += rep.bytes_moved
+            summary.replans += rep.replans
+
+
+def _transport_kind(opts: options.PluginOptions) -> str:
+    """``--elastic-transfer-backend``, with ``auto`` following ``--elastic-ep-backend``."""
+    if opts.elastic_transfer_backend != "auto":
+        return opts.elastic_transfer_backend
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        backend = get_exec().moe.elastic_ep_backend
+    except Exception:
+        backend = None
+    return backend if backend in ("nixl", "mooncake") else "torch"
+
+
+def _default_transport(rank: int, device: torch.device):
+    """Our transport on SGLang's global TCPStore (kind from the flags)."""
+    from sglang.srt.distributed.utils import get_global_tcp_store
+
+    from ..transport import make_transport
+
+    store = get_global_tcp_store()
+    if store is None:
+        raise RuntimeError("sglang_elastic's expert-weight transport needs SGLang's global TCPStore "
+                           "(set by init_distributed_environment)")
+    return make_transport(_transport_kind(options.current()), rank, store, device=device)
+
+
+class ElasticExpertLocationUpdater:
+    """Drop-in for ``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater`` (same constructor
+    and ``update`` contract), backed by :class:`LayerwiseBridge`."""
+
+    # Tests (and tools) may swap in another transport factory: (rank, device) -> Transport.
+    transport_factory: TransportFactory = staticmethod(_default_transport)
+
+    def __init__(self) -> None:
+        self._bridge: Optional[LayerwiseBridge] = None
+
+    def update(self, routed_experts_weights_of_layer: Dict[int, List[torch.Tensor]], new_expert_location_metadata,
+               update_layer_ids: List[int], nnodes: int, rank: int, use_flat_topology: bool = False
+               ) -> Dict[int, List[int]]:
+        """Apply ``new_expert_location_metadata`` to ``update_layer_ids``; returns the logical experts per
+        layer this rank must reload from disk (upstream's contract). Commits SGLang's metadata."""
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        old = get_global_expert_location_metadata()
+        if old is None:
+            raise RuntimeError("no expert location metadata in force")
+        if not update_layer_ids:
+            return {}
+        opts = options.current()
+        if self._bridge is None or self._bridge.rank != rank:
+            self._bridge = LayerwiseBridge(rank, type(self).transport_factory, backup=opts.elastic_backup_store,
+                                           timeout_s=opts.elastic_transfer_timeout)
+        R = old.ep_size
+        rpn = R // nnodes if nnodes > 1 and not use_flat_topology and R % nnodes == 0 else None
+        missing, applied, summary = self._bridge.update(
+            routed_experts_weights_of_layer, old.physical_to_logical_map_cpu,
+            new_expert_location_metadata.physical_to_logical_map_cpu, list(update_layer_ids),
+            old.num_logical_experts, rpn)
+        for layer, placement in applied.items():
+            _patch_metadata_row(new_expert_location_metadata, layer, placement, rank)
+        old.update(new_expert_location_metadata, update_layer_ids=update_layer_ids)
+        bump_placement_version()
+        log.info("[sglang_elastic] updater rank %d: %s", rank, summary.line())
+        return missing
+
+
+def _patch_metadata_row(meta, layer: int, placement: Placement, rank: int) -> None:
+    """Write what was applied to ``layer`` into SGLang's metadata (every map SGLang routes with)."""
+    p2l, log2phy, cnt = placement.to_sglang()
+    X = meta.logical_to_all_physical_map.shape[-1]
+    row = torch.full((log2phy.shape[1], X), -1, dtype=meta.logical_to_all_physical_map.dtype)
+    row[:, : log2phy.shape[2]] = log2phy[0]
+    meta.physical_to_logical_map[layer] = p2l[0].to(meta.physical_to_logical_map)
+    meta.physical_to_logical_map_cpu[layer] = p2l[0]
+    meta.logical_to_all_physical_map[layer] = row.to(meta.logical_to_all_physical_map.device)
+    meta.logical_to_all_physical_map_cpu[layer] = row
+    meta.logical_to_all_physical_map_num_valid[layer] = cnt[0].to(meta.logical_to_all_physical_map_num_valid)
+    if meta.logical_to_rank_dispatch_physical_map is not None:
+        S = placement.slots_per_rank
+        first = log2phy[0, :, 0]
+        local = torch.where((log2phy[0] // S == rank) & (log2phy[0] >= 0), log2phy[0], torch.full_like(log2phy[0], -1))
+        pick = torch.where(local.max(-1).values >= 0, local.max(-1).values, first)
+        meta.logical_to_rank_dispatch_physical_map[layer] = pick.to(meta.logical_to_rank_dispatch_physical_map)
