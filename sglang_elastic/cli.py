@@ -168,6 +168,15 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
         if not args.quiet:
             print("  " + report.progress_line(rec, extra), flush=True)
 
+    # Ctrl-C must stop the rehearsal even when the shell started us with SIGINT ignored (background
+    # jobs), and a plain `kill` must stop every child too.
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     orch = Orchestrator(cfg, progress=show)
     try:
         summary = orch.run()

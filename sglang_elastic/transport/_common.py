@@ -293,6 +293,10 @@ class BaseTransport(Transport):
         for i, c in enumerate(copies):
             s = self._info_waiting(c.src, c.src_name, deadline)
             d = self._info_waiting(c.dst, c.dst_name, deadline)
+            if s is not None and d is not None and not self._rows_fit(c, s, d):
+                # A peer may have registered the name again with more rows (e.g. a new updater with
+                # larger chunks): re-read its metadata before calling the copy invalid.
+                s, d = self._fresh_infos(c, deadline)
             if s is None:
                 raise ValueError(f"copies[{i}] = {c}: rank {c.src} has no tensor registered as {c.src_name!r}")
             if d is None:
@@ -326,6 +330,17 @@ class BaseTransport(Transport):
                 if (c.dst_name, c.dst_row) in my_sources:
                     plan.staged.add((c.dst_name, c.dst_row))
         return plan
+
+    @staticmethod
+    def _rows_fit(c: Copy, s: dict, d: dict) -> bool:
+        return 0 <= c.src_row < s["rows"] and 0 <= c.dst_row < d["rows"] and s["row_bytes"] == d["row_bytes"]
+
+    def _fresh_infos(self, c: Copy, deadline: float) -> Tuple[Optional[dict], Optional[dict]]:
+        """Tensor infos of ``c``'s two sides from freshly read peer metadata (read once: a bad row
+        must still be refused at once, before any communication)."""
+        for r in {c.src, c.dst} - {self.rank}:
+            self._refresh_meta(r)
+        return self._tensor_info(c.src, c.src_name), self._tensor_info(c.dst, c.dst_name)
 
     def _check_moved(self, copies: List[Copy]) -> None:
         """Re-register local tensors whose storage moved since register() (e.g. share_memory_()
