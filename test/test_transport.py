@@ -117,6 +117,10 @@ def _worker(kind: str, rank: int, port: int, cmds, results, device=None) -> None
                         for name, x in tensors.items():
                             x.copy_(fresh[name])
                     out = None
+                elif cmd == "regrow":  # register tensor `arg` again with twice the rows (a new buffer)
+                    tensors[arg] = torch.cat([tensors[arg], tensors[arg]]).contiguous()
+                    t.register(arg, tensors[arg])
+                    out = None
                 elif cmd == "set_peers":
                     t.set_peers(arg)
                     out = None
@@ -533,5 +537,26 @@ def test_gpu_tensors_move_exactly(kind):
         c.fill([0], seed=30)
         c.exec_exact([0], [Copy(0, 0, "a", 0, "a", 1), Copy(0, 0, "a", 1, "a", 0), Copy(0, 0, "b", 2, "a", 2)])
         c.run([0], "quit")
+    finally:
+        c.close()
+
+
+def test_peer_registering_a_name_again_with_more_rows():
+    """Regression: a peer re-registered a tensor with more rows after we cached its metadata; a copy
+    into one of the new rows must go through (it used to be refused on one side, and the other side
+    then declared a healthy peer dead)."""
+    ranks = [0, 1]
+    c = Cluster("torch", ranks)
+    try:
+        c.fill(ranks, seed=3)
+        c.run(ranks, "set_peers", ranks)
+        c.exec_exact(ranks, [Copy(0, 1, "a", 0, "a", 0)])  # both sides now cache each other's metadata
+        c.run(ranks, "regrow", "a")
+        row = rows_of(1, "a") + 1                             # exists only in the regrown tensor
+        res = c.run(ranks, "exec", ([Copy(0, 1, "a", 1, "a", row)], 10.0, None))
+        got = res[1][1]["tensors"]["a"]
+        src = res[0][1]["tensors"]["a"]
+        assert torch.equal(as_bytes(got)[row], as_bytes(src)[1])
+        c.run(ranks, "quit")
     finally:
         c.close()
