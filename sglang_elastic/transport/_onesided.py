@@ -194,7 +194,7 @@ class OneSidedTransport(BaseTransport):
     def _run(self, plan, sync, srcs, readers, others, scratch, snaps, timeout_s, start, deadline, final_deadline):
         applied = False
         next_probe = start + PROBE_EVERY_S
-        delay = 5e-5
+        delay, last_progress = 5e-5, time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # rows written on a stream must be in memory before READY
         sync.send_ready(sorted(readers), self._version)
@@ -257,10 +257,12 @@ class OneSidedTransport(BaseTransport):
                 raise self._fail(sync, silent[0], f"no completion from rank(s) {silent} within "
                                                    f"{timeout_s}s + {slack_s(timeout_s):.1f}s")
             if progressed:
-                delay = 5e-5
+                delay, last_progress = 5e-5, now
             else:
                 time.sleep(delay)
-                delay = min(2 * delay, 0.002)
+                # Poll tightly while transfers are likely to land (a GPU chunk takes a few ms: a 2 ms
+                # back-off halved its throughput), then back off to spare the CPU on long waits.
+                delay = min(2 * delay, 1e-4 if now - last_progress < 0.05 else 0.002)
 
     def _fail(self, sync: Sync, blamed: int, why: str, *, notify: bool = True) -> PeerFailure:
         if notify:

@@ -337,7 +337,7 @@ class _NcclWork:
 
     def wait_until(self, deadline: float) -> bool:
         """True when the work finished without error before ``deadline``."""
-        delay = 1e-4
+        delay, start = 2e-5, time.monotonic()
         while True:
             try:
                 if self.work.is_completed():
@@ -345,7 +345,9 @@ class _NcclWork:
                     return True
             except Exception:
                 return False
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
             time.sleep(delay)
-            delay = min(2 * delay, 0.005)
+            # Tight polling for the first 50 ms (NVLink chunks finish in a few ms), then back off.
+            delay = min(2 * delay, 1e-4 if now - start < 0.05 else 0.005)
