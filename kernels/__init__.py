@@ -71,13 +71,9 @@ def map_mask_record(topk_ids: torch.Tensor, log2phy_layer: torch.Tensor, live_ma
     if _use_triton(backend, topk_ids, log2phy_layer, live_mask):
         from .routing import map_mask_record as kernel
         return kernel(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset, load)
-    from sglang_elastic.dispatch.routing import _pick_replica
+    from sglang_elastic.dispatch.routing import map_mask_record_reference
 
-    ids = topk_ids.to(torch.int64)
-    if load is not None:  # masked add: boolean indexing would sync with the host
-        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
-    tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + int(token_offset)
-    return _pick_replica(ids, log2phy_layer, live_mask, slots_per_rank, tok)
+    return map_mask_record_reference(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset, load)
 
 
 def scatter_rows(rows: torch.Tensor, pos: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

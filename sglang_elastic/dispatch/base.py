@@ -311,6 +311,24 @@ class HostDispatcher(Dispatcher):
             return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)
         return x.contiguous().view(torch.uint8).reshape(x.shape[0], self.dispatch_row_bytes)
 
+    def _exchange(self, phase: int, peers: Sequence[int], counts: torch.Tensor, rows: torch.Tensor, row_bytes: int):
+        """Send each peer ``p`` its rows (``rows`` is grouped by rank, ``counts [R, S]`` rows per rank and
+        local expert) with a header; returns ``(got, failed, starts)``, ``starts`` each rank's first row."""
+        starts = [0]
+        for n in counts.sum(1).tolist():
+            starts.append(starts[-1] + n)
+        self._seq += 1
+        sends = {}
+        for p in peers:
+            hdr = torch.empty(_HDR + self.num_local_experts, dtype=torch.int64)
+            hdr[_SEQ], hdr[_PHASE] = self._seq, phase
+            hdr[_HDR:] = counts[p]
+            sends[p] = (hdr, rows[starts[p]:starts[p + 1]])
+        if not sends:
+            return {}, [], starts
+        got, failed = self.exchange.run(self._seq, phase, sends, row_bytes, time.monotonic() + self.timeout_s)
+        return got, failed, starts
+
     def dispatch(self, hidden_states, topk_ids, topk_weights, *, layer=0, router_logits=None, check_inputs=True):
         if check_inputs:
             self._check_inputs(hidden_states, topk_ids, topk_weights, layer, router_logits)
@@ -319,22 +337,10 @@ class HostDispatcher(Dispatcher):
         self._account(routed)
         plan = layout.send_plan(routed.phys, R, S)
         rows = self._rows(hidden_states.index_select(0, plan.tokens))
-        per_rank = plan.rank_rows().tolist()
-        starts = [0]
-        for n in per_rank:
-            starts.append(starts[-1] + n)
         peers = self._live_peers()
-        self._seq += 1
-        sends = {}
-        for p in peers:
-            hdr = torch.empty(_HDR + S, dtype=torch.int64)
-            hdr[_SEQ], hdr[_PHASE] = self._seq, PHASE_DISPATCH
-            hdr[_HDR:] = plan.counts[p]
-            sends[p] = (hdr, rows[starts[p]:starts[p + 1]])
         # Pairs routed to a rank that is no longer in the live view (it died between routing and
         # here) are treated like pairs lost to a failed peer.
-        got, failed = self.exchange.run(self._seq, PHASE_DISPATCH, sends, self.dispatch_row_bytes,
-                                        time.monotonic() + self.timeout_s) if sends else ({}, [])
+        got, failed, starts = self._exchange(PHASE_DISPATCH, peers, plan.counts, rows, self.dispatch_row_bytes)
         recv_counts = torch.zeros(R, S, dtype=torch.int64)
         chunks = []
         for s in range(R):
@@ -373,19 +379,8 @@ class HostDispatcher(Dispatcher):
             raise ValueError(f"expert_output dtype {expert_output.dtype} != the dispatcher's {self.dtype}")
         y = expert_output.reshape(S * R * M, H)
         back = y.index_select(0, handle.recv_pos).contiguous().view(torch.uint8).view(-1, self.combine_row_bytes)
-        per_src = handle.recv_counts.sum(1).tolist()
-        starts = [0]
-        for n in per_src:
-            starts.append(starts[-1] + n)
-        self._seq += 1
-        sends = {}
-        for p in handle.peers:
-            hdr = torch.empty(_HDR + S, dtype=torch.int64)
-            hdr[_SEQ], hdr[_PHASE] = self._seq, PHASE_COMBINE
-            hdr[_HDR:] = handle.recv_counts[p]
-            sends[p] = (hdr, back[starts[p]:starts[p + 1]])
-        got, failed = self.exchange.run(self._seq, PHASE_COMBINE, sends, self.combine_row_bytes,
-                                        time.monotonic() + self.timeout_s) if sends else ({}, [])
+        got, failed, starts = self._exchange(PHASE_COMBINE, handle.peers, handle.recv_counts, back,
+                                             self.combine_row_bytes)
         if failed:
             self._peer_failed(failed, f"it failed or fell silent during combine (timeout {self.timeout_s}s)")
         plan, routed = handle.plan, handle.routed

@@ -428,19 +428,12 @@ class NixlHostExchange(_OneSidedExchange):
 
     def __init__(self, rank: int, num_ranks: int, store, *, backends=("UCX",), num_threads: int = 0,
                  progress_thread: bool = False, **kw) -> None:
-        nixl_agent, nixl_agent_config = self._import()
+        from ..transport.nixl_backend import make_agent
+
+        self._import()  # a missing library is named before anything else is checked
         super().__init__(rank, num_ranks, store, **kw)
         self._name = f"sgld-r{self.rank}-i{self.incarnation}-{os.getpid()}"
-        # The progress thread spins a core; run() polls the agent itself, which drives UCX.
-        cfg = nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
-                                backends=list(backends), num_threads=num_threads)
-        try:
-            self._agent = nixl_agent(self._name, cfg)
-        except Exception as exc:
-            raise RuntimeError(f"could not create a NIXL agent with backends {list(backends)}: {exc}") from exc
-        if not self._agent.backends:
-            raise RuntimeError(f"NIXL has none of the backends {list(backends)} "
-                               f"(plugins: {self._agent.plugin_list})")
+        self._agent = make_agent(self._name, backends, num_threads, progress_thread)
         self._reg = self._agent.register_memory([(self.base, self.nbytes, 0, "")], "DRAM")
         self._peer_agent: Dict[int, str] = {}
         self._inbox: Dict[Tuple[int, int, int], set] = {}  # (rank, inc, phase) -> k's arrived

@@ -28,7 +28,8 @@ import torch
 
 from ..eplb.placement import Placement
 
-__all__ = ["POLICIES", "RoutingTable", "Routed", "route", "live_replica_counts", "renormalize"]
+__all__ = ["POLICIES", "RoutingTable", "Routed", "route", "live_replica_counts", "renormalize",
+           "map_mask_record_reference"]
 
 POLICIES = ("renormalize", "reroute")
 
@@ -105,17 +106,24 @@ def _pick_replica(experts: torch.Tensor, log2phy: torch.Tensor, live_mask: torch
     return torch.where((experts >= 0) & (n_live > 0), phys, torch.full_like(phys, -1))
 
 
+def map_mask_record_reference(ids: torch.Tensor, log2phy: torch.Tensor, live_mask: torch.Tensor,
+                               slots_per_rank: int, token_offset: int = 0,
+                               load: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Torch reference of the map + mask + record step: physical slot of each pair (``-1``: unused or
+    no live replica); ``load [E]`` gets ``+1`` per id ``>= 0`` in place (no host sync)."""
+    ids = ids.to(torch.int64)
+    if load is not None:  # masked add: boolean indexing would sync with the host
+        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
+    tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + int(token_offset)
+    return _pick_replica(ids, log2phy, live_mask, slots_per_rank, tok)
+
+
 def _map_mask_record(ids, log2phy, live_mask, slots_per_rank: int, token_offset: int, load):
     try:
         from .. import kernels
     except ImportError:  # a source checkout used without `pip install`: kernels/ is not a subpackage
-        kernels = None
-    if kernels is not None:
-        return kernels.map_mask_record(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
-    if load is not None:
-        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
-    tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + token_offset
-    return _pick_replica(ids, log2phy, live_mask, slots_per_rank, tok)
+        return map_mask_record_reference(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
+    return kernels.map_mask_record(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
 
 
 def renormalize(weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,24 @@ def _import_nixl():
     return nixl_agent, nixl_agent_config
 
 
+def make_agent(name: str, backends=("UCX",), num_threads: int = 0, progress_thread: bool = False):
+    """A NIXL agent with ``backends``; clear errors when it cannot be made or has none of them.
+
+    NIXL's progress thread spins a whole core (the Python API sets its delay to 0); our callers
+    poll the agent themselves, which drives UCX progress, so it is off by default.
+    """
+    nixl_agent, nixl_agent_config = _import_nixl()
+    cfg = nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
+                            backends=list(backends), num_threads=num_threads)
+    try:
+        agent = nixl_agent(name, cfg)
+    except Exception as exc:
+        raise RuntimeError(f"could not create a NIXL agent with backends {list(backends)}: {exc}") from exc
+    if not agent.backends:
+        raise RuntimeError(f"NIXL has none of the backends {list(backends)} (plugins: {agent.plugin_list})")
+    return agent
+
+
 def _mem(info_device: str) -> str:
     return "DRAM" if info_device == "cpu" else "VRAM"
 
@@ -141,19 +159,10 @@ class NixlTransport(OneSidedTransport):
     def __init__(self, rank: int, store, *, device="cpu", connect_timeout_s: float = 60.0,
                  host: str = "127.0.0.1", backends=("UCX",), num_threads: int = 0,
                  progress_thread: bool = False) -> None:
-        nixl_agent, nixl_agent_config = _import_nixl()
+        _import_nixl()  # a missing library is named before the store is touched
         super().__init__(rank, store, device=device, connect_timeout_s=connect_timeout_s, host=host)
         self._name = f"sgle-r{self.rank}-i{self.incarnation}-{os.getpid()}"
-        # NIXL's progress thread spins a whole core (the Python API sets its delay to 0); execute
-        # polls the agent itself, which drives UCX progress, so it is off by default.
-        cfg = nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
-                                backends=list(backends), num_threads=num_threads)
-        try:
-            self._agent = nixl_agent(self._name, cfg)
-        except Exception as exc:
-            raise RuntimeError(f"could not create a NIXL agent with backends {list(backends)}: {exc}") from exc
-        if not self._agent.backends:
-            raise RuntimeError(f"NIXL has none of the backends {list(backends)} (plugins: {self._agent.plugin_list})")
+        self._agent = make_agent(self._name, backends, num_threads, progress_thread)
         self._regions: Dict[Tuple[int, int, str, int], list] = {}  # region -> [reg descs, refcount]
         self._peer_agent: Dict[int, str] = {}
         self._inbox = _Inbox(self._agent)
