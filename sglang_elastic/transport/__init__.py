@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Dict
 
 from .base import Copy, PeerFailure, Transport, slack_s
+from .liveness import Liveness
 
-__all__ = ["Copy", "PeerFailure", "Transport", "make_transport", "KINDS", "slack_s"]
+__all__ = ["Copy", "Liveness", "PeerFailure", "Transport", "make_transport", "KINDS", "slack_s"]
 
 KINDS = ("torch", "nixl", "mooncake")
 

@@ -1,12 +1,9 @@
-"""Command line: ``sglang-elastic plan`` (``rehearse`` and ``bench`` come with later issues).
+"""``sglang-elastic plan``.
 
 ``plan`` computes an expert placement for a recorded (or synthetic) load on the live ranks, reports
 balance, movement and orphans against the placement in force, and writes the placement in SGLang's
 ``--init-expert-location`` format. Every bad input ends in one line on stderr,
 ``sglang-elastic plan: error: ...``, and exit status 2.
-
-Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that registers its options and
-``set_defaults(func=_run_<name>, parser=<its parser>)``, where ``_run_<name>(args) -> int`` returns the exit status.
 """
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ import argparse
 import inspect
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +19,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .eplb.algorithms import ALGORITHMS, rebalance
-from .eplb.io import load_expert_load
-from .eplb.metrics import balancedness, layer_balancedness, movement, orphans, rank_load
-from .eplb.placement import Placement, PlacementError, load_placement_file, save_placement_file
-from .eplb.synthetic import SYNTHETIC_LOADS, synthetic_load
+from ..eplb.algorithms import ALGORITHMS, rebalance
+from ..eplb.io import load_expert_load
+from ..eplb.metrics import balancedness, layer_balancedness, movement, orphans, rank_load
+from ..eplb.placement import Placement, PlacementError, load_placement_file, save_placement_file
+from ..eplb.synthetic import SYNTHETIC_LOADS, synthetic_load
 
-__all__ = ["main", "build_parser", "DEEPSEEK_V3_EXPERT_BYTES", "BUILTIN_EXAMPLE"]
+from .common import UsageError, nonneg_int, one_line, positive_int, rank_list
 
-PROG = "sglang-elastic"
+__all__ = ["add_parser", "DEEPSEEK_V3_EXPERT_BYTES", "BUILTIN_EXAMPLE"]
 
 #: Bytes of one DeepSeek-V3 routed expert in fp8: gate, up and down projections of 7168 x 2048.
 DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048
@@ -47,165 +43,8 @@ SYNTHETIC_DEFAULTS: Dict[str, Any] = dict(layers=58, experts=256, seed=0)
 DEFAULT_RANKS = 32
 
 
-class UsageError(ValueError):
-    """Bad command-line input found after parsing (reported like argparse's own errors)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``PROG SUBCOMMAND: error: MESSAGE`` and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# ----------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
-
-
-def _rank_list(text: str) -> List[int]:
-    if not text.strip():
-        return []
-    out = []
-    for item in text.split(","):
-        try:
-            out.append(int(item.strip()))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of rank numbers such as 3,7, got {text!r}") from None
-    return sorted(set(out))
-
-
-# ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sglang-elastic`` parser with its subcommands."""
-    parser = _Parser(prog=PROG, description="Elastic, fault-tolerant expert parallelism for SGLang MoE serving.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    _add_plan_parser(sub)
-    _add_rehearse_parser(sub)
-    return parser
-
-
-def _add_rehearse_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "rehearse",
-        help="run a local elastic EP cluster with real faults and scale-up (the main job)",
-        description=(
-            "Start an orchestrator and N rank processes on 127.0.0.1 serving a small MoE model through the "
-            "real stack (routing, dispatcher, expert compute, combine, load recording, EPLB, layerwise updater, "
-            "backup store, membership), play a scenario of faults and scale events, check every output against "
-            "a single-process reference, and report per phase. With no options: configs/rehearsal_default.yaml "
-            "(4 ranks; rebalance, SIGKILL a rank mid-step, a fresh rank joins, a planned scale-down)."
-        ),
-    )
-    p.add_argument("--config", metavar="FILE", help="rehearsal config YAML (default configs/rehearsal_default.yaml)")
-    p.add_argument("--ranks", type=_positive_int, help="number of rank processes at start (overrides the config)")
-    p.add_argument("--transport", choices=("torch", "nixl", "mooncake"),
-                   help="how weights and tokens move (overrides the config)")
-    p.add_argument("--scenario", metavar="FILE", help="scenario YAML (steps and events) replacing the config's")
-    p.add_argument("--recovery", choices=("elastic", "stop_the_world"),
-                   help="failure recovery: ours (elastic) or upstream-style stop-the-world")
-    p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="write a timeline picture (throughput, balancedness, live ranks)")
-    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
-    p.set_defaults(func=_cmd_rehearse, parser=p)
-
-
-def _require_transport(kind: str) -> None:
-    """Fail before anything starts when the transport's library is missing."""
-    need = {"nixl": ("nixl", "pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1 (or run .ci/setup)"),
-            "mooncake": ("mooncake.engine", "pip install mooncake-transfer-engine-non-cuda (or run .ci/setup)")}
-    if kind in need:
-        mod, how = need[kind]
-        try:
-            __import__(mod)
-        except Exception as exc:
-            raise UsageError(f"--transport {kind} needs the {mod.split('.')[0]} package ({_one_line(exc)}): {how}") from None
-
-
-def _cmd_rehearse(args: argparse.Namespace) -> int:
-    from .rehearsal.config import ConfigError, load_config
-    from .rehearsal.orchestrator import Orchestrator, RehearsalError
-    from .rehearsal import report
-
-    overrides = {"ranks": args.ranks, "transport": args.transport, "recovery": args.recovery}
-    if args.ranks is not None:
-        overrides["max_ranks"] = 0
-    try:
-        cfg = load_config(args.config, scenario=args.scenario, overrides=overrides)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    _require_transport(cfg.cluster.transport)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib (or sglang-elastic[plot])") from None
-    c = cfg.cluster
-    title = (f"sglang-elastic rehearse: {c.ranks} ranks x {c.slots_per_rank} slots, transport {c.transport}, "
-             f"{cfg.model.layers} layers x {cfg.model.experts} experts top-{cfg.model.top_k}, "
-             f"{cfg.scenario.steps} steps, recovery {c.recovery}")
-    print(title, flush=True)
-
-    def show(rec, extra):
-        if not args.quiet:
-            print("  " + report.progress_line(rec, extra), flush=True)
-
-    # Ctrl-C must stop the rehearsal even when the shell started us with SIGINT ignored (background
-    # jobs), and a plain `kill` must stop every child too.
-    import signal
-
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    orch = Orchestrator(cfg, progress=show)
-    try:
-        summary = orch.run()
-    except KeyboardInterrupt:
-        orch.shutdown()
-        print(f"{PROG} rehearse: interrupted; every rank process was stopped", file=sys.stderr)
-        return 130
-    except RehearsalError as exc:
-        orch.shutdown()
-        print(f"{PROG} rehearse: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        orch.shutdown()
-    print()
-    print(report.format_report(orch.records, summary, "results per phase"))
-    if args.json:
-        try:
-            report.write_json(report.to_json(orch.records, summary, cfg.to_dict()), Path(args.json))
-        except OSError as exc:
-            raise UsageError(f"--json {args.json}: {_one_line(exc)}") from None
-        print(f"json                 {args.json}")
-    if args.plot:
-        report.plot_timeline(orch.records, summary, Path(args.plot))
-        print(f"plot                 {args.plot}")
-    v = report.verdict(orch.records, summary)
-    return 0 if v["mismatches"] == 0 and v["lost_requests"] == 0 and v["unrecovered_failures"] == 0 else 1
-
-
-def _add_plan_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
+    """Register ``plan`` on the subparsers ``sub``."""
     p = sub.add_parser(
         "plan",
         help="plan an expert placement for a load on the live ranks",
@@ -223,21 +62,21 @@ def _add_plan_parser(sub: Any) -> None:
                          ".json; [layers, experts] or [steps, layers, experts] tokens")
     ex.add_argument("--synthetic", metavar="NAME", choices=sorted(SYNTHETIC_LOADS),
                     help=f"synthetic load family: {', '.join(sorted(SYNTHETIC_LOADS))}")
-    src.add_argument("--layers", type=_positive_int,
+    src.add_argument("--layers", type=positive_int,
                      help=f"--synthetic: MoE layers (default {SYNTHETIC_DEFAULTS['layers']})")
-    src.add_argument("--experts", type=_positive_int,
+    src.add_argument("--experts", type=positive_int,
                      help=f"--synthetic: logical experts per layer (default {SYNTHETIC_DEFAULTS['experts']})")
     src.add_argument("--seed", type=int, help=f"--synthetic: random seed (default {SYNTHETIC_DEFAULTS['seed']})")
 
     topo = p.add_argument_group("cluster")
-    topo.add_argument("--ranks", type=_positive_int,
+    topo.add_argument("--ranks", type=positive_int,
                       help=f"EP size, dead ranks included (default {DEFAULT_RANKS})")
-    topo.add_argument("--slots-per-rank", type=_positive_int,
+    topo.add_argument("--slots-per-rank", type=positive_int,
                       help="physical expert slots per rank and layer (default: from --current FILE, else "
                            "ceil(1.125 x experts / ranks), i.e. 12.5%% redundant slots)")
-    topo.add_argument("--ranks-per-node", type=_positive_int,
+    topo.add_argument("--ranks-per-node", type=positive_int,
                       help="ranks per node, for node-aware placement (must divide --ranks; default: no nodes)")
-    topo.add_argument("--dead", type=_rank_list, metavar="R1,R2,...",
+    topo.add_argument("--dead", type=rank_list, metavar="R1,R2,...",
                       help="dead ranks, comma-separated (default: none)")
     topo.add_argument("--current", metavar="FILE|healthy",
                       help="placement in force now (SGLang --init-expert-location .json/.pt, all its ranks "
@@ -252,9 +91,9 @@ def _add_plan_parser(sub: Any) -> None:
                      help="elasticity_aware: how much busier (relative) a layer's busiest rank may be than in a "
                           "from-scratch plan before experts are moved (default: 0.01 after a failure, "
                           "0.002 otherwise)")
-    alg.add_argument("--num-groups", type=_positive_int,
+    alg.add_argument("--num-groups", type=positive_int,
                      help="deepseek: expert groups, for hierarchical (node-limited) placement")
-    alg.add_argument("--expert-bytes", type=_nonneg_int, default=DEEPSEEK_V3_EXPERT_BYTES,
+    alg.add_argument("--expert-bytes", type=nonneg_int, default=DEEPSEEK_V3_EXPERT_BYTES,
                      help=f"bytes of one expert's weights, for movement in bytes "
                           f"(default {DEEPSEEK_V3_EXPERT_BYTES} = 3 x 7168 x 2048 fp8, DeepSeek-V3)")
 
@@ -403,7 +242,7 @@ def _plot(path: str, load: np.ndarray, before: Placement, before_title: str, aft
     try:
         fig.savefig(path, dpi=110)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"--plot {path}: {_one_line(exc)}") from None
+        raise UsageError(f"--plot {path}: {one_line(exc)}") from None
     finally:
         plt.close(fig)
 
@@ -500,7 +339,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         try:
             save_placement_file(after, args.output)
         except OSError as exc:
-            raise UsageError(f"--output {args.output}: {_one_line(exc)}") from None
+            raise UsageError(f"--output {args.output}: {one_line(exc)}") from None
         lines.append(("output", f"{args.output} (for SGLang: --init-expert-location {args.output})"))
     if args.plot:
         title = ("before: current placement, dead ranks masked" if masked is not None
@@ -511,33 +350,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         try:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
-            raise UsageError(f"--json {args.json}: {_one_line(exc)}") from None
+            raise UsageError(f"--json {args.json}: {one_line(exc)}") from None
         lines.append(("json", args.json))
     print("\n".join(f"  {k:<14}{v}" for k, v in lines))
     return 0
-
-
-# ----------------------------------------------------------------------------- entry point
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``sglang-elastic`` command line; returns the exit status (0 ok, 2 bad input)."""
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # report them as the subcommand's error, not the top-level parser's
-            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as exc:  # PlacementError and UsageError are ValueErrors
-        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
