@@ -23,6 +23,8 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "pyyaml>=6",
+        "scipy>=1.10",  # EPLB: assignment solvers
+        "prometheus_client>=0.17",  # metrics (SGLang uses it too)
     ],
     extras_require={
         "plot": ["matplotlib>=3.7"],
