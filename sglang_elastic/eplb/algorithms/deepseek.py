@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from . import register_algorithm
+from .registry import register_algorithm
 
 __all__ = ["balanced_packing", "replicate_experts", "rebalance_experts_hierarchical", "rebalance_experts"]
 

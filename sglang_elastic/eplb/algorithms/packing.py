@@ -1,0 +1,119 @@
+"""From-scratch placement over the live ranks: balanced largest differencing, node ordering, refinement."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .conflicts import fix_conflicts
+from .counts import replica_counts
+from .deepseek import balanced_packing
+from .refine import refine
+from .slots import SlotState
+
+__all__ = ["scratch_assign", "order_ranks_by_node", "from_scratch"]
+
+
+def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """Balanced largest differencing (Karmarkar-Karp with equal cardinality): ``[L, n, S]`` experts.
+
+    Replicas sorted by load are cut into ``S`` rounds of ``n``; each round is a partial solution (one
+    replica per rank). We repeatedly merge the two partials whose rank loads spread most, pairing the
+    heaviest rank of one with the lightest of the other, which cancels their differences. Merges are
+    recorded and replayed backwards to learn which final rank each round's replicas end on.
+    """
+    L, E = per.shape
+    rows, r2 = np.arange(L), np.arange(L)[:, None]
+    order = np.argsort(-per, axis=1)  # heaviest replicas first
+    items = np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(L, S, n)
+    sums = per[rows[:, None, None], items]  # [L, S, n]: partial p's rank loads
+    spread = sums.max(-1) - sums.min(-1)
+    history = []
+    for _ in range(S - 1):
+        a = spread.argmax(1)
+        spread[rows, a] = -np.inf
+        b = spread.argmax(1)
+        pa = np.argsort(sums[rows, a], 1)  # lightest rank of a first ...
+        pb = np.argsort(sums[rows, b], 1)[:, ::-1]  # ... meets the heaviest of b
+        merged = sums[rows, a][r2, pa] + sums[rows, b][r2, pb]
+        sums[rows, a] = merged
+        spread[rows, a] = merged.max(1) - merged.min(1)
+        spread[rows, b] = -np.inf
+        history.append((a, b, pa, pb))
+    # rank[p][j]: final rank of position j of partial p; the survivor's positions are the ranks.
+    rank = np.empty((L, S, n), dtype=np.int64)
+    rank[rows, spread.argmax(1)] = np.arange(n)
+    for a, b, pa, pb in reversed(history):
+        after = rank[rows, a].copy()
+        rank[r2, a[:, None], pa] = after
+        rank[r2, b[:, None], pb] = after
+    x = np.empty((L, n, S), dtype=np.int64)
+    x[rows[:, None, None], rank, np.arange(S)[None, :, None]] = items
+    return x
+
+
+def order_ranks_by_node(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
+    """Reorder the ranks of a from-scratch assignment so replicas of an expert land on different nodes.
+
+    Rank contents are fixed; only which live rank gets which content changes (free for balance). Each
+    content, heaviest-replicated first, goes to the node with room holding fewest of its experts.
+    """
+    L, n, S = x.shape
+    E1 = int(x.max()) + 2
+    M = int(node_of.max()) + 1
+    rows = np.arange(L)
+    room = np.broadcast_to(np.bincount(node_of, minlength=M), (L, M)).copy()
+    node_cnt = np.zeros((L, E1, M), dtype=np.int64)
+    dest_node = np.empty((L, n), dtype=np.int64)
+    for j in range(n):
+        clash = node_cnt[rows[:, None], x[:, j] + 1].sum(1)  # [L, M]
+        score = np.where(room > 0, clash * (n + 1) - room, np.iinfo(np.int64).max)
+        m = score.argmin(1)
+        dest_node[:, j] = m
+        room[rows, m] -= 1
+        node_cnt[rows[:, None], x[:, j] + 1, m[:, None]] += 1
+    # Contents bound for node m fill node m's live ranks in order.
+    node_ranks = np.argsort(node_of, kind="stable")
+    first = np.concatenate([[0], np.cumsum(np.bincount(node_of, minlength=M))[:-1]])
+    pos = np.argsort(dest_node, axis=1, kind="stable")  # contents grouped by node
+    out = np.empty_like(x)
+    out[rows[:, None], node_ranks[None, :]] = x[rows[:, None], pos]
+    del first
+    return out
+
+
+
+def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S] experts, [L] busiest-rank load)`` of a fresh placement over ``n`` live ranks."""
+    counts = replica_counts(w, n * S, n)
+    per = w / counts
+    x = scratch_assign(per, counts, n, S)
+    if node_of is not None:
+        x = order_ranks_by_node(x, node_of)
+    st = SlotState(x, per, node_of)
+    fix_conflicts(st, max_iters=n * S)
+    # Stop refining a layer within 0.1 % of the bound: past that, swaps cost more time than they buy.
+    # Packing from scratch is already good; a narrow search keeps this path fast.
+    bound = np.maximum(w.sum(1) / n, per.max(1))
+    refine(st, iters, bound * (1 + 1e-3), widen=False)
+    x, best = st.x, st.loads().max(1)
+    # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
+    # than differencing; try it where we are still well above the bound and keep the better layer.
+    bad = np.flatnonzero(best > bound * (1 + 5e-3))
+    if bad.size and S > 1:
+        order = np.argsort(-per[bad], axis=1)
+        items = np.repeat(order.ravel(), np.take_along_axis(counts[bad], order, 1).ravel()).reshape(bad.size, n * S)
+        pack, pos = balanced_packing(np.take_along_axis(per[bad], items, 1), n)
+        xl = np.empty((bad.size, n, S), dtype=np.int64)
+        xl[np.arange(bad.size)[:, None], pack, pos] = items
+        if node_of is not None:
+            xl = order_ranks_by_node(xl, node_of)
+        sl = SlotState(xl, per[bad], node_of)
+        fix_conflicts(sl, max_iters=n * S)
+        refine(sl, iters, bound[bad] * (1 + 1e-3), widen=False)
+        lmax = sl.loads().max(1)
+        better = lmax < best[bad]
+        x[bad[better]], best[bad[better]] = sl.x[better], lmax[better]
+    return x, best
+

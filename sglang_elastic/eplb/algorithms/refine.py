@@ -1,0 +1,105 @@
+"""Swap refinement: trade replicas between the busiest ranks and light ones while that helps."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .slots import SlotState
+
+__all__ = ["best_swaps", "refine"]
+
+
+def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, target: np.ndarray,
+                orig_present: Optional[np.ndarray]) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
+    """Best swap of each of the ``H`` busiest ranks with one of its ``K`` light ranks, in layers ``g``.
+
+    Returns ``(busiest_found [G], (layers, heavy ranks, heavy slots, light ranks, light slots))``.
+    Heavy rank ``j`` gets the light ranks ``j, j + H, j + 2H, ...`` in ascending load order, so
+    the chosen swaps touch disjoint ranks and can all be applied at once.
+    """
+    S, G = st.S, g.size
+    order = np.argsort(load[g], axis=1)
+    hi = order[:, ::-1][:, :H]  # [G, H]
+    lo = order[:, : H * K].reshape(G, K, H).transpose(0, 2, 1)  # [G, H, K]
+    g2, g3, g4 = g[:, None], g[:, None, None], g[:, None, None, None]
+    xa, xb = st.x[g2, hi], st.x[g3, lo]  # [G, H, S], [G, H, K, S]
+    hi3 = hi[:, :, None]
+    va = st.present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0  # a may go to the light rank
+    vb = st.present[g4, hi3[..., None], xb + 1] == 0  # b may go to the heavy rank
+    if st.node_of is not None:
+        nh, nl = st.node_of[hi3][..., None], st.node_of[lo][..., None]
+        va &= ~st.spread_loss_at(g4, xa[:, :, None, :], nh, nl)
+        vb &= ~st.spread_loss_at(g4, xb, nl, nh)
+    th = load[g2, hi]  # [G, H]
+    gap = (th[:, :, None] - load[g3, lo]).astype(np.float32)[..., None, None]  # [G, H, K, 1, 1]
+    wa = st.per32[g3, xa][:, :, None, :, None]
+    wb = st.per32[g4, xb][:, :, :, None, :]
+    # For d = wa - wb the pair's new max minus th is (|gap - 2d| - gap) / 2: negative iff 0 < d < gap,
+    # and comparable across light ranks, so one argmin picks the heavy rank's best swap.
+    score = np.abs(gap - 2 * (wa - wb)) - gap
+    ok = va[..., None] & vb[..., None, :] & (score < 0)
+    ok &= (th > target[g][:, None])[:, :, None, None, None]
+    score = np.where(ok, score, np.inf)
+    if orig_present is not None:
+        fa = (orig_present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0).astype(np.int8) - (
+            orig_present[g3, hi3, xa + 1] == 0)[:, :, None, :]
+        fb = (orig_present[g4, hi3[..., None], xb + 1] == 0).astype(np.int8) - (
+            orig_present[g4, lo[..., None], xb + 1] == 0)
+        # Experts fetched (minus those sent home) first, balance second: |score| < gap < step.
+        step = np.float32(2 * gap.max() + 1)
+        score = score + step * (fa[..., None] + fb[..., None, :])
+    score = score.reshape(G, H, -1)
+    best = score.argmin(2)  # [G, H]
+    found = np.take_along_axis(score, best[..., None], 2)[..., 0] < np.inf
+    gi, hj = np.nonzero(found)
+    b = best[gi, hj]
+    return found[:, 0], (g[gi], hi[gi, hj], (b % (S * S)) // S, lo[gi, hj, b // (S * S)], b % S)
+
+
+def refine(st: SlotState, max_iters: int, target: np.ndarray,
+            orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2,
+            widen: bool = True) -> None:
+    """Swap replicas from the busiest live ranks to the least busy ones while that helps.
+
+    Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
+    busiest ranks (above ``target``) looks at its own ``light`` light ranks and makes the swap that
+    brings the pair closest to their mean (:func:`best_swaps`). A layer whose busiest rank finds no
+    such swap widens its search to every rank (if ``widen``); if that fails too, or the layer
+    reached ``target``, it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
+    fetches fewer new experts wins over a better-balancing one (experts sent back home count
+    negative), so rebalancing from a live placement moves little.
+    """
+    L, n = st.L, st.n
+    if n < 2:
+        return
+    if st.node_of is not None:
+        heavy = 1  # concurrent swaps could each take an expert's last replica off a node
+    H = max(1, min(heavy, n // (light + 1)))
+    K = max(1, min(light, (n - H) // H))
+    load = st.loads()
+    active = load.max(1) > target
+    wide = np.zeros(L, dtype=bool)
+    for _ in range(max_iters):
+        g_all = np.flatnonzero(active)
+        if g_all.size == 0:
+            return
+        moves = []
+        for g, h, k, narrow in ((g_all[~wide[g_all]], H, K, True), (g_all[wide[g_all]], 1, n - 1, False)):
+            if g.size == 0:
+                continue
+            found, swaps = best_swaps(st, g, load, h, k, target, orig_present)
+            if narrow and widen:
+                wide[g[~found]] = True
+            else:  # the busiest rank cannot improve: other swaps cannot lower this layer's max
+                active[g[~found]] = False
+            moves.append(swaps)
+        for gg, r_hi, sa, r_lo, sb in moves:
+            if gg.size == 0:
+                continue
+            dl = st.per[gg, st.x[gg, r_hi, sa]] - st.per[gg, st.x[gg, r_lo, sb]]
+            st.swap(gg, r_hi, sa, r_lo, sb)
+            np.add.at(load, (gg, r_hi), -dl)
+            np.add.at(load, (gg, r_lo), dl)
+        active &= load.max(1) > target
+
