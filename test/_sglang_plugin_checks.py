@@ -146,7 +146,7 @@ def check_rebalance() -> None:
     dead_slots = set(range(2 * S, 3 * S)) | set(range(5 * S, 6 * S))
     assert not (set(l2p[l2p >= 0].tolist()) & dead_slots), "a dead rank's slot is routable"
     assert int(cnt.sum()) == 4 * 6 * S, cnt.sum()
-    want = rebalance(load.sum(0), R, S, live_ranks=Ours.instance().active_ranks_cpu, algorithm="elasticity_aware")
+    want = rebalance(load.sum(0), R, S, live_ranks=Ours.instance().active_ranks_cpu.bool(), algorithm="elasticity_aware")
     assert torch.equal(p2l, want.to_sglang()[0])
     # The hierarchical variant keeps node spreading with dead ranks (upstream drops it).
     p2l_h, l2p_h, _ = rebalance_experts(load, R * S, S, None, 2, EplbAlgorithm.elasticity_aware_hierarchical)
@@ -191,7 +191,7 @@ def check_init_by_eplb(workdir: str) -> None:
     Ours.instance().mark_failed(1, reason="test")
     count2 = count + torch.randint(0, 10, (L, E), generator=g)
     meta2 = ExpertLocationMetadata.init_by_eplb(mc, count2)
-    live = Ours.instance().active_ranks_cpu
+    live = Ours.instance().active_ranks_cpu.bool()
     cur = Placement.from_sglang(get_global_expert_location_metadata().physical_to_logical_map_cpu, R, E, live)
     want2 = rebalance(count2, R, S, live_ranks=live, current=cur.phy2log)
     assert torch.equal(meta2.physical_to_logical_map_cpu, want2.to_sglang()[0])

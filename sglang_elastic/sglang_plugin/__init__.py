@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 PLUGIN_NAME = "sglang_elastic"
 SUPPORTED_SGLANG_VERSIONS: Tuple[str, ...] = ("0.5.23",)
 
-_registered: List[str] = []
-_done = False
-
 
 def installed_sglang_version() -> Optional[str]:
     """The installed SGLang distribution's version, or None when it is not installed."""
@@ -51,7 +48,9 @@ def installed_sglang_version() -> Optional[str]:
 
 def registered_targets() -> List[str]:
     """Targets this process queued hooks on (empty before :func:`register` or when the gate refused)."""
-    return list(_registered)
+    from . import context
+
+    return list(context.get().registered)
 
 
 def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
@@ -115,10 +114,12 @@ def register() -> None:
 
     Idempotent per process. On an unsupported version: one warning, nothing queued.
     """
-    global _done
-    if _done:
+    from . import context
+
+    ctx = context.get()
+    if ctx.hooks_queued:
         return
-    _done = True
+    ctx.hooks_queued = True
     version = installed_sglang_version()
     if version not in SUPPORTED_SGLANG_VERSIONS:
         log.warning("sglang_elastic: SGLang %s is not a supported version (supported: %s); the plugin applies "
@@ -133,5 +134,5 @@ def register() -> None:
             log.warning("sglang_elastic: not hooking %s: %s: %s", target, type(exc).__name__, exc)
             continue
         HookRegistry.register(target, hook, HookType[kind])
-        _registered.append(target)
-    log.info("sglang_elastic: hooks queued on %d SGLang targets", len(_registered))
+        ctx.registered.append(target)
+    log.info("sglang_elastic: hooks queued on %d SGLang targets", len(ctx.registered))

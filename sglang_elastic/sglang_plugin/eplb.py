@@ -22,19 +22,17 @@ from ..eplb.algorithms import rebalance
 from ..eplb.metrics import balancedness
 from ..eplb.placement import Placement
 from ..state import ElasticEPStateManager as _OurManager
-from . import options
+from . import context
 
 __all__ = ["rebalance_experts", "live_mask", "current_placement", "last_load"]
 
 log = logging.getLogger(__name__)
 
-# The load of the last rebalance: the updater bridge re-plans with it when a peer dies mid-update.
-_last_load: Optional[torch.Tensor] = None
-
 
 def last_load() -> Optional[torch.Tensor]:
-    """``[layers, E]`` load given to the last :func:`rebalance_experts` call in this process, or None."""
-    return _last_load
+    """``[layers, E]`` load given to the last :func:`rebalance_experts` call in this process, or None
+    (kept on the plugin context: the updater bridge re-plans with it when a peer dies mid-update)."""
+    return context.get().last_load
 
 
 def live_mask(num_ranks: int, passed: Optional[torch.Tensor] = None) -> np.ndarray:
@@ -85,8 +83,8 @@ def rebalance_experts(
     ``enable_hierarchical`` spreads replicas over ``num_nodes`` nodes (kept when ranks are dead).
     ``num_groups`` is accepted for signature compatibility. Options come from the plugin's flags.
     """
-    global _last_load
-    opts = options.current()
+    ctx = context.get()
+    opts = ctx.options
     if num_replicas % num_gpus:
         raise ValueError(f"num_replicas ({num_replicas}) must be a multiple of num_gpus ({num_gpus})")
     w = weight.detach().to("cpu", torch.float64)
@@ -98,7 +96,7 @@ def rebalance_experts(
                                ("max_swaps", opts.eplb_max_swaps)) if v is not None}
     placement = rebalance(w, num_gpus, num_replicas // num_gpus, live_ranks=live, ranks_per_node=rpn,
                           current=cur, algorithm="elasticity_aware", **extra)
-    _last_load = w.clone()
+    ctx.last_load = w.clone()
     _log_result(placement, w, live, cur)
     return placement.to_sglang()
 
@@ -111,5 +109,6 @@ def _log_result(placement: Placement, w: torch.Tensor, live: np.ndarray, cur: Op
         new = placement.phy2log
         changed = (new != cur) & (new >= 0) & (cur >= 0)
         moved = f"{int(changed.sum())}/{int((new >= 0).sum())}"
+    context.get().record(lambda m: m.set_balancedness(bal))
     log.info("[sglang_elastic] EPLB elasticity_aware: balancedness=%.4f live_ranks=%d/%d changed_slots=%s",
              bal, int(live.sum()), live.shape[0], moved)

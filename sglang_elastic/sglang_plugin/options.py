@@ -159,7 +159,8 @@ def export_from_namespace(args: argparse.Namespace) -> Dict[str, str]:
 def current() -> PluginOptions:
     """The options in force in this process (flags exported by the launcher, else defaults).
 
-    Raises ``ValueError`` naming the variable when one holds a bad value.
+    The one reader of the ``SGLANG_ELASTIC_*`` variables; the plugin's code reads the options once
+    through its context (``context.get().options``), which calls this. Raises ``ValueError`` naming the variable when one holds a bad value.
     """
     kw: Dict[str, Any] = {}
     for f in fields(PluginOptions):
@@ -190,3 +191,6 @@ def after_from_cli_args(result: Any, *args: Any) -> None:
     ns = next((a for a in args if isinstance(a, argparse.Namespace)), None)
     if ns is not None:
         export_from_namespace(ns)
+        from . import context  # lazily: context imports this module
+
+        context.get().reload_options()

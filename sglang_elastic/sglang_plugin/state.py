@@ -15,45 +15,38 @@ an epoch bump, so our listeners hear about it.
 from __future__ import annotations
 
 import logging
-import weakref
+import time
 from typing import Any, Optional, Union
 
 import torch
 
-from ..state import ElasticEPState
+from ..state import ElasticEPEvent, ElasticEPState
 from ..state import ElasticEPStateManager as _OurManager
+from . import context
 
 __all__ = ["SGLangElasticEPStateManager", "add_scale_listener", "placement_version", "bump_placement_version"]
 
 log = logging.getLogger(__name__)
 
-# Called with (from_ep_size, to_ep_size) on SGLang's on_scale (our dispatcher adapters register here).
-_scale_listeners: "weakref.WeakSet" = weakref.WeakSet()
-
-
-# Bumped whenever SGLang's expert-location metadata changes in place (our updater adapter does it),
-# so dispatcher adapters rebuild their replica tables.
-_placement_version = 0
-
 
 def placement_version() -> int:
-    """Counter of in-place changes to SGLang's expert-location metadata made through the plugin."""
-    return _placement_version
+    """Counter of in-place changes to SGLang's expert-location metadata made through the plugin
+    (dispatcher adapters rebuild their replica tables when it moves)."""
+    return context.get().placement_version
 
 
 def bump_placement_version() -> None:
     """Record that SGLang's expert-location metadata changed in place."""
-    global _placement_version
-    _placement_version += 1
+    context.get().bump_placement_version()
 
 
 def add_scale_listener(obj: Any) -> None:
     """Have ``obj.on_scale(from_ep_size, to_ep_size)`` called when SGLang admits ranks (weakly held)."""
-    _scale_listeners.add(obj)
+    context.get().add_scale_listener(obj)
 
 
 def _notify_scale(from_ep_size: int, to_ep_size: int) -> None:
-    for obj in list(_scale_listeners):
+    for obj in list(context.get().scale_listeners):
         try:
             obj.on_scale(from_ep_size, to_ep_size)
         except Exception:
@@ -118,6 +111,8 @@ class SGLangElasticEPStateManager(_OurManager):
             state.effective_ep_size = par.ep_join_rank_offset + par.tp_size
             state.original_ep_size = par.elastic_ep_initial_size or par.ep_join_rank_offset
             state.has_scaled = True
+        state.add_listener(_on_event)
+        _on_event(None)
         if moe.moe_a2a_backend in ("nixl", "mooncake"):
             _OurManager._on_scale = _on_scale_both
         log.info("[sglang_elastic] elastic EP state: capacity=%d world=%d live=%s (joiner=%s)",
@@ -146,6 +141,50 @@ class SGLangElasticEPStateManager(_OurManager):
     @staticmethod
     def _on_scale_nixl(from_ep_size: int, to_ep_size: int) -> None:
         _on_scale_both(from_ep_size, to_ep_size)
+
+
+def reason_label(reason: str) -> str:
+    """A few stable label values for ``sglang_elastic_rank_failures_total{reason}`` from free-text reasons."""
+    r = reason.lower()
+    for key, label in (("drain", "drained"), ("peerfailure", "peer_failure"), ("timeout", "timeout"),
+                       ("membership", "membership"), ("restart", "restarted")):
+        if key in r:
+            return label
+    return "other"
+
+
+def _on_event(event: Optional[ElasticEPEvent]) -> None:
+    """State listener: the context's liveness, and the metrics (``None``: just the initial view).
+
+    Failures are counted once per cluster: by the lowest live rank's process (counters are summed
+    over SGLang's processes). The failover clock starts here and stops after the next update.
+    """
+    ctx = context.get()
+    state = _OurManager.instance()
+    if state is None:
+        return
+    live = state.live_ranks()
+    if event is not None:
+        for r in event.ranks:
+            if event.kind == "failed":
+                ctx.liveness.mark_dead(r, event.reason or "failed")
+            else:
+                ctx.liveness.mark_alive(r)
+        if event.kind == "failed":
+            ctx.failover_since = time.monotonic()
+    reporter = bool(live) and _this_rank() == min(live)
+
+    def update(m) -> None:
+        m.set_membership(len(live), state.epoch)
+        if event is not None and event.kind == "failed" and reporter:
+            m.rank_failed(reason_label(event.reason), len(event.ranks))
+
+    ctx.record(update)
+
+
+def _this_rank() -> int:
+    """This process's EP rank (0 without torch.distributed)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _on_scale_both(from_ep_size: int, to_ep_size: int) -> None:

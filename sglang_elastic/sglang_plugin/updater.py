@@ -34,10 +34,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..eplb.algorithms import rebalance
-from ..eplb.placement import Placement, PlacementError
+from ..eplb.placement import Placement
+from ..location.repair import lost_experts, lost_on_rank, repair_target
 from ..location.updater import ExpertLocationUpdater, staging_name
 from ..state import ElasticEPStateManager as _OurManager
+from . import context
 from . import eplb as _eplb
 from . import options
 from .state import bump_placement_version
@@ -219,61 +220,33 @@ class LayerwiseBridge:
 
     def _checked_target(self, target: Placement, layer: int) -> Placement:
         """The target if every expert has a replica on a live rank, else our algorithm's repair of it."""
-        try:
-            return target.validate(self.live, allow_duplicates=True)
-        except PlacementError:
-            return self._repair(target, layer)
-
-    def _repair(self, target: Placement, layer: int) -> Placement:
-        """Movement-aware repair of ``target`` over the bridge's live ranks (its live part is kept where it can)."""
-        load = _eplb.last_load()
-        w = load[layer:layer + 1] if load is not None and load.shape[0] > layer else torch.ones(1, self._E)
-        R, S = target.num_ranks, target.slots_per_rank
-        cur = target.phy2log.clone()
-        cur.view(1, R, S)[:, torch.from_numpy(~self.live)] = -1
-        fixed = rebalance(w, R, S, live_ranks=self.live, current=cur, ranks_per_node=self._rpn)
-        log.warning("[sglang_elastic] layer %d: target used dead ranks; repaired over live ranks %s", layer,
-                    np.flatnonzero(self.live).tolist())
+        load = context.get().last_load
+        w = load[layer:layer + 1] if load is not None and load.shape[0] > layer else None
+        fixed, repaired = repair_target(target, self.live, w, self._rpn)
+        if repaired:
+            log.warning("[sglang_elastic] layer %d: target used dead ranks; repaired over live ranks %s", layer,
+                        np.flatnonzero(self.live).tolist())
         return fixed
 
     def _pretend_lost(self, upd: ExpertLocationUpdater, target: Placement) -> List[int]:
-        """Experts of ``target`` with no live replica and no live backup ("lost"): disk must restore them.
-
-        Our updater cannot restore them, so its committed placement is told they already sit in their
-        target slots (no copy is planned into those slots; SGLang's disk reload then writes them).
-        Whatever those slots held stops being a source, which may lose more experts: iterate.
-        """
-        lost: List[int] = []
-        S = upd.placement.slots_per_rank
-        while True:
-            old = upd.placement.phy2log[0]
-            new = target.phy2log[0]
-            live_slot = torch.from_numpy(np.repeat(self.live, S))
-            have = set(old[live_slot & (old >= 0)].tolist())
-            layout = upd.backup_layout
-            more = []
-            for e in sorted(set(new[new >= 0].tolist()) - have):
-                holder = int(layout.holder[0, e]) if layout is not None else -1
-                if holder < 0 or not self.live[holder]:
-                    more.append(e)
-            if not more:
-                return lost
-            lost.extend(more)
-            phy = upd.placement.phy2log.clone()
-            hit = torch.isin(new, torch.tensor(more)) & live_slot
-            phy[0, hit] = new[hit]
-            upd.placement = Placement(phy, upd.placement.num_ranks, upd.placement.num_logical_experts)
+        """Experts of ``target`` only disk can restore (see :func:`~sglang_elastic.location.repair.lost_experts`);
+        ``upd``'s committed placement is told they already sit in their target slots."""
+        layout = upd.backup_layout
+        lost, committed = lost_experts(upd.placement.phy2log[0], target.phy2log[0], self.live,
+                                       layout.holder[0] if layout is not None else None, self._E)
+        if lost:
+            upd.placement = Placement(committed.unsqueeze(0), upd.placement.num_ranks,
+                                      upd.placement.num_logical_experts)
+        return lost
 
     def _lost_on_rank(self, target: Placement, lost: List[int]) -> List[int]:
         """The lost experts this rank's target slots hold (what this rank must reload)."""
-        if not lost:
-            return []
-        S = target.slots_per_rank
-        mine = target.phy2log[0, self.rank * S:(self.rank + 1) * S].tolist()
-        return sorted(set(lost) & set(mine))
+        return lost_on_rank(target.phy2log[0], lost, self.rank, target.slots_per_rank)
 
     def _move_layer(self, upd: ExpertLocationUpdater, layer: int, target: Placement, summary: UpdateSummary) -> None:
         def on_failure(dead: List[int]):
+            for d in dead:
+                context.get().liveness.mark_dead(d, "updater PeerFailure")
             mgr = _OurManager.instance()
             if mgr is not None:
                 mgr.mark_failed([d for d in dead if mgr.is_alive(d)], reason="updater PeerFailure")
@@ -317,7 +290,7 @@ def _default_transport(rank: int, device: torch.device):
     if store is None:
         raise RuntimeError("sglang_elastic's expert-weight transport needs SGLang's global TCPStore "
                            "(set by init_distributed_environment)")
-    return make_transport(_transport_kind(options.current()), rank, store, device=device)
+    return make_transport(_transport_kind(context.get().options), rank, store, device=device)
 
 
 class ElasticExpertLocationUpdater:
@@ -342,7 +315,8 @@ class ElasticExpertLocationUpdater:
             raise RuntimeError("no expert location metadata in force")
         if not update_layer_ids:
             return {}
-        opts = options.current()
+        ctx = context.get()
+        opts = ctx.options
         if self._bridge is None or self._bridge.rank != rank:
             self._bridge = LayerwiseBridge(rank, type(self).transport_factory, backup=opts.elastic_backup_store,
                                            timeout_s=opts.elastic_transfer_timeout)
@@ -356,8 +330,26 @@ class ElasticExpertLocationUpdater:
             _patch_metadata_row(new_expert_location_metadata, layer, placement, rank)
         old.update(new_expert_location_metadata, update_layer_ids=update_layer_ids)
         bump_placement_version()
+        _record(ctx, summary, reporter=rank == min(np.flatnonzero(self._bridge.live).tolist(), default=rank))
         log.info("[sglang_elastic] updater rank %d: %s", rank, summary.line())
         return missing
+
+
+def _record(ctx: "context.PluginContext", summary: UpdateSummary, reporter: bool) -> None:
+    """This rank's share of an update in the metrics: bytes and restorations are summed over ranks,
+    each rank observes its own pause; the reporter (lowest live rank) closes a failover."""
+    since, now = ctx.failover_since, time.monotonic()
+    if since is not None:
+        ctx.failover_since = None
+
+    def update(m) -> None:
+        m.add_bytes_moved(summary.bytes_moved)
+        m.add_orphans_restored(summary.restored_from_backup)
+        m.observe_rebalance_pause(summary.seconds)
+        if since is not None and reporter:
+            m.observe_failover(now - since)
+
+    ctx.record(update)
 
 
 def _patch_metadata_row(meta, layer: int, placement: Placement, rank: int) -> None:
