@@ -1,10 +1,14 @@
 """Triton kernels for sglang_elastic's MoE token dispatch (installed as ``sglang_elastic.kernels``).
 
 Each wrapper here runs the Triton kernel when it can and otherwise the torch reference from
-:mod:`sglang_elastic.dispatch`; both give identical results (see ``docs/kernels.md``). Triton is
-imported only when a kernel runs, so this package imports without it.
+:mod:`.reference`; both give identical results (see ``docs/kernels.md``). Triton is imported only
+when a kernel runs, so this package imports without it. It imports nothing of
+:mod:`sglang_elastic` either: ``dispatch`` builds on it, never the reverse.
 
-* :func:`map_mask_record`: logical top-k ids -> physical slots on live ranks, + load record.
+* :func:`map_mask_record`: THE routing rule (logical top-k ids -> physical slots on live ranks,
+  + load record), used by the host dispatchers, the GPU dispatchers and the SGLang hook alike;
+* :func:`route_renormalize`: the same launch plus the ``renormalize`` policy and counters (GPU path);
+* :func:`after_combine`: re-weight tokens that lost pairs during an EP combine, count them.
 * :func:`scatter_rows` / :func:`gather_rows`: wire order <-> per-expert (DeepEP low-latency) layout.
 * :func:`combine_reduce`: the float32 weighted sum over top-k, optionally fused with the un-permute.
 
@@ -16,12 +20,15 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "REDUCE_DTYPES", "triton_available", "map_mask_record", "scatter_rows", "gather_rows",
-           "combine_reduce"]
+from . import reference
+from .reference import RenormRouted
+
+__all__ = ["BACKENDS", "REDUCE_DTYPES", "triton_available", "use_triton", "map_mask_record", "route_renormalize",
+           "after_combine", "scatter_rows", "gather_rows", "combine_reduce", "reference", "RenormRouted"]
 
 BACKENDS = ("auto", "triton", "torch")
 # Output dtypes of the Triton combine; "auto" leaves any other to torch.
@@ -46,6 +53,11 @@ def triton_available() -> bool:
     return _triton_importable() and (_interpret() or torch.cuda.is_available())
 
 
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` ("auto", "triton", "torch") runs Triton on ``tensors`` (ValueError if unknown)."""
+    return _use_triton(backend, *tensors)
+
+
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "torch":
         return False
@@ -61,19 +73,61 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
 
 def map_mask_record(topk_ids: torch.Tensor, log2phy_layer: torch.Tensor, live_mask: torch.Tensor,
                     slots_per_rank: int, token_offset: int = 0, load: Optional[torch.Tensor] = None, *,
-                    backend: str = "auto") -> torch.Tensor:
-    """Physical slot of each pair on a live rank (``-1``: unused or no live replica), recording load.
+                    backend: str = "auto", out: Optional[torch.Tensor] = None, dropped_id: int = -1) -> torch.Tensor:
+    """Physical slot of each pair on a live rank (``-1``: unused, ``dropped_id``: no live replica), recording load.
 
-    Same result as :func:`sglang_elastic.dispatch.routing.route`'s map step: replica number
-    ``(token_offset + t + e) mod n_live(e)`` of expert ``e`` among its live replicas in ``log2phy``
-    order. ``load [E]``, if given, gets ``+1`` per id ``>= 0`` in place. Returns int64 ``[T, K]``.
+    The rule (:mod:`.reference`): replica number ``(token_offset + t + e) mod n_live(e)`` of expert
+    ``e`` among its live replicas in ``log2phy`` order. ``load [E]``, if given, gets ``+1`` per id
+    ``>= 0`` in place. Returns ``out`` (default int64 ``[T, K]``; any integer dtype, may alias ``topk_ids``).
     """
     if _use_triton(backend, topk_ids, log2phy_layer, live_mask):
         from .routing import map_mask_record as kernel
-        return kernel(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset, load)
-    from sglang_elastic.dispatch.routing import map_mask_record_reference
+        return kernel(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset, load, out=out,
+                      dropped_id=dropped_id)
+    phys = reference.map_mask_record_reference(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset,
+                                               load)
+    if dropped_id != -1:
+        known = (topk_ids >= 0) & (topk_ids < log2phy_layer.shape[0])
+        phys = torch.where(known & (phys < 0), torch.full_like(phys, dropped_id), phys)
+    if out is None:
+        return phys
+    out.copy_(phys)
+    return out
 
-    return map_mask_record_reference(topk_ids, log2phy_layer, live_mask, slots_per_rank, token_offset, load)
+
+def route_renormalize(topk_ids: torch.Tensor, topk_weights: torch.Tensor, log2phy_layer: torch.Tensor,
+                      live_mask: torch.Tensor, slots_per_rank: int, token_offset: int = 0,
+                      load: Optional[torch.Tensor] = None, *, acc: Optional[torch.Tensor] = None,
+                      cum: Optional[torch.Tensor] = None, idx_dtype: torch.dtype = torch.int64,
+                      backend: str = "auto") -> Tuple[RenormRouted, torch.Tensor]:
+    """:func:`map_mask_record` plus the ``renormalize`` policy, in one launch on Triton.
+
+    Returns ``(RenormRouted, ids)`` with ``ids`` the slots in ``idx_dtype`` (``phys`` itself for
+    int64). ``cum`` (int64 ``[>= 3]``) gets this call's affected tokens / rerouted / dropped pairs
+    added in place; ``acc`` is the kernel's persistent per-call accumulator (int64 ``[3]`` zeros).
+    """
+    if _use_triton(backend, topk_ids, topk_weights, log2phy_layer, live_mask):
+        from .routing import route_renormalize as kernel
+        return kernel(topk_ids, topk_weights, log2phy_layer, live_mask, slots_per_rank, token_offset, load, acc=acc,
+                      cum=cum, idx_dtype=idx_dtype)
+    routed = reference.route_renormalize_reference(topk_ids, topk_weights, log2phy_layer, live_mask,
+                                                   slots_per_rank, token_offset, load)
+    if cum is not None:
+        cum[:3] += routed.stats
+    return routed, (routed.phys if idx_dtype == torch.int64 else routed.phys.to(idx_dtype))
+
+
+def after_combine(out: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, affected: torch.Tensor,
+                  flags: torch.Tensor, flag_is_mask: bool, num_ranks: int, slots_per_rank: int, cum: torch.Tensor,
+                  connected: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
+                  dropped_id: Optional[int] = None, *, backend: str = "auto") -> None:
+    """After an EP combine, in place: rescale tokens that lost pairs (see :func:`.reference.after_combine_reference`)."""
+    if _use_triton(backend, out, phys, weights, flags):
+        from .post_combine import after_combine as kernel
+        return kernel(out, phys, weights, affected, flags, flag_is_mask, num_ranks, slots_per_rank, cum, connected,
+                      active, dropped_id)
+    reference.after_combine_reference(out, phys, weights, affected, flags, flag_is_mask, num_ranks, slots_per_rank,
+                                      cum, connected, active, dropped_id)
 
 
 def scatter_rows(rows: torch.Tensor, pos: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -107,11 +161,9 @@ def combine_reduce(pair_out: torch.Tensor, weights: torch.Tensor, out_dtype: tor
     if (backend != "auto" or out_dtype in REDUCE_DTYPES) and _use_triton(backend, pair_out, weights):
         from .permute import combine_reduce as kernel
         return kernel(pair_out, weights, out_dtype, order)
-    from sglang_elastic.dispatch.layout import weighted_sum
-
     if order is not None:
         T, K = weights.shape
         full = pair_out.new_zeros(T * K, pair_out.shape[-1])
         full[order] = pair_out
         pair_out = full.view(T, K, -1)
-    return weighted_sum(pair_out, weights, out_dtype)
+    return reference.weighted_sum(pair_out, weights, out_dtype)

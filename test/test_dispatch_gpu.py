@@ -30,19 +30,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-if importlib.util.find_spec("sglang_elastic.kernels") is None:
-    # A source checkout used through PYTHONPATH (the GPU machines): kernels/ is the subpackage
-    # sglang_elastic.kernels only once installed (setup.py's package_dir); routing imports it.
-    import sglang_elastic
-
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.util.spec_from_file_location("sglang_elastic.kernels", os.path.join(_root, "kernels", "__init__.py"),
-                                                   submodule_search_locations=[os.path.join(_root, "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["sglang_elastic.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-    sglang_elastic.kernels = _mod
-
+# dispatch._kernels loads kernels/ from the tree when the package is used uninstalled (GPU machines).
+from sglang_elastic.dispatch._kernels import kernels as KR
 from sglang_elastic.dispatch import layout, make_dispatcher
 from sglang_elastic.dispatch import nixl_ep as nx
 from sglang_elastic.dispatch.routing import RoutingTable, route
@@ -492,31 +481,27 @@ def _kernel_cases(device: str) -> List[dict]:
         w = torch.rand(T, Kk, generator=g)
         res = {}
         for backend in ("torch", "triton"):
-            d = types.SimpleNamespace(table=table, num_ranks=Rr, num_local_experts=Ss, rank=case % Rr,
-                                      max_tokens_per_rank=max(T, 1), policy="renormalize", record_load=True,
-                                      kind="test", _use_triton=backend == "triton", device=torch.device(device),
-                                      _stats_dev=torch.zeros(4, dtype=torch.int64, device=device),
-                                      _stats_acc=torch.zeros(3, dtype=torch.int64, device=device),
-                                      load=torch.zeros(2, Ee, dtype=torch.int64, device=device),
-                                      state=types.SimpleNamespace(active_ranks=live.clone().to(device)))
-            d.live_mask = d._live = d.state.active_ranks
+            # The GPU path's two launches (sglang_elastic.kernels), as GPUPathMixin makes them.
+            cum = torch.zeros(4, dtype=torch.int64, device=device)
+            acc = torch.zeros(3, dtype=torch.int64, device=device)
+            load = torch.zeros(2, Ee, dtype=torch.int64, device=device)
+            active = live.clone().to(device)
+            routed, idx = KR.route_renormalize(ids.to(device), w.to(device), table.log2phy[1], active, Ss,
+                                              (case % Rr) * max(T, 1), load[1], acc=acc, cum=cum,
+                                              idx_dtype=torch.int32 if backend == "triton" else torch.int64,
+                                              backend=backend)
             if backend == "triton":
-                d._idx_dtype = torch.int32
-                routed, idx = nx.GPUPathMixin._route_triton(d, ids.to(device), w.to(device), 1)
                 assert idx.dtype == torch.int32 and torch.equal(idx.long(), routed.phys)
-            else:
-                routed = nx.GPUPathMixin._route_torch(d, ids.to(device), w.to(device), 1, None)
             # A peer that "died" during the call: its pairs are lost, the token renormalised.
             mask = torch.zeros(Rr, dtype=torch.int32, device=device)
             mask[(case + 1) % Rr] = int(Rr > 1)
             connected = torch.ones(Rr, dtype=torch.int32, device=device)
             outv = (torch.randn(T, 64, generator=torch.Generator().manual_seed(case)) + 2).to(torch.bfloat16).to(device)
-            post = nx.GPUPathMixin._after_combine_triton if backend == "triton" else \
-                nx.GPUPathMixin._after_combine_torch
-            post(d, outv, routed, mask, True, connected)
+            KR.after_combine(outv, routed.phys, routed.weights, routed.affected, mask, True, Rr, Ss, cum, connected,
+                            active, backend=backend)
             res[backend] = dict(phys=routed.phys.cpu(), logical=routed.logical.cpu(), w=routed.weights.cpu(),
-                                aff=routed.affected.cpu(), stats=routed.stats.cpu(), cum=d._stats_dev.cpu(),
-                                load=d.load.cpu(), out=outv.float().cpu(), live=d.state.active_ranks.cpu())
+                                aff=routed.affected.cpu(), stats=routed.stats.cpu(), cum=cum.cpu(),
+                                load=load.cpu(), out=outv.float().cpu(), live=active.cpu())
         ref = route(ids, w, RoutingTable.from_placement(placement), 1, live, token_offset=(case % Rr) * max(T, 1))
         a, b = res["torch"], res["triton"]
         checks = {
@@ -529,7 +514,7 @@ def _kernel_cases(device: str) -> List[dict]:
             "affected": torch.equal(a["aff"], b["aff"]), "stats": torch.equal(a["stats"], b["stats"]),
             "cum": torch.equal(a["cum"], b["cum"]), "load": torch.equal(a["load"], b["load"]),
             "out": torch.allclose(a["out"], b["out"], rtol=1e-2, atol=0), "live": torch.equal(a["live"], b["live"]),
-            "acc reset": not bool(d._stats_acc.any()),
+            "acc reset": not bool(acc.any()),
         }
         out.append(dict(case=case, T=T, failed=[k for k, v in checks.items() if not v],
                         stats=b["cum"].tolist()))

@@ -19,6 +19,11 @@ from typing import Tuple
 
 import torch
 
+from ._kernels import kernels
+
+# The combine's reference sum lives with the kernels that must match it (one copy).
+weighted_sum = kernels.reference.weighted_sum
+
 __all__ = ["SendPlan", "send_plan", "recv_positions", "weighted_sum", "quantize_fp8", "dequantize_fp8",
            "FP8_BLOCK"]
 
@@ -84,21 +89,6 @@ def recv_positions(counts: torch.Tensor, max_tokens_per_rank: int) -> Tuple[torc
     first = torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
     pos = starts + torch.arange(total, device=counts.device, dtype=torch.int64) - first
     return pos, counts.sum(0)
-
-
-def weighted_sum(pair_out: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``sum_k weights[:, k] * pair_out[:, k]`` accumulated in float32, k in order, cast to ``out_dtype``.
-
-    Args:
-        pair_out: ``[T, K, H]`` each pair's expert output (zeros for dropped pairs).
-        weights: ``[T, K]`` combine weights.
-    """
-    T, K, H = pair_out.shape
-    acc = torch.zeros(T, H, dtype=torch.float32, device=pair_out.device)
-    w = weights.float()
-    for k in range(K):  # K is the top-k (<= 16): a fixed order makes the sum reproducible
-        acc += w[:, k, None] * pair_out[:, k].float()
-    return acc.to(out_dtype)
 
 
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

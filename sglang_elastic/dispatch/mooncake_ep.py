@@ -10,10 +10,13 @@ place), so a timeout flips the routing mask on the device with nothing in betwee
 the same tensor on the next call. As SGLang does, the first call waits without a timeout (``-1``:
 peers may still be compiling or allocating).
 
-Per call (no host synchronisation with ``check_inputs=False``): routing (the Triton kernel of
-:mod:`.nixl_ep`, shared through :class:`~sglang_elastic.dispatch.nixl_ep.GPUPathMixin`) ->
+Per call (no host synchronisation with ``check_inputs=False``): routing (the one routing kernel of
+:mod:`sglang_elastic.kernels`, through :class:`~sglang_elastic.dispatch.gpu_path.GPUPathMixin`) ->
 ``Buffer.dispatch`` -> experts -> ``Buffer.combine`` -> tokens that lost a pair to a peer Mooncake
-deactivated during the call are renormalised over their other experts and counted.
+deactivated during the call are renormalised over their other experts and counted. A death the
+process learns of elsewhere (membership -> ``state.mark_failed``) clears the same ``active_ranks``
+entry on the device (the state writes it in place), so later calls neither send to nor wait on the
+peer; with ``liveness=``, the Liveness's deaths are recorded in the state too.
 :meth:`MooncakeEPDispatcher.poll_failures` (a host sync, control path) turns device-side
 deactivations into ``state.mark_failed``.
 
@@ -32,6 +35,7 @@ fake ``Buffer``) are tested here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,7 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .base import DispatchHandle, DispatchOutput, Dispatcher
-from .nixl_ep import GPUPathMixin, _check_gpu_device
+from .gpu_path import GPUPathMixin
+from .gpu_path import check_gpu_device as _check_gpu_device
 
 __all__ = ["MooncakeEPDispatcher", "import_mooncake_ep", "MOONCAKE_EP_INSTALL_HINT", "MAX_TOKENS_PER_RANK"]
 
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 MOONCAKE_EP_INSTALL_HINT = ("the mooncake GPU dispatcher needs Mooncake EP, which ships only in the CUDA wheels: "
                             "pip install mooncake-transfer-engine (CUDA 12) or mooncake-transfer-engine-cuda13 "
                             "(CUDA 13); mooncake-transfer-engine-non-cuda has no EP kernels")
+_BASE_TAKES_LIVENESS = "liveness" in inspect.signature(Dispatcher.__init__).parameters
 # Mooncake EP's low-latency kernels count tokens per (rank pair) against a tag of 1024 (SGLang asserts it).
 MAX_TOKENS_PER_RANK = 1024
 
@@ -104,6 +110,7 @@ class MooncakeEPDispatcher(GPUPathMixin, Dispatcher):
         buffer_cls = import_mooncake_ep()
         device = torch.device(kw.get("device", "cuda"))
         _check_gpu_device(device, "mooncake")
+        liveness = kw.get("liveness") if _BASE_TAKES_LIVENESS else kw.pop("liveness", None)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         kw["device"] = device
@@ -130,7 +137,14 @@ class MooncakeEPDispatcher(GPUPathMixin, Dispatcher):
         if num_ep_buffer_bytes is None:
             num_ep_buffer_bytes = buffer_cls.get_ep_buffer_size_hint(self.max_tokens_per_rank, self.hidden, R, R * S)
         self.buffer = _acquire_buffer(buffer_cls, group, int(num_ep_buffer_bytes))
+        if liveness is not None:
+            liveness.add_listener(self._on_death)
         self._first_call = True
+
+    def _on_death(self, rank: int, reason: str) -> None:
+        """Liveness listener: record the death in the state, which clears ``active_ranks`` on the device."""
+        if 0 <= rank < self.num_ranks and self.state.is_alive(rank):
+            self.state.mark_failed([rank], reason=f"liveness: {reason}")
 
     def _timeout(self) -> int:
         return -1 if self._first_call else self.timeout_us

@@ -1,7 +1,10 @@
 """Routing: logical top-k experts -> physical slots on live ranks, with an explicit degraded policy.
 
-The torch functions here are the reference; :mod:`sglang_elastic.kernels` has Triton versions of the
-hot step (map + mask + record) that must agree with them exactly. Nothing here synchronises with the
+The rule itself (replica choice, live mask, load record, the ``renormalize`` policy) is written once
+in :mod:`sglang_elastic.kernels` (one Triton kernel and its torch reference, :mod:`.kernels.reference`);
+the host dispatchers (:func:`route`), the GPU dispatchers (:mod:`.gpu_path`) and the SGLang hook
+(``sglang_plugin/routing_hook.py``) all call it. This module adds the table type and the
+``reroute`` policy on top. Nothing here synchronises with the
 host unless asked to validate inputs: the live mask is read on the device each call, so a flip of
 ``ElasticEPState.active_ranks`` (updated in place) takes effect on the next call.
 
@@ -27,11 +30,18 @@ from typing import Optional
 import torch
 
 from ..eplb.placement import Placement
+from ._kernels import kernels
 
 __all__ = ["POLICIES", "RoutingTable", "Routed", "route", "live_replica_counts", "renormalize",
            "map_mask_record_reference"]
 
 POLICIES = ("renormalize", "reroute")
+
+# The rule's torch reference, re-exported under the names callers and tests use.
+live_replica_counts = kernels.reference.live_replica_counts
+renormalize = kernels.reference.renormalize
+map_mask_record_reference = kernels.reference.map_mask_record_reference
+_pick_replica = kernels.reference.pick_replica
 
 
 @dataclass(frozen=True)
@@ -83,62 +93,6 @@ class Routed:
     stats: torch.Tensor
 
 
-def live_replica_counts(log2phy: torch.Tensor, live_mask: torch.Tensor, slots_per_rank: int) -> torch.Tensor:
-    """Number of replicas of each expert on live ranks: ``log2phy [..., E, X]`` -> int64 ``[..., E]``."""
-    valid = log2phy >= 0
-    alive = live_mask.to(log2phy.device)[torch.where(valid, log2phy, 0) // slots_per_rank] != 0
-    return (valid & alive).sum(-1)
-
-
-def _pick_replica(experts: torch.Tensor, log2phy: torch.Tensor, live_mask: torch.Tensor, slots_per_rank: int,
-                  token_ids: torch.Tensor) -> torch.Tensor:
-    """Physical slot for each (token, expert) pair, ``-1`` where ``experts < 0`` or no replica is live."""
-    e = experts.clamp(min=0)
-    cand = log2phy[e]                                                   # [T, K, X]
-    valid = cand >= 0
-    live = valid & (live_mask[torch.where(valid, cand, 0) // slots_per_rank] != 0)
-    n_live = live.sum(-1)                                               # [T, K]
-    j = (token_ids[:, None] + e) % n_live.clamp(min=1)
-    nth = live.cumsum(-1) - 1
-    hit = live & (nth == j[..., None])
-    idx = hit.to(torch.int64).argmax(-1, keepdim=True)
-    phys = cand.gather(-1, idx).squeeze(-1)
-    return torch.where((experts >= 0) & (n_live > 0), phys, torch.full_like(phys, -1))
-
-
-def map_mask_record_reference(ids: torch.Tensor, log2phy: torch.Tensor, live_mask: torch.Tensor,
-                               slots_per_rank: int, token_offset: int = 0,
-                               load: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch reference of the map + mask + record step: physical slot of each pair (``-1``: unused or
-    no live replica); ``load [E]`` gets ``+1`` per id ``>= 0`` in place (no host sync)."""
-    ids = ids.to(torch.int64)
-    if load is not None:  # masked add: boolean indexing would sync with the host
-        load.index_add_(0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().to(load.dtype))
-    tok = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) + int(token_offset)
-    return _pick_replica(ids, log2phy, live_mask, slots_per_rank, tok)
-
-
-def _map_mask_record(ids, log2phy, live_mask, slots_per_rank: int, token_offset: int, load):
-    try:
-        from .. import kernels
-    except ImportError:  # a source checkout used without `pip install`: kernels/ is not a subpackage
-        return map_mask_record_reference(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
-    return kernels.map_mask_record(ids, log2phy, live_mask, slots_per_rank, token_offset, load)
-
-
-def renormalize(weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Zero the weights of pairs not ``kept`` and rescale each row to its original sum (float32)."""
-    w = weights.float()
-    total = w.sum(-1, keepdim=True)
-    kept_w = torch.where(kept, w, torch.zeros_like(w))
-    kept_sum = kept_w.sum(-1, keepdim=True)
-    scale = torch.where(kept_sum != 0, total / torch.where(kept_sum != 0, kept_sum, torch.ones_like(kept_sum)),
-                        torch.zeros_like(kept_sum))
-    # Rows that lost nothing keep their exact weights (no rounding from the rescale).
-    lost = (~kept & (w != 0)).any(-1, keepdim=True)
-    return torch.where(lost, kept_w * scale, kept_w)
-
-
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, table: RoutingTable, layer: int,
           live_mask: torch.Tensor, *, token_offset: int = 0, policy: str = "renormalize",
           router_logits: Optional[torch.Tensor] = None, load: Optional[torch.Tensor] = None) -> Routed:
@@ -164,7 +118,7 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, table: RoutingTabl
     tok = torch.arange(T, device=ids.device, dtype=torch.int64) + int(token_offset)
     # Map + mask + record in one pass: the Triton kernel where Triton runs (CUDA), else this module's
     # torch reference (the kernel is tested to give identical results).
-    phys = _map_mask_record(ids, log2phy, live_mask.to(ids.device), S, int(token_offset), load)
+    phys = kernels.map_mask_record(ids, log2phy, live_mask.to(ids.device), S, int(token_offset), load)
     missing = (ids >= 0) & (phys < 0)
     logical = torch.where(phys >= 0, ids, torch.full_like(ids, -1))
     rerouted = torch.zeros_like(missing)
