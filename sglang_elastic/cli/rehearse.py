@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
-from .common import PROG, UsageError, one_line, positive_int
+from .common import PROG, UsageError, nonneg_int, one_line, positive_int
 
 __all__ = ["add_parser"]
 
@@ -33,9 +36,55 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--recovery", choices=("elastic", "stop_the_world"),
                    help="failure recovery: ours (elastic) or upstream-style stop-the-world")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="write a timeline picture (throughput, balancedness, live ranks)")
+    p.add_argument("--plot", metavar="OUT.png", help="write a timeline picture (throughput, degraded tokens, "
+                   "balancedness, live ranks, verdict)")
+    p.add_argument("--log", metavar="FILE", help="where the ranks' own output and the transport libraries' log "
+                   "lines go (default: a file in the temporary folder, named in the report)")
+    p.add_argument("--soak", metavar="MINUTES", type=_minutes,
+                   help="play random kills, freezes, joins and drains at random phases for MINUTES, then check "
+                   "the survivors for leaks (replaces the scenario)")
+    p.add_argument("--seed", metavar="N", type=nonneg_int, help="random seed of --soak (default 0)")
+    p.add_argument("--metrics-port", metavar="P", type=_port,
+                   help="serve the sglang_elastic_* Prometheus series on http://127.0.0.1:P/metrics during the run")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.set_defaults(func=_cmd_rehearse, parser=p)
+
+
+def _minutes(text: str) -> float:
+    from ..rehearsal.soak import MAX_SOAK_MINUTES
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not 0 < v <= MAX_SOAK_MINUTES:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected minutes in (0, {MAX_SOAK_MINUTES:g}], got {text!r}")
+    return v
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number in [1, 65535], got {text!r}")
+    return v
+
+
+def _check_output(flag: str, path: str, others: Dict[str, str]) -> None:
+    """Refuse, before anything starts, an output path that cannot be written or is used twice."""
+    p = Path(path)
+    for other, q in others.items():
+        if q is not None and other != flag and Path(q).resolve() == p.resolve():
+            raise UsageError(f"{flag} and {other} name the same file {path}")
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
 
 
 def _require_transport(kind: str) -> None:
@@ -52,31 +101,76 @@ def _require_transport(kind: str) -> None:
 
 def _cmd_rehearse(args: argparse.Namespace) -> int:
     from ..rehearsal.config import ConfigError, load_config
-    from ..rehearsal.orchestrator import Orchestrator, RehearsalError
-    from ..rehearsal import report
 
     overrides = {"ranks": args.ranks, "transport": args.transport, "recovery": args.recovery}
-    if args.ranks is not None:
-        overrides["max_ranks"] = 0
+    notes = []
     try:
+        base = load_config(args.config, scenario=args.scenario)
+        if args.ranks is not None and args.ranks > base.cluster.capacity:
+            # More ranks than the config's max_ranks: raise it (said out loud), never lower it.
+            overrides["max_ranks"] = args.ranks
+            notes.append(f"cluster.max_ranks raised from {base.cluster.capacity} to {args.ranks} for --ranks {args.ranks}")
+        elif args.ranks is not None and base.cluster.max_ranks == 0:
+            overrides["max_ranks"] = base.cluster.ranks  # keep the config's capacity (0 meant "= ranks")
         cfg = load_config(args.config, scenario=args.scenario, overrides=overrides)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if args.seed is not None and args.soak is None:
+        raise UsageError("--seed goes with --soak")
+    if args.soak is not None and args.scenario is not None:
+        raise UsageError("--soak plays random events: give --scenario or --soak, not both")
+    outs = {"--json": args.json, "--plot": args.plot, "--log": args.log}
+    for flag, path in outs.items():
+        if path is not None:
+            _check_output(flag, path, outs)
     _require_transport(cfg.cluster.transport)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install matplotlib (or sglang-elastic[plot])") from None
+    log_path = args.log or os.path.join(tempfile.gettempdir(), f"sglang-elastic-rehearse-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                                f"{os.getpid()}.log")
+    open(log_path, "w").close()
+    return _run(args, cfg, log_path, notes)
+
+
+def _run(args: argparse.Namespace, cfg: Any, log_path: str, notes: list) -> int:
+    from ..rehearsal import report
+    from ..rehearsal.orchestrator import Orchestrator, RehearsalError
+
     c = cfg.cluster
+    what = f"soak {args.soak:g} min (seed {args.seed or 0})" if args.soak else f"{cfg.scenario.steps} steps"
     title = (f"sglang-elastic rehearse: {c.ranks} ranks x {c.slots_per_rank} slots, transport {c.transport}, "
              f"{cfg.model.layers} layers x {cfg.model.experts} experts top-{cfg.model.top_k}, "
-             f"{cfg.scenario.steps} steps, recovery {c.recovery}")
+             f"{what}, recovery {c.recovery}")
     print(title, flush=True)
+    for n in notes:
+        print(f"note: {n}", flush=True)
+    print(f"rank log: {log_path}", flush=True)
 
     def show(rec, extra):
-        if not args.quiet:
+        # A soak runs thousands of steps: show the ones where something happened.
+        if not args.quiet and (not args.soak or rec.events or rec.batches_retried):
             print("  " + report.progress_line(rec, extra), flush=True)
+
+    source = None
+    if args.soak:
+        from ..rehearsal.soak import SoakEvents
+
+        source = SoakEvents(cfg, args.soak, args.seed or 0)
+    metrics, server = None, None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from ..metrics import ElasticMetrics, serve
+
+        metrics = ElasticMetrics(CollectorRegistry())
+        try:
+            server = serve(metrics.registry, args.metrics_port)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {args.metrics_port}: {one_line(exc)}") from None
+        print(f"metrics: {server.url}", flush=True)
 
     # Ctrl-C must stop the rehearsal even when the shell started us with SIGINT ignored (background
     # jobs), and a plain `kill` must stop every child too.
@@ -85,7 +179,9 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    orch = Orchestrator(cfg, progress=show)
+    orch = Orchestrator(cfg, progress=show, log_path=log_path, source=source, metrics=metrics)
+    if source is not None:
+        source.bind(orch)
     try:
         summary = orch.run()
     except KeyboardInterrupt:
@@ -98,16 +194,24 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
         return 1
     finally:
         orch.shutdown()
+        if server is not None:
+            server.close()
     print()
     print(report.format_report(orch.records, summary, "results per phase"))
+    v = report.verdict(orch.records, summary)
+    ok = report.passed(v)
+    data = report.to_json(orch.records, summary, cfg.to_dict())
+    if source is not None:
+        from ..rehearsal.soak import format_soak, soak_report
+
+        s = soak_report(source, summary, v)
+        print(format_soak(s))
+        data["soak"] = s
+        ok = ok and s["passed"]
     if args.json:
-        try:
-            report.write_json(report.to_json(orch.records, summary, cfg.to_dict()), Path(args.json))
-        except OSError as exc:
-            raise UsageError(f"--json {args.json}: {one_line(exc)}") from None
+        report.write_json(data, Path(args.json))
         print(f"json                 {args.json}")
     if args.plot:
         report.plot_timeline(orch.records, summary, Path(args.plot))
         print(f"plot                 {args.plot}")
-    v = report.verdict(orch.records, summary)
-    return 0 if v["mismatches"] == 0 and v["lost_requests"] == 0 and v["unrecovered_failures"] == 0 else 1
+    return 0 if ok else 1

@@ -1,10 +1,21 @@
 """The rehearsal's orchestrator: serves the membership store, starts and kills rank processes, plans
 every step, decides rebalances, and gathers what the ranks measured.
 
-Steps are lockstep: the orchestrator publishes ``plan/<step>`` and waits until every live rank has
-answered or has been declared dead by membership (heartbeats, or a survivor's report). Batches that
-did not complete correctly (their rank died, or a peer died under them) are queued again and
-served first in the next step: no request is lost.
+Steps are lockstep (messages in :mod:`.protocol`). One step, in named phases:
+
+1. :meth:`Orchestrator._play_events` - the step's scripted (or soak) events: rebalances, joins and
+   drains act before the step; kills and freezes are armed on their rank and land at their phase;
+2. :meth:`Orchestrator._adopt_deaths` - deaths membership decided since the last plan leave the live
+   set (a frozen process is fenced with SIGKILL), and a recovery rebalance is planned;
+3. :meth:`Orchestrator._release_drained` - drained ranks whose update is committed leave;
+4. :meth:`Orchestrator._plan_step` - retried batches first, then one new batch per serving rank;
+5. :meth:`Orchestrator._collect` - every live rank's answer, or membership's verdict that it died;
+6. :meth:`Orchestrator._account` and :meth:`Orchestrator._track_recovery` - figures, batches to
+   retry (no request is lost), which faults landed, which failures recovered and how fast.
+
+The orchestrator's own waits end on knowledge: a child process's exit is seen at once through its
+pidfd (:class:`~.watch.ChildWatcher` declares it dead to membership), and membership's verdicts end
+every wait on a rank.
 """
 from __future__ import annotations
 
@@ -15,17 +26,20 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..eplb import Placement, balancedness, rebalance
-from .config import RehearsalConfig
-from .rank import BATCHES_PER_PASS, rank_main
+from .config import Event, RehearsalConfig
+from .protocol import FaultFired, FaultSpec, InitInfo, Keys, StepPlan, StepResult
+from .rank import BATCHES_PER_PASS, health_of, rank_main
+from .tracking import ExecutedEvent, FailureRecord, RunState, StepRecord
+from .watch import ChildWatcher
 
-__all__ = ["Orchestrator", "RehearsalError", "StepRecord"]
+__all__ = ["Orchestrator", "RehearsalError", "StepRecord", "EventSource", "ScenarioEvents"]
 
 log = logging.getLogger(__name__)
 
@@ -34,297 +48,444 @@ class RehearsalError(RuntimeError):
     """The rehearsal could not go on (a rank crashed, a step never completed...)."""
 
 
+class EventSource:
+    """Where a run's events come from: :class:`ScenarioEvents`, or the soak's random generator."""
+
+    def events(self, step: int, st: RunState) -> List[Event]:
+        raise NotImplementedError
+
+    def finished(self, step: int, st: RunState) -> bool:
+        raise NotImplementedError
+
+
+class ScenarioEvents(EventSource):
+    """The config's scenario: its events at their steps, ``steps`` steps."""
+
+    def __init__(self, cfg: RehearsalConfig) -> None:
+        self.scenario = cfg.scenario
+
+    def events(self, step: int, st: RunState) -> List[Event]:
+        return self.scenario.at(step)
+
+    def finished(self, step: int, st: RunState) -> bool:
+        return step >= self.scenario.steps
+
+
 @dataclass
-class StepRecord:
-    """What happened in one step (host figures, JSON-ready)."""
+class _Step:
+    """What the phases of one step hand each other."""
 
     step: int
-    phase: str
-    live: List[int]
-    t_start: float
-    t_end: float = 0.0
-    tokens: int = 0
-    batches_done: int = 0
-    batches_retried: int = 0
-    mismatches: int = 0
-    degraded_tokens: int = 0
-    degraded_mismatches: int = 0
-    lost_pairs: int = 0
-    latencies: List[float] = field(default_factory=list)
-    balancedness: Optional[float] = None
-    bytes_moved: int = 0
-    restored: int = 0
-    update_pause_max: float = 0.0
     events: List[str] = field(default_factory=list)
+    faults: List[FaultSpec] = field(default_factory=list)
+    stop_the_world: bool = False
+    leaving_now: List[int] = field(default_factory=list)
 
 
 class Orchestrator:
-    """Runs one rehearsal; :meth:`run` returns the step records and the summary figures."""
+    """Runs one rehearsal; :meth:`run` returns the summary figures (:attr:`records` holds the steps)."""
 
     def __init__(self, cfg: RehearsalConfig, progress: Optional[Callable[[StepRecord, Dict[str, Any]], None]] = None,
-                 step_timeout_s: float = 120.0) -> None:
+                 step_timeout_s: float = 120.0, log_path: Optional[str] = None,
+                 source: Optional[EventSource] = None, metrics: Any = None) -> None:
         self.cfg = cfg
         self.progress = progress
         self.step_timeout_s = step_timeout_s
+        self.log_path = log_path
+        self.source = source or ScenarioEvents(cfg)
+        self.metrics = metrics
         c, m = cfg.cluster, cfg.model
         self.R, self.S, self.L, self.E = c.capacity, c.slots_per_rank, m.layers, m.experts
         self.procs: Dict[int, mp.Process] = {}
         self.records: List[StepRecord] = []
         self.summary: Dict[str, Any] = {}
+        self.st = RunState()
+        self.membership = None
+        self.watcher: Optional[ChildWatcher] = None
         self._ver = 0
         self._ctx = mp.get_context("spawn")
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, rank: int, joiner: bool) -> None:
-        p = self._ctx.Process(target=rank_main, args=(rank, self.cfg.to_dict(), self.port, joiner),
+        p = self._ctx.Process(target=rank_main, args=(rank, self.cfg.to_dict(), self.port, joiner, self.log_path),
                               name=f"sgle-rank-{rank}", daemon=True)
         p.start()
         self.procs[rank] = p
+        self.watcher.add(rank, p.pid)
 
-    def _check_children(self, live: List[int]) -> None:
-        for r in live:
-            if self.store.check([f"error/{r}"]):
-                raise RehearsalError(f"rank {r} crashed:\n{self.store.get(f'error/{r}').decode()}")
+    def _check_errors(self, ranks: List[int]) -> None:
+        for r in ranks:
+            if self.store.check([Keys.error(r)]):
+                raise RehearsalError(f"rank {r} crashed:\n{self.store.get(Keys.error(r)).decode()}")
+
+    def _fence(self, rank: int) -> None:
+        """SIGKILL a rank membership declared dead (a frozen one must never come back)."""
+        p = self.procs.get(rank)
+        if p is not None and p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except OSError:  # it exited meanwhile: nothing to fence
+                pass
 
     def shutdown(self) -> None:
         """Stop every child process (idempotent; also on Ctrl-C)."""
-        for p in self.procs.values():
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        for r in list(self.procs):
+            self._fence(r)
         for p in self.procs.values():
             p.join(timeout=5)
-        if getattr(self, "membership", None) is not None:
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+        if self.membership is not None:
             self.membership.close()
             self.membership = None
+
+    def health(self, ranks: Optional[List[int]] = None) -> Dict[int, Dict[str, float]]:
+        """Open fds, threads and RSS of the live ranks' processes (from /proc)."""
+        out = {}
+        for r in self.st.live if ranks is None else ranks:
+            p = self.procs.get(r)
+            if p is not None and p.is_alive():
+                try:
+                    out[r] = asdict(health_of(p.pid))
+                except OSError:  # it died between the check and the read
+                    pass
+        return out
 
     # ------------------------------------------------------------------ placement
     def _publish_placement(self, placement: Placement, load: Optional[np.ndarray] = None) -> int:
         self._ver += 1
-        self.store.set(f"placement/{self._ver}", json.dumps(placement.phy2log.tolist()))
+        self.store.set(Keys.placement(self._ver), json.dumps(placement.phy2log.tolist()))
         if load is not None:
-            self.store.set(f"load/{self._ver}", json.dumps(np.asarray(load).tolist()))
+            self.store.set(Keys.load(self._ver), json.dumps(np.asarray(load).tolist()))
         return self._ver
 
     def _commit(self, placement: Placement) -> None:
         self.committed = placement
-        v = self._publish_placement(placement)
-        self.store.set("placement/committed", str(v))
+        self.store.set(Keys.COMMITTED, str(self._publish_placement(placement)))
 
-    def _plan_rebalance(self, live: List[int], from_scratch: bool = False) -> int:
+    def _serving(self, exclude: Tuple[int, ...] = ()) -> List[int]:
+        """Live ranks that keep experts: not draining, not ``exclude``."""
+        return [r for r in self.st.live if r not in self.st.leaving and r not in exclude]
+
+    def _plan_rebalance(self, serving: List[int], from_scratch: bool = False) -> int:
         mask = np.zeros(self.R, dtype=bool)
-        mask[live] = True
+        mask[serving] = True
         load = self.window_load if self.window_load.sum() > 0 else np.ones((self.L, self.E))
-        current = None if from_scratch else self.committed
-        target = rebalance(load, self.R, self.S, live_ranks=mask, current=current)
+        target = rebalance(load, self.R, self.S, live_ranks=mask, ranks_per_node=self.cfg.cluster.node_size,
+                           current=None if from_scratch else self.committed)
         self.window_load = np.zeros_like(self.window_load)
         return self._publish_placement(target, load)
 
-    # ------------------------------------------------------------------ main loop
+    # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
+        """Start the cluster, play every step, stop the ranks; returns the summary."""
+        t_launch = self._start()
+        step = 0
+        while not self.source.finished(step, self.st):
+            self._step(step)
+            step += 1
+        self.store.set(Keys.plan(step), StepPlan(step=step, stop=True).to_json())
+        for p in self.procs.values():
+            p.join(timeout=20)
+        st = self.st
+        self.summary.update(
+            failures=[asdict(f) for f in st.failures], joins=st.joins, lost_requests=len(st.queue),
+            recovering=[asdict(f) for f in st.open_failures], requests=st.next_batch,
+            events=[asdict(e) for e in st.executed], unfired=[asdict(f) for f in st.armed.values()],
+            degraded_modes=st.degraded_totals, total_s=time.time() - t_launch, steps=step,
+            log_path=self.log_path)
+        return self.summary
+
+    def _start(self) -> float:
         from ..membership import MembershipServer
 
-        c, sc = self.cfg.cluster, self.cfg.scenario
+        c = self.cfg.cluster
         self.membership = MembershipServer("127.0.0.1", 0, world_size=c.ranks, max_ranks=self.R,
                                            heartbeat_timeout_s=c.heartbeat_timeout_s, tick_s=0.02)
         self.port = self.membership.port
         self.store = torch.distributed.TCPStore("127.0.0.1", self.port, is_master=False,
                                                 timeout=datetime.timedelta(seconds=60))
-        live = list(range(c.ranks))
+        self.watcher = ChildWatcher(self._on_child_exit)
+        st = self.st
+        st.live = list(range(c.ranks))
         # Start-up placement: no load recorded yet, so experts are spread evenly with replicas.
         self.window_load = np.zeros((self.L, self.E))
-        p0 = rebalance(np.ones((self.L, self.E)), self.R, self.S,
-                       live_ranks=np.isin(np.arange(self.R), live))
-        self.committed = p0
-        v0 = self._publish_placement(p0)
-        self.store.set("placement/committed", str(v0))
-        self.store.set("init", json.dumps({"live": live, "placement": v0}))
+        p0 = rebalance(np.ones((self.L, self.E)), self.R, self.S, live_ranks=np.isin(np.arange(self.R), st.live),
+                       ranks_per_node=c.node_size)
+        self._commit(p0)
+        self.store.set(Keys.INIT, InitInfo(live=st.live, placement=self._ver, log_path=self.log_path).to_json())
         t_launch = time.time()
-        for r in live:
+        for r in st.live:
             self._spawn(r, False)
-        view = self.membership.wait_for_epoch(lambda v: len(v.live) == len(live), timeout=180)
+        view = self._wait_members(st.live, timeout=180)
+        st.incarnations.update({r: view.incarnations[r] for r in st.live})
         self.summary["startup_s"] = time.time() - t_launch
-        epoch = 0   # plan epoch: bumped whenever the serving live set changes
-        queue: List[int] = []
-        next_batch = 0
-        pending_target: Optional[int] = None
-        leaving: Dict[int, float] = {}    # rank -> drain start time
-        leave_now: List[int] = []
-        joins: Dict[int, Dict[str, float]] = {}
-        failures: List[Dict[str, Any]] = []
-        recovering: Optional[Dict[str, Any]] = None
-        update_active = False
-        phase = "warm-up"
-        for step in range(sc.steps):
-            events = []
-            stop_the_world = False
-            # --- scripted events that act before the step
-            for ev in sc.at(step):
-                if ev.action == "rebalance":
-                    pending_target = self._plan_rebalance(live)
-                    phase = "rebalance"
-                    events.append("rebalance")
-                elif ev.action == "join":
-                    t0 = time.time()
-                    self._spawn(ev.rank, True)
-                    v = self.membership.wait_for_epoch(lambda v, r=ev.rank: r in v.live, timeout=180)
-                    live = sorted(set(live) | {ev.rank})
-                    joins[ev.rank] = dict(t_spawn=t0, t_member=time.time(), step=step)
-                    self.store.set(f"start/{ev.rank}/{v.incarnations[ev.rank]}", str(step))
-                    epoch += 1
-                    pending_target = self._plan_rebalance(live)
-                    phase = "scale-up"
-                    events.append(f"join {ev.rank}")
-                elif ev.action == "leave":
-                    leaving[ev.rank] = time.time()
-                    pending_target = self._plan_rebalance([r for r in live if r != ev.rank])
-                    phase = "scale-down"
-                    events.append(f"drain {ev.rank}")
-            kill = next((ev.rank for ev in sc.at(step) if ev.action == "kill"), None)
-            freeze = next((ev.rank for ev in sc.at(step) if ev.action == "freeze"), None)
-            if kill is not None or freeze is not None:
-                phase = "failover"
-                events.append(f"kill {kill}" if kill is not None else f"freeze {freeze}")
-            # --- membership decided a failure since the last plan
-            view = self.membership.current()
-            dead = [r for r in live if r not in view.live]
-            if dead:
-                live = sorted(set(live) - set(dead))
-                epoch += 1
-                events.append(f"dead {dead}")
-                for r in dead:
-                    p = self.procs.get(r)
-                    if p is not None and p.is_alive():  # frozen: fence it for good
-                        os.kill(p.pid, signal.SIGKILL)
-                if c.rebalance_after_failure:
-                    pending_target = self._plan_rebalance(live, from_scratch=c.recovery == "stop_the_world")
-                    stop_the_world = c.recovery == "stop_the_world"
-            # --- planned departures whose drain completed leave now (they get no batch)
-            leaving_exit = list(leave_now)
-            if leaving_exit:
-                live = [x for x in live if x not in leaving_exit]
-                epoch += 1
-                events.append(f"leave {leaving_exit}")
-            # --- batches: retried ones first, then one new batch per serving rank
-            serving = live
-            todo = list(queue)
-            retried = set(queue)
-            queue.clear()
-            for _ in serving:
-                todo.append(next_batch)
-                next_batch += 1
-            batches: Dict[str, List[int]] = {str(r): [] for r in serving}
-            for i, b in enumerate(todo):
-                batches[str(serving[i % len(serving)])].append(b)
-            passes = -(-max(len(v) for v in batches.values()) // BATCHES_PER_PASS)
-            plan = dict(step=step, live=live, epoch=epoch, batches=batches, passes=passes, target=pending_target,
-                        batches_per_pass=BATCHES_PER_PASS,
-                        kill=kill, freeze=freeze, update_all=stop_the_world, leave=leaving_exit)
-            if pending_target is not None:
-                update_active = True
-            pending_target = None
-            rec = StepRecord(step=step, phase=phase, live=list(live), t_start=time.time(), events=events)
-            self.store.set(f"plan/{step}", json.dumps(plan))
-            for r in leaving_exit:
-                self.procs[r].join(timeout=30)
-                leaving.pop(r, None)
-            leave_now = []
-            results = self._collect(step, live, rec)
-            # --- account
-            done_ranks = set(results)
-            for r in live:
-                if r not in done_ranks:
-                    queue.extend(batches.get(str(r), []))
-            all_ok = True
-            for r, res in results.items():
-                for p in res["passes"]:
-                    if p["ok"]:
-                        rec.batches_done += 1
-                        rec.tokens += p["tokens"]
-                        rec.mismatches += p["mismatch"]
-                        rec.degraded_tokens += p["degraded"]
-                        rec.degraded_mismatches += p["degraded_mismatch"]
-                        rec.latencies.append(p["latency"])
-                    else:
-                        queue.append(p["batch"])
-                        rec.batches_retried += 1
-                        rec.lost_pairs += p["lost_pairs"]
-                        all_ok = False
-                u = res["update"]
-                rec.bytes_moved += u["bytes"]
-                rec.restored += u["restored"]
-                rec.update_pause_max = max(rec.update_pause_max, res["update_pause"])
-                self.window_load += np.asarray(res["load"])
-            if len(done_ranks) < len(live):
-                all_ok = False
-            placements = [res["placement"] for res in results.values() if res["placement"] is not None]
-            if placements:
-                self._commit(Placement(torch.tensor(placements[0]), self.R, self.E))
-            load_now = sum(np.asarray(res["load"]) for res in results.values()) if results else None
-            if load_now is not None and load_now.sum() > 0:
-                rec.balancedness = balancedness(load_now, self.committed)
-            if update_active and results and all(res["update_done"] for res in results.values()):
-                update_active = False
-                for r in list(leaving):
-                    leave_now.append(r)
-                for r, j in joins.items():
-                    if "t_filled" not in j:
-                        j["t_filled"] = time.time()
-                        j["scale_up_s"] = j["t_filled"] - j["t_spawn"]
-            # --- failover bookkeeping (DESIGN.md: death -> first step whose in-flight tokens are all correct)
-            if kill is not None or freeze is not None:
-                key = "event/killed_at" if kill is not None else "event/frozen_at"
-                t_ev = float(self.store.get(key)) if self.store.check([key]) else rec.t_start
-                recovering = dict(rank=kill if kill is not None else freeze, kind="kill" if kill is not None else "freeze",
-                                  t_event=t_ev, step=step)
-            if recovering is not None and all_ok and not queue and rec.mismatches == 0 and not \
-                    (recovering["step"] == step):
-                # The in-flight requests are the retried batches (served first): their outputs exist
-                # when the last of their forward passes finished (before any update chunk ran).
-                done = [p["t_done"] for res in results.values() for p in res["passes"] if p["batch"] in retried]
-                t_ok = max(done) if done else max((res["t_served"] for res in results.values()), default=rec.t_end)
-                recovering["interruption_s"] = t_ok - recovering["t_event"]
-                recovering["recovered_step"] = step
-                failures.append(recovering)
-                recovering = None
-            if phase in ("failover", "rebalance", "scale-up", "scale-down") and not update_active and recovering is None:
-                next_phase = "steady"
-            else:
-                next_phase = phase
-            self.records.append(rec)
-            if self.progress:
-                self.progress(rec, dict(queue=len(queue), update_active=update_active))
-            phase = next_phase
-        self.store.set(f"plan/{sc.steps}", json.dumps(dict(stop=True)))
-        for p in self.procs.values():
-            p.join(timeout=20)
-        self.summary.update(failures=failures, joins=joins, lost_requests=len(queue), recovering=recovering,
-                            requests=next_batch, total_s=time.time() - t_launch)
-        return self.summary
+        if self.metrics is not None:
+            self.metrics.set_membership(len(st.live), view.epoch)
+        return t_launch
 
-    def _collect(self, step: int, live: List[int], rec: StepRecord) -> Dict[int, Dict[str, Any]]:
-        """Results of every live rank, or the verdict that it died (membership)."""
-        deadline = time.time() + self.step_timeout_s
-        results: Dict[int, Dict[str, Any]] = {}
+    def _on_child_exit(self, rank: int, pid: int) -> None:
+        """A rank process exited (its pidfd said so): if it is still a live member in the incarnation
+        we started, membership hears it at once instead of waiting for heartbeats (watcher thread)."""
+        p = self.procs.get(rank)
+        if p is None or p.pid != pid or self.membership is None:
+            return
+        view = self.membership.current()
+        inc = self.st.incarnations.get(rank)
+        if rank in view.live and (inc is None or view.incarnations.get(rank) == inc):
+            self.membership.declare_dead(rank, "process exited (seen by the orchestrator)")
+
+    def _wait_members(self, ranks: List[int], timeout: float):
+        """Until every rank in ``ranks`` is a live member; a process that dies first ends the wait."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.membership.current()
+            if all(r in view.live for r in ranks):
+                return view
+            self._check_errors(ranks)
+            gone = [r for r in ranks if not self.procs[r].is_alive()]
+            if gone:
+                raise RehearsalError(f"rank(s) {gone} exited before joining (see the log {self.log_path})")
+            if time.monotonic() > deadline:
+                raise RehearsalError(f"rank(s) {[r for r in ranks if r not in view.live]} did not join in {timeout:.0f} s")
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, step: int) -> None:
+        ctx = _Step(step)
+        self._play_events(ctx)
+        self._adopt_deaths(ctx)
+        self._release_drained(ctx)
+        plan, retried = self._plan_step(ctx)
+        rec = StepRecord(step=step, phase=self.st.phase, live=list(self.st.live), t_start=time.time(),
+                         events=ctx.events)
+        self.store.set(Keys.plan(step), plan.to_json())
+        for r in ctx.leaving_now:
+            self.procs[r].join(timeout=30)
+            self.st.leaving.pop(r, None)
+        results = self._collect(step, self.st.live, rec)
+        all_ok = self._account(plan, results, rec)
+        self._note_landed_faults(rec.events)
+        self._track_recovery(step, results, retried, all_ok, rec)
+        self.records.append(rec)
+        self._feed_metrics(rec)
+        if self.progress:
+            self.progress(rec, dict(queue=len(self.st.queue), update_active=self.st.update_active))
+        self._next_phase()
+
+    def _play_events(self, ctx: _Step) -> None:
+        """Rebalances, joins and drain starts act now; kills and freezes are armed for the plan."""
+        st = self.st
+        for ev in self.source.events(ctx.step, st):
+            t = time.time()
+            if ev.action == "rebalance":
+                st.pending_target = self._plan_rebalance(self._serving())
+                st.phase = "rebalance"
+            elif ev.action == "join":
+                self._spawn(ev.rank, True)
+                view = self._wait_members([ev.rank], timeout=180)
+                st.incarnations[ev.rank] = view.incarnations[ev.rank]
+                st.live = sorted(set(st.live) | {ev.rank})
+                st.joins[ev.rank] = dict(t_spawn=t, t_member=time.time(), step=ctx.step)
+                self.store.set(Keys.start(ev.rank, view.incarnations[ev.rank]), str(ctx.step))
+                st.epoch += 1
+                st.pending_target = self._plan_rebalance(self._serving())
+                st.phase = "scale-up"
+            elif ev.action == "leave":
+                st.leaving[ev.rank] = t
+                st.pending_target = self._plan_rebalance(self._serving())
+                st.phase = "scale-down"
+            else:  # kill / freeze: lands inside the rank at its phase (executed when it does)
+                spec = FaultSpec(rank=ev.rank, action=ev.action, phase=ev.phase or "dispatch", layer=ev.layer,
+                                 step=ctx.step)
+                st.armed[ev.rank] = spec
+                st.phase = "failover"
+                ctx.events.append(f"arm {ev.label()}")
+                continue
+            st.executed.append(ExecutedEvent(step=ctx.step, action=ev.action, rank=ev.rank, phase=None, t=t))
+            ctx.events.append(ev.label() if ev.action != "leave" else f"drain {ev.rank}")
+        ctx.faults = list(st.armed.values())
+
+    def _adopt_deaths(self, ctx: _Step) -> None:
+        """Deaths membership decided since the last plan leave the live set; plan the recovery."""
+        st, c = self.st, self.cfg.cluster
+        view = self.membership.current()
+        dead = [r for r in st.live if r not in view.live]
+        if not dead:
+            return
+        self._note_landed_faults(ctx.events)  # a fault that landed after the last step's answers
+        now = time.time()
+        for r in dead:
+            self._fence(r)
+            st.leaving.pop(r, None)
+            if not any(f.rank == r and f.adopted_step is None for f in st.open_failures):
+                reason = next((ch.reason for ch in view.changes if ch.rank == r), "declared dead by membership")
+                st.open_failures.append(FailureRecord(rank=r, kind="unscripted", phase=None, step=ctx.step,
+                                                      t_event=now, reason=reason))
+            for f in st.open_failures:
+                if f.rank == r and f.adopted_step is None:
+                    f.adopted_step = ctx.step
+                    f.t_adopted = now
+            if self.metrics is not None:
+                kind = next((f.kind for f in st.open_failures if f.rank == r), "unscripted")
+                self.metrics.rank_failed({"kill": "killed", "freeze": "frozen"}.get(kind, "crashed"))
+        st.live = [r for r in st.live if r not in dead]
+        st.epoch += 1
+        ctx.events.append(f"dead {dead}")
+        if c.rebalance_after_failure:
+            st.pending_target = self._plan_rebalance(self._serving(), from_scratch=c.recovery == "stop_the_world")
+            ctx.stop_the_world = c.recovery == "stop_the_world"
+
+    def _release_drained(self, ctx: _Step) -> None:
+        """Drained ranks whose update completed get no batch and leave with this plan."""
+        st = self.st
+        ctx.leaving_now, st.leave_now = list(st.leave_now), []
+        if ctx.leaving_now:
+            st.live = [r for r in st.live if r not in ctx.leaving_now]
+            st.epoch += 1
+            ctx.events.append(f"leave {ctx.leaving_now}")
+
+    def _plan_step(self, ctx: _Step) -> Tuple[StepPlan, set]:
+        """Retried batches first, then one new batch per serving rank, round-robin."""
+        st = self.st
+        todo, retried = list(st.queue), set(st.queue)
+        st.queue.clear()
+        for _ in st.live:
+            todo.append(st.next_batch)
+            st.next_batch += 1
+        batches: Dict[str, List[int]] = {str(r): [] for r in st.live}
+        for i, b in enumerate(todo):
+            batches[str(st.live[i % len(st.live)])].append(b)
+        passes = -(-max(len(v) for v in batches.values()) // BATCHES_PER_PASS)
+        plan = StepPlan(step=ctx.step, live=list(st.live), epoch=st.epoch, batches=batches, passes=passes,
+                        batches_per_pass=BATCHES_PER_PASS, target=st.pending_target, update_all=ctx.stop_the_world,
+                        leave=ctx.leaving_now, draining=sorted(st.leaving), faults=ctx.faults)
+        st.batches = batches
+        if st.pending_target is not None:
+            st.update_active = True
+        st.pending_target = None
+        return plan, retried
+
+    def _collect(self, step: int, live: List[int], rec: StepRecord) -> Dict[int, StepResult]:
+        """Results of every live rank, or membership's verdict that it died."""
+        deadline = time.monotonic() + self.step_timeout_s
+        results: Dict[int, StepResult] = {}
         waiting = set(live)
         while waiting:
-            for r in list(waiting):
-                key = f"res/{step}/{r}"
+            for r in sorted(waiting):
+                key = Keys.result(step, r)
                 if self.store.check([key]):
-                    results[r] = json.loads(self.store.get(key))
+                    results[r] = StepResult.from_json(self.store.get(key))
                     waiting.discard(r)
             if not waiting:
                 break
-            self._check_children(list(waiting))
-            view = self.membership.current()
-            for r in list(waiting):
-                if r not in view.live:
-                    waiting.discard(r)
-            if time.time() > deadline:
+            self._check_errors(sorted(waiting))
+            waiting -= set(waiting) - set(self.membership.current().live)
+            if time.monotonic() > deadline:
                 raise RehearsalError(f"step {step}: ranks {sorted(waiting)} neither answered nor were declared dead "
                                      f"within {self.step_timeout_s:.0f}s")
             time.sleep(0.002)
         rec.t_end = time.time()
         return results
+
+    def _account(self, plan: StepPlan, results: Dict[int, StepResult], rec: StepRecord) -> bool:
+        """Step figures; batches not served correctly go back to the queue. True if all were."""
+        st = self.st
+        all_ok = len(results) == len(plan.live)
+        for r in plan.live:
+            if r not in results:
+                st.queue.extend(plan.batches_of(r))
+        for res in results.values():
+            for p in res.passes:
+                if p.ok:
+                    rec.batches_done += 1
+                    rec.tokens += p.tokens
+                    rec.mismatches += p.mismatch
+                    rec.degraded_tokens += p.degraded
+                    rec.degraded_mismatches += p.degraded_mismatch
+                    rec.latencies.append(p.latency)
+                else:
+                    st.queue.append(p.batch)
+                    rec.batches_retried += 1
+                    rec.lost_pairs += p.lost_pairs
+                    all_ok = False
+            rec.bytes_moved += res.update.bytes
+            rec.restored += res.update.restored
+            rec.update_pause_max = max(rec.update_pause_max, res.update_pause)
+            self.window_load += np.asarray(res.load)
+            for mode, n in res.degraded.items():
+                rec.degraded_modes[mode] = max(rec.degraded_modes.get(mode, 0), n)
+        for mode, n in rec.degraded_modes.items():
+            st.degraded_totals[mode] = max(st.degraded_totals.get(mode, 0), n) if mode == "backups_uncovered" \
+                else st.degraded_totals.get(mode, 0) + n
+        placements = [res.placement for res in results.values() if res.placement is not None]
+        if placements:
+            self._commit(Placement(torch.tensor(placements[0]), self.R, self.E))
+        if results:
+            load_now = sum(np.asarray(res.load) for res in results.values())
+            if load_now.sum() > 0:
+                rec.balancedness = balancedness(load_now, self.committed)
+        if st.update_active and results and all(res.update_done for res in results.values()):
+            st.update_active = False
+            st.leave_now = [r for r in st.leaving if r in st.live]
+            for j in st.joins.values():
+                if "t_filled" not in j:
+                    j["t_filled"] = time.time()
+                    j["scale_up_s"] = j["t_filled"] - j["t_spawn"]
+        return all_ok
+
+    def _note_landed_faults(self, events: List[str]) -> None:
+        """Armed faults whose rank wrote its :class:`FaultFired` record landed: executed events."""
+        st = self.st
+        for r, spec in list(st.armed.items()):
+            key = Keys.fault(r, st.incarnations.get(r, -1))
+            if not self.store.check([key]):
+                continue
+            fired = FaultFired.from_json(self.store.get(key))
+            del st.armed[r]
+            st.executed.append(ExecutedEvent(step=fired.step, action=fired.action, rank=r, phase=fired.phase,
+                                             t=fired.t, armed_step=spec.step))
+            events.append(f"{fired.action} {r} @{fired.phase}")
+            st.open_failures.append(FailureRecord(rank=r, kind=fired.action, phase=fired.phase, step=fired.step,
+                                                  t_event=fired.t))
+
+    def _track_recovery(self, step: int, results: Dict[int, StepResult], retried: set, all_ok: bool,
+                        rec: StepRecord) -> None:
+        """Close the failures adopted before this step if every in-flight request is now served."""
+        st = self.st
+        if not (all_ok and not st.queue and rec.mismatches == 0):
+            return
+        closing = [f for f in st.open_failures if f.adopted_step is not None and f.adopted_step <= step]
+        if not closing:
+            return
+        # The in-flight requests are the retried batches (served first): their outputs exist when the
+        # last of their forward passes finished (before any update chunk ran).
+        done = [p.t_done for res in results.values() for p in res.passes if p.batch in retried]
+        t_ok = max(done) if done else max((res.t_served for res in results.values()), default=rec.t_end)
+        for f in closing:
+            f.interruption_s = t_ok - f.t_event
+            f.recovered_step = step
+            st.open_failures.remove(f)
+            st.failures.append(f)
+            if self.metrics is not None:
+                self.metrics.observe_failover(max(f.interruption_s, 0.0))
+
+    def _next_phase(self) -> None:
+        st = self.st
+        if st.phase in ("failover", "rebalance", "scale-up", "scale-down") and not st.update_active \
+                and not st.open_failures and not st.armed:
+            st.phase = "steady"
+
+    def _feed_metrics(self, rec: StepRecord) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.set_membership(len(self.st.live), self.membership.current().epoch)
+        m.add_bytes_moved(rec.bytes_moved)
+        m.add_orphans_restored(rec.restored)
+        m.add_degraded_tokens(rec.degraded_tokens)
+        if rec.update_pause_max > 0:
+            m.observe_rebalance_pause(rec.update_pause_max)
+        if rec.balancedness is not None:
+            m.set_balancedness(rec.balancedness)

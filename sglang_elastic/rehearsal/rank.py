@@ -1,48 +1,85 @@
 """One EP rank of the rehearsal: serves its request batches through the real stack, step by step.
 
-The orchestrator drives steps through the store: it publishes ``plan/<step>`` (live set, batches,
-placement target, events) and every live rank answers ``res/<step>/<rank>``. Per step a rank:
+The orchestrator drives steps through the store (:mod:`.protocol`): it publishes a
+:class:`~.protocol.StepPlan` and every live rank answers a :class:`~.protocol.StepResult`. Per step a
+rank:
 
-1. adopts the plan's live set (state mask, dispatcher peers, updater live set) and target placement;
-2. runs each assigned batch through every MoE layer: router -> dispatcher (routing with the live
-   mask, dispatch) -> its local experts -> combine, and checks each layer's output against a
-   single-process reference computed with the same routing decisions;
-3. moves one chunk of layers of a pending placement update (the layerwise updater) and commits it.
+1. adopts the plan's live set for serving (state mask, dispatcher peers) and arms the plan's faults;
+2. runs its batches through every MoE layer: router -> dispatcher (routing with the live mask,
+   dispatch) -> its local experts -> combine, checking each layer's output against a single-process
+   reference computed with the same routing decisions;
+3. adopts the live set for weight movement (re-homing backups; a new updater and a backup fill on a
+   join), starts the plan's target placement, and moves one chunk of layers (the layerwise updater).
 
-A batch that lost pairs to a peer dying mid-step is reported for retry, never delivered wrong.
+A batch that lost pairs to a peer dying mid-step is reported for retry, never delivered wrong. A peer
+dying under a collective of the updater (copies, vote, fill, re-homing) is reported to membership;
+the rank waits for the agreed view, re-plans over the survivors and goes on.
+
+One :class:`~sglang_elastic.transport.Liveness` per process is handed to every component that waits
+on peers (membership client, transports, dispatcher, updater), so a death known anywhere in the
+process ends every wait on that peer.
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
-import json
 import os
 import signal
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..eplb import Placement, rebalance
+from ..transport.base import PeerFailure
+from ..transport.liveness import Liveness
 from .config import RehearsalConfig
+from .faults import FaultInjector
 from .model import MoEModel
+from .protocol import Health, InitInfo, Keys, PassResult, StepPlan, StepResult, UpdateFigures
 
-__all__ = ["rank_main", "RTOL", "ATOL"]
+__all__ = ["rank_main", "RTOL", "ATOL", "BATCHES_PER_PASS", "health_of"]
 
 RTOL, ATOL = 1e-4, 1e-4
 # A rank serves up to this many request batches in one forward pass (retried ones come first), so a
 # failover's retried requests are served in the first pass after the failure.
 BATCHES_PER_PASS = 2
+# Recoveries of one collective before the rank gives up (each needs a new death to be agreed).
+MAX_RECOVERIES = 8
 
 
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (no orphaned rank outlives the CLI)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
+    except OSError:  # not Linux/glibc: the orchestrator's shutdown still kills its children
         pass
+
+
+def capture_output(path: Optional[str]) -> None:
+    """Send this process's fd 1 and 2 (Python and C libraries alike: NIXL/UCX, Mooncake's glog) to
+    ``path``, so library log lines never interleave with the orchestrator's progress table."""
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def health_of(pid: int) -> Health:
+    """Open fds, threads and resident memory of process ``pid`` (from /proc)."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads, rss_kb = 0, 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                threads = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss_kb = int(line.split()[1])
+    return Health(fds=fds, threads=threads, rss_mb=rss_kb / 1024)
 
 
 def store_get(store, key: str, timeout_s: float) -> bytes:
@@ -52,7 +89,26 @@ def store_get(store, key: str, timeout_s: float) -> bytes:
 
 
 def placement_from_store(store, version: int, num_ranks: int, num_experts: int) -> Placement:
-    return Placement(torch.tensor(json.loads(store.get(f"placement/{version}"))), num_ranks, num_experts)
+    import json
+
+    return Placement(torch.tensor(json.loads(store.get(Keys.placement(version)))), num_ranks, num_experts)
+
+
+def _with_liveness(make: Callable[..., Any], liveness: Liveness, *args: Any, **kw: Any) -> Any:
+    """``make(*args, liveness=liveness, **kw)``; components that do not take a Liveness yet are built
+    without it (they then learn of deaths only by themselves)."""
+    try:
+        return make(*args, liveness=liveness, **kw)
+    except TypeError as exc:
+        if "liveness" not in str(exc):
+            raise
+        return make(*args, **kw)
+
+
+def _mask(ranks: List[int], n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[list(ranks)] = True
+    return m
 
 
 class Rank:
@@ -69,19 +125,20 @@ class Rank:
         self.R, self.S, self.L, self.E = c.capacity, c.slots_per_rank, m.layers, m.experts
         self.store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
                                                 timeout=datetime.timedelta(seconds=120))
+        self.liveness = Liveness()
         self.model = MoEModel(m)
         self.ref_experts = [self.model.all_experts(l) for l in range(self.L)]
-        info = json.loads(store_get(self.store, "init", 120))
-        live = info["live"] if not joiner else [rank]  # a joiner learns the live set from its first plan
+        info = InitInfo.from_json(store_get(self.store, Keys.INIT, 120))
+        live = info.live if not joiner else [rank]  # a joiner learns the live set from its first plan
         self.state = ElasticEPState(self.R, device="cpu", live=live)
-        self.placement = placement_from_store(self.store, info["placement"] if not joiner else
-                                              int(self.store.get("placement/committed")), self.R, self.E)
+        version = info.placement if not joiner else int(self.store.get(Keys.COMMITTED))
+        self.placement = placement_from_store(self.store, version, self.R, self.E)
         # Transport and dispatcher before joining: peers that see this rank live must find them.
-        self.transport = make_transport(c.transport, rank, self.store)
-        self.dispatcher = make_dispatcher(
-            c.transport, path="host", rank=rank, num_ranks=self.R, num_local_experts=self.S, hidden=m.hidden,
-            num_topk=m.top_k, max_tokens_per_rank=BATCHES_PER_PASS * c.tokens_per_rank, placement=self.placement,
-            state=self.state,
+        self.transport = _with_liveness(make_transport, self.liveness, c.transport, rank, self.store)
+        self.dispatcher = _with_liveness(
+            make_dispatcher, self.liveness, c.transport, path="host", rank=rank, num_ranks=self.R,
+            num_local_experts=self.S, hidden=m.hidden, num_topk=m.top_k,
+            max_tokens_per_rank=BATCHES_PER_PASS * c.tokens_per_rank, placement=self.placement, state=self.state,
             store=self.store, dtype=torch.float32, timeout_s=c.timeout_s, policy=c.policy, connect=False)
         H, F = m.hidden, m.ffn
         self.w1 = torch.full((self.L, self.S, H, F), float("nan"))
@@ -92,74 +149,118 @@ class Rank:
                     e = int(self.placement.phy2log[l, rank * self.S + s])
                     if e >= 0:
                         self.w1[l, s], self.w2[l, s] = self.model.expert(l, e)
-        self.member = MembershipClient("127.0.0.1", port, rank, heartbeat_interval_s=c.heartbeat_timeout_s / 4)
+        self.member = _with_liveness(MembershipClient, self.liveness, "127.0.0.1", port, rank,
+                                     heartbeat_interval_s=c.heartbeat_timeout_s / 4)
+        self.faults = FaultInjector(rank, self.store, lambda: self.member.incarnation)
         self.member.join(timeout=120)
-        self.store.set(f"ready/{rank}", str(self.member.incarnation))
+        self.store.set(Keys.ready(rank), str(self.member.incarnation))
         self.live: List[int] = sorted(live)
+        self.draining: List[int] = []
         self.epoch = -1
         self.updater = None
         self.update_load: Optional[np.ndarray] = None
         self.reported_dead: set = set()
+        self.degraded: Dict[str, int] = {}
         # Tell membership the moment the dispatcher gives up on a peer, not at the end of the step.
         self.state.add_listener(lambda ev: self._report_failures()
                                 if ev.kind == "failed" and "dispatcher" in ev.reason else None)
 
-    # ------------------------------------------------------------------ control
+    # ------------------------------------------------------------------ weight movement
     def _new_updater(self, epoch: int, live: List[int]) -> None:
         from ..location.updater import ExpertLocationUpdater, StoreVote
 
         c = self.cfg.cluster
-        mask = np.zeros(self.R, dtype=bool)
-        mask[live] = True
-        self.updater = ExpertLocationUpdater(
-            self.rank, self.transport, {"w1": self.w1, "w2": self.w2}, self.placement, live_ranks=mask,
-            layers_per_chunk=c.layers_per_chunk, timeout_s=c.timeout_s + 2, generation=epoch,
-            vote=StoreVote(self.store, self.rank, c.timeout_s + 10, prefix=f"vote/{epoch}"))
-        self.updater.fill_backup()
+        vote = _with_liveness(StoreVote, self.liveness, self.store, self.rank, c.timeout_s + 10,
+                              prefix=f"vote/{epoch}")
+        self.updater = self.faults.watch_updater(_with_liveness(
+            ExpertLocationUpdater, self.liveness, self.rank, self.faults.wrap_transport(self.transport),
+            {"w1": self.w1, "w2": self.w2}, self.placement, live_ranks=_mask(live, self.R),
+            layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size, timeout_s=c.timeout_s + 2,
+            generation=epoch, vote=self.faults.wrap_vote(vote)))
+        self._collective(self.updater.fill_backup)
 
-    def _on_update_failure(self, dead: List[int]):
-        """The updater lost a peer mid-chunk: let membership decide, then retarget deterministically."""
+    def _agreed_live_without(self, dead: List[int]) -> List[int]:
+        """Report ``dead`` to membership and wait until the agreed view no longer has them."""
         for d in dead:
-            self.member.report_dead(d, "updater PeerFailure")
+            if d not in self.reported_dead:
+                self.reported_dead.add(d)
+                self.member.report_dead(d, "updater PeerFailure")
         view = self.member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
-        live = np.zeros(self.R, dtype=bool)
-        live[list(view.live)] = True
         self.state.mark_failed([d for d in dead if self.state.is_alive(d)], reason="updater")
-        return live, rebalance(self.update_load, self.R, self.S, live_ranks=live, current=self.updater.placement)
+        return sorted(view.live)
 
-    def apply_membership(self, plan: Dict[str, Any]) -> bool:
-        """Adopt the plan's live set for serving (mask and dispatcher peers); True if it changed."""
-        live, epoch = sorted(plan["live"]), plan["epoch"]
-        if epoch == self.epoch:
-            return False
-        self.state.apply_membership(live, epoch)
-        self.dispatcher.set_peers(live)
-        return True
+    def _retarget(self, live: List[int]) -> Tuple[np.ndarray, Placement]:
+        """The in-flight update's target re-planned over ``live`` (drained ranks stay drained)."""
+        serving = _mask([r for r in live if r not in self.draining], self.R)
+        target = rebalance(self.update_load, self.R, self.S, live_ranks=serving, ranks_per_node=self.cfg.cluster.node_size,
+                           current=self.updater.placement)
+        return _mask(live, self.R), target
 
-    def apply_updater(self, plan: Dict[str, Any], changed: bool) -> None:
+    def _on_update_failure(self, dead: List[int]) -> Tuple[np.ndarray, Placement]:
+        """The updater lost a peer mid-chunk: let membership decide, then retarget deterministically."""
+        self._count("update_replans")
+        return self._retarget(self._agreed_live_without(dead))
+
+    def _collective(self, fn: Callable[[], Any]) -> Any:
+        """Run an updater collective outside ``step`` (backup fill, re-homing); when a peer dies under
+        it, adopt the agreed live set (which re-homes that peer's backups) and run it again."""
+        for _ in range(MAX_RECOVERIES):
+            try:
+                return fn()
+            except PeerFailure as exc:
+                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+                self._count("collective_replans")
+                live = self._agreed_live_without(dead)
+                self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
+                if self.updater.target is not None and self.update_load is not None:
+                    self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+        raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
+
+    def adopt_update_membership(self, plan: StepPlan, changed: bool) -> None:
         """Adopt the live set for weight movement (collective) and start the plan's target, if any.
         Runs after serving: a failover retries its batches before any backup is re-homed."""
-        live, epoch = sorted(plan["live"]), plan["epoch"]
+        import json
+
+        live = sorted(plan.live)
+        self.draining = list(plan.draining)
         if changed:
             joined = set(live) - set(self.live) or (self.updater is None)
             self.transport.set_peers(live)
             if joined:
                 if self.updater is not None:
                     self.placement = self.updater.placement
-                self._new_updater(epoch, live)
+                self._new_updater(plan.epoch, live)
             else:
-                mask = np.zeros(self.R, dtype=bool)
-                mask[live] = True
-                self.updater.set_live(mask, generation=epoch)
-            self.live, self.epoch = live, epoch
+                self._collective(lambda: self.updater.set_live(_mask(live, self.R), generation=plan.epoch))
+            self.live, self.epoch = live, plan.epoch
             self.dispatcher.set_placement(self.updater.placement)
-        if plan.get("target") is not None:
-            target = placement_from_store(self.store, plan["target"], self.R, self.E)
-            self.update_load = np.asarray(json.loads(self.store.get(f"load/{plan['target']}")))
+        if plan.target is not None:
+            target = placement_from_store(self.store, plan.target, self.R, self.E)
+            self.update_load = np.asarray(json.loads(self.store.get(Keys.load(plan.target))))
             self.updater.begin(target, self._on_update_failure)
 
+    def move_chunk(self, update: UpdateFigures) -> float:
+        """One chunk of the pending update, if any; returns the pause it took."""
+        if self.updater.target is None or self.updater.done:
+            return 0.0
+        t1 = time.perf_counter()
+        rep = self.updater.step()
+        pause = time.perf_counter() - t1
+        if rep is not None:
+            update.add(rep)
+        self.dispatcher.set_placement(self.updater.placement)
+        return pause
+
     # ------------------------------------------------------------------ serving
-    def forward(self, batch_ids: List[int], plan: Dict[str, Any], first_pass: bool) -> List[Dict[str, Any]]:
+    def adopt_serving_membership(self, plan: StepPlan) -> bool:
+        """Adopt the plan's live set for serving (mask and dispatcher peers); True if it changed."""
+        if plan.epoch == self.epoch:
+            return False
+        self.state.apply_membership(sorted(plan.live), plan.epoch)
+        self.dispatcher.set_peers(sorted(plan.live))
+        return True
+
+    def forward(self, batch_ids: List[int]) -> List[PassResult]:
         """One forward pass over the concatenated tokens of ``batch_ids`` (possibly none: this rank
         still takes part in every exchange); one result per batch."""
         c, m = self.cfg.cluster, self.cfg.model
@@ -174,14 +275,10 @@ class Rank:
         for l in range(self.L):
             h = self.model.norm(x)
             ids, w, logits = self.model.route(l, h)
-            if first_pass and l == 1 and plan.get("kill") == self.rank:
-                self.store.set("event/killed_at", repr(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL)
-            if first_pass and l == 1 and plan.get("freeze") == self.rank:
-                self.store.set("event/frozen_at", repr(time.time()))
-                os.kill(os.getpid(), signal.SIGSTOP)
+            self.faults.at("dispatch", l)
             out = self.dispatcher.dispatch(h, ids, w, layer=l, router_logits=logits)
             y = self.model.mlp(out.hidden_states, self.w1[l], self.w2[l])
+            self.faults.at("combine", l)
             o = self.dispatcher.combine(y, out.handle)
             routed = out.handle.routed
             ref = self.model.reference_layer(l, h, routed.logical, routed.weights, self.ref_experts[l])
@@ -191,13 +288,13 @@ class Rank:
         dt = time.perf_counter() - t0
         lost = self.dispatcher.stats.lost_pairs - lost0
         t_done = time.time()
+        ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
         res = []
         for i, b in enumerate(batch_ids):
             mm, dg = mismatch[i * T:(i + 1) * T], degraded[i * T:(i + 1) * T]
-            ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
-            res.append(dict(batch=b, tokens=T, ok=ok, lost_pairs=lost, latency=dt, t_done=t_done,
-                            mismatch=int((mm & ~dg).sum()) if ok else 0, degraded=int(dg.sum()) if ok else 0,
-                            degraded_mismatch=int((mm & dg).sum()) if ok else 0))
+            res.append(PassResult(batch=b, tokens=T, ok=ok, lost_pairs=lost, latency=dt, t_done=t_done,
+                                  mismatch=int((mm & ~dg).sum()) if ok else 0, degraded=int(dg.sum()) if ok else 0,
+                                  degraded_mismatch=int((mm & dg).sum()) if ok else 0))
         return res
 
     def _report_failures(self) -> None:
@@ -206,58 +303,84 @@ class Rank:
                 self.reported_dead.add(d)
                 self.member.report_dead(d, "dispatcher gave up on it")
 
-    def run_step(self, step: int, plan: Dict[str, Any]) -> Dict[str, Any]:
+    def _count(self, mode: str, n: int = 1) -> None:
+        self.degraded[mode] = self.degraded.get(mode, 0) + n
+
+    def _degraded_now(self) -> Dict[str, int]:
+        """Degraded modes of the elastic machinery this step (what the report shows)."""
+        out, self.degraded = dict(self.degraded), {}
+        layout = getattr(self.updater, "backup_layout", None)
+        if layout is not None:
+            present = (self.updater.placement.log2phy >= 0).any(-1)       # [L, E] experts still served
+            uncovered = int(((layout.holder < 0) & present).sum())
+            if uncovered:
+                out["backups_uncovered"] = uncovered
+        for name in ("degraded", "degraded_counts"):
+            extra = getattr(self.updater, name, None)
+            if isinstance(extra, dict):
+                for k, v in extra.items():
+                    out[f"updater_{k}"] = int(v)
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def run_step(self, plan: StepPlan) -> StepResult:
         t0 = time.time()
-        changed = self.apply_membership(plan)
-        update = dict(layers=[], bytes=0, restored=0, remote=0)
-        if plan.get("update_all"):
-            self.apply_updater(plan, changed)
-            changed, plan = False, dict(plan, target=None)
-        if plan.get("update_all"):  # stop-the-world recovery: the whole update before serving
+        self.faults.arm(plan.faults, plan.step)
+        changed = self.adopt_serving_membership(plan)
+        update = UpdateFigures()
+        if plan.update_all:  # stop-the-world recovery: the whole update before serving
+            self.adopt_update_membership(plan, changed)
+            changed, plan = False, StepPlan.from_dict(dict(plan.to_dict(), target=None))
             for rep in self.updater.run():
-                update["layers"] += rep.layers
-                update["bytes"] += rep.bytes_moved
-                update["restored"] += rep.restored
-                update["remote"] += rep.copies_remote
+                update.add(rep)
             self.dispatcher.set_placement(self.updater.placement)
-        mine = plan["batches"].get(str(self.rank), [])
-        per = plan.get("batches_per_pass", 1)
-        passes = []
-        for p in range(plan["passes"]):
-            passes += self.forward(mine[p * per:(p + 1) * per], plan, p == 0)
+        mine, per = plan.batches_of(self.rank), plan.batches_per_pass
+        passes: List[PassResult] = []
+        for p in range(plan.passes):
+            passes += self.forward(mine[p * per:(p + 1) * per])
         self._report_failures()
         t_served = time.time()
-        self.apply_updater(plan, changed)
-        pause = 0.0
-        if self.updater.target is not None and not self.updater.done:
-            t1 = time.perf_counter()
-            rep = self.updater.step()
-            pause = time.perf_counter() - t1
-            if rep is not None:
-                update["layers"] += rep.layers
-                update["bytes"] += rep.bytes_moved
-                update["restored"] += rep.restored
-                update["remote"] += rep.copies_remote
-            self.dispatcher.set_placement(self.updater.placement)
+        self.adopt_update_membership(plan, changed)
+        pause = self.move_chunk(update)
         load = self.dispatcher.take_load()
-        return dict(rank=self.rank, step=step, passes=passes,
-                    load=load.tolist(), t_start=t0, t_served=t_served, t_end=time.time(), update=update,
-                    update_pause=pause, update_done=self.updater.done,
-                    placement=self.updater.placement.phy2log.tolist(), dead_seen=sorted(self.reported_dead))
+        return StepResult(
+            rank=self.rank, step=plan.step, passes=passes, load=load.tolist(), t_start=t0, t_served=t_served,
+            t_end=time.time(), update=update, update_pause=pause, update_done=self.updater.done,
+            placement=self.updater.placement.phy2log.tolist(), dead_seen=sorted(self.reported_dead),
+            degraded=self._degraded_now())
 
     def close(self, leave: bool) -> None:
+        """Leave membership (planned scale-down) and release the stack."""
         try:
             if leave:
                 self.member.leave(timeout=30)
             self.member.close()
             self.dispatcher.close()
             self.transport.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the process exits next; a half-closed stack is harmless then
             pass
 
 
-def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = False) -> None:
+def serve(r: Rank, first_step: int) -> None:
+    """The rank's event loop: read each plan, serve it, answer, until told to stop or leave."""
+    step = first_step
+    while True:
+        plan = StepPlan.from_json(store_get(r.store, Keys.plan(step), 600))
+        if plan.stop or r.rank in plan.leave:
+            r.close(leave=True)
+            return
+        if r.rank not in plan.live:  # declared dead (e.g. thawed after a freeze): stop serving
+            return
+        res = r.run_step(plan)
+        r.store.set(Keys.result(step, r.rank), res.to_json())
+        r.faults.at("between")
+        step += 1
+
+
+def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = False,
+              log_path: Optional[str] = None) -> None:
     """Entry point of a rank process (spawned by the orchestrator)."""
+    capture_output(log_path)
     die_with_parent()
     torch.set_num_threads(1)
     code = 0
@@ -265,24 +388,16 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
     try:
         cfg = RehearsalConfig.from_dict(cfg_dict)
         r = Rank(rank, cfg, port, joiner)
-        step = int(store_get(r.store, f"start/{rank}/{r.member.incarnation}", 300)) if joiner else 0
-        while True:
-            plan = json.loads(store_get(r.store, f"plan/{step}", 600))
-            if plan.get("stop") or rank in plan.get("leave", []):
-                r.close(leave=True)
-                break
-            if rank not in plan["live"]:  # declared dead (e.g. thawed after a freeze): stop serving
-                break
-            res = r.run_step(step, plan)
-            r.store.set(f"res/{step}/{rank}", json.dumps(res))
-            step += 1
-    except Exception:
+        first = int(store_get(r.store, Keys.start(rank, r.member.incarnation), 300)) if joiner else 0
+        serve(r, first)
+    except Exception:  # noqa: BLE001 - any crash is reported to the orchestrator, which stops the run
         code = 1
+        tb = traceback.format_exc()
         try:
             if r is not None:
-                r.store.set(f"error/{rank}", traceback.format_exc())
-        except Exception:
+                r.store.set(Keys.error(rank), tb)
+        except Exception:  # noqa: BLE001 - the store may be gone too; the traceback still goes to the log
             pass
-        traceback.print_exc()
+        print(tb, file=__import__("sys").stderr, flush=True)
     # NIXL agents may crash at interpreter exit; nothing is left to flush.
     os._exit(code)

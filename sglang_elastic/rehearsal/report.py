@@ -1,17 +1,22 @@
-"""What a person sees from a rehearsal: a progress line per step, a table per phase, JSON, a timeline plot."""
+"""What a person sees from a rehearsal: a progress line per step, a table per phase, the events as
+executed, the verdict, JSON and a timeline plot. Byte figures are MiB everywhere (``moved_mib``)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
 
-from .orchestrator import StepRecord
+from .tracking import StepRecord
 
-__all__ = ["progress_line", "phase_rows", "format_report", "to_json", "plot_timeline", "verdict"]
+__all__ = ["progress_line", "phase_rows", "format_report", "to_json", "plot_timeline", "verdict", "passed",
+           "write_json"]
+
+MIB = float(2 ** 20)
 
 PHASE_ORDER = ("warm-up", "rebalance", "steady", "failover", "scale-up", "scale-down")
 
@@ -50,7 +55,7 @@ def phase_rows(records: List[StepRecord]) -> List[Dict[str, Any]]:
             phase=ph, steps=len(rs), step_p50_ms=1e3 * _pct(walls, 50), step_p99_ms=1e3 * _pct(walls, 99),
             batch_p50_ms=1e3 * _pct(lat, 50), batch_p99_ms=1e3 * _pct(lat, 99),
             tokens_per_s=sum(r.tokens for r in rs) / max(sum(walls), 1e-9),
-            balancedness=float(np.mean(bal)) if bal else None, bytes_moved=sum(r.bytes_moved for r in rs),
+            balancedness=float(np.mean(bal)) if bal else None, moved_mib=sum(r.bytes_moved for r in rs) / MIB,
             restored=sum(r.restored for r in rs), mismatches=sum(r.mismatches for r in rs),
             degraded_tokens=sum(r.degraded_tokens for r in rs), retried=sum(r.batches_retried for r in rs),
             update_pause_max_ms=1e3 * max(r.update_pause_max for r in rs)))
@@ -58,32 +63,52 @@ def phase_rows(records: List[StepRecord]) -> List[Dict[str, Any]]:
 
 
 def verdict(records: List[StepRecord], summary: Dict[str, Any]) -> Dict[str, Any]:
-    """Headline figures: correctness, lost requests, failover interruption, scale-up time."""
+    """Headline figures: correctness, lost requests, failover interruption, scale-up time, events,
+    degraded modes."""
     fails = summary.get("failures", [])
     joins = summary.get("joins", {})
+    inter = [f.get("interruption_s") for f in fails]
     return dict(
         mismatches=sum(r.mismatches for r in records),
         degraded_tokens=sum(r.degraded_tokens for r in records),
         degraded_mismatches=sum(r.degraded_mismatches for r in records),
         lost_requests=summary.get("lost_requests", 0),
         requests=summary.get("requests", 0),
-        failover_interruption_s=[f.get("interruption_s") for f in fails],
-        unrecovered_failures=len([f for f in fails if f.get("interruption_s") is None]) + (1 if summary.get("recovering") else 0),
+        failover_interruption_s=inter,
+        max_interruption_s=max([x for x in inter if x is not None], default=None),
+        unrecovered_failures=len([f for f in fails if f.get("interruption_s") is None])
+        + len(summary.get("recovering", [])),
+        unfired_faults=len(summary.get("unfired", [])),
+        events=[_event_label(e) for e in summary.get("events", [])],
+        degraded_modes=dict(summary.get("degraded_modes", {})),
         scale_up_s=[j.get("scale_up_s") for j in joins.values()],
-        bytes_moved=sum(r.bytes_moved for r in records),
+        moved_mib=sum(r.bytes_moved for r in records) / MIB,
         total_s=summary.get("total_s"),
     )
+
+
+def passed(v: Dict[str, Any]) -> bool:
+    """The exit status's rule: nothing wrong, nothing lost, every fault landed and recovered."""
+    return v["mismatches"] == 0 and v["degraded_mismatches"] == 0 and v["lost_requests"] == 0 \
+        and v["unrecovered_failures"] == 0 and v["unfired_faults"] == 0
+
+
+def _event_label(e: Dict[str, Any]) -> str:
+    who = "" if e.get("rank") is None else f" {e['rank']}"
+    where = f" @{e['phase']}" if e.get("phase") else ""
+    late = f" (armed at {e['armed_step']})" if e.get("armed_step") not in (None, e["step"]) else ""
+    return f"step {e['step']}: {e['action']}{who}{where}{late}"
 
 
 def format_report(records: List[StepRecord], summary: Dict[str, Any], title: str) -> str:
     """The phase table and the verdict, as plain text."""
     head = (f"{'phase':<11}{'steps':>6}{'step p50':>10}{'step p99':>10}{'tok/s':>9}{'balanced':>10}"
-            f"{'moved MB':>10}{'restored':>9}{'pause ms':>9}{'wrong':>7}{'degraded':>9}{'retried':>8}")
+            f"{'moved MiB':>10}{'restored':>9}{'pause ms':>9}{'wrong':>7}{'degraded':>9}{'retried':>8}")
     lines = [title, "", head, "-" * len(head)]
     for r in phase_rows(records):
         bal = f"{r['balancedness']:.3f}" if r["balancedness"] is not None else "-"
         lines.append(f"{r['phase']:<11}{r['steps']:>6}{r['step_p50_ms']:>8.0f}ms{r['step_p99_ms']:>8.0f}ms"
-                     f"{r['tokens_per_s']:>9.0f}{bal:>10}{r['bytes_moved'] / 2**20:>10.1f}{r['restored']:>9}"
+                     f"{r['tokens_per_s']:>9.0f}{bal:>10}{r['moved_mib']:>10.1f}{r['restored']:>9}"
                      f"{r['update_pause_max_ms']:>9.0f}{r['mismatches']:>7}{r['degraded_tokens']:>9}{r['retried']:>8}")
     v = verdict(records, summary)
     fo = ", ".join(f"{x:.3f} s" if x is not None else "not recovered" for x in v["failover_interruption_s"]) or "-"
@@ -95,7 +120,15 @@ def format_report(records: List[StepRecord], summary: Dict[str, Any], title: str
               f"lost requests        {v['lost_requests']} of {v['requests']}",
               f"failover interruption {fo} (death -> first step with every in-flight token correct)",
               f"scale-up             {su} (process start -> its experts committed)",
-              f"bytes moved          {v['bytes_moved'] / 2**20:.1f} MiB"]
+              f"moved                {v['moved_mib']:.1f} MiB",
+              f"events executed      {'; '.join(v['events']) or '-'}"]
+    if v["unfired_faults"]:
+        lines.append(f"faults not landed    {v['unfired_faults']} (their phase was never reached)")
+    modes = ", ".join(f"{k} {n}" for k, n in sorted(v["degraded_modes"].items())) or "none"
+    lines.append(f"degraded modes       {modes}")
+    if summary.get("log_path"):
+        lines.append(f"rank log             {summary['log_path']} (the ranks' and libraries' own output)")
+    lines.append(f"verdict              {'PASS' if passed(v) else 'FAIL'}")
     return "\n".join(lines)
 
 
@@ -106,38 +139,55 @@ def to_json(records: List[StepRecord], summary: Dict[str, Any], config: Dict[str
 
 
 def plot_timeline(records: List[StepRecord], summary: Dict[str, Any], path: Path) -> None:
-    """Throughput, balancedness and live ranks per step, with the events marked."""
+    """Throughput, degraded tokens, balancedness and live ranks per step, events marked, verdict in
+    the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r.step for r in records]
     tps = [r.tokens / max(r.t_end - r.t_start, 1e-9) for r in records]
     bal = [r.balancedness if r.balancedness is not None else np.nan for r in records]
     live = [len(r.live) for r in records]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(10, 8.5), sharex=True)
     axes[0].plot(steps, tps, marker=".")
     axes[0].set_ylabel("tokens/s")
-    axes[1].plot(steps, bal, marker=".", color="tab:green")
-    axes[1].set_ylabel("balancedness")
-    axes[1].set_ylim(0, 1.05)
-    axes[2].step(steps, live, where="mid", color="tab:red")
-    axes[2].set_ylabel("live ranks")
-    axes[2].set_xlabel("step")
+    axes[1].bar(steps, [r.degraded_tokens for r in records], color="tab:orange")
+    axes[1].set_ylabel("degraded tokens")
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].plot(steps, bal, marker=".", color="tab:green")
+    axes[2].set_ylabel("balancedness")
+    axes[2].set_ylim(0, 1.05)
+    axes[3].step(steps, live, where="mid", color="tab:red")
+    axes[3].set_ylabel("live ranks")
+    axes[3].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].set_xlabel("step")
     for r in records:
         for ev in r.events:
             for ax in axes:
                 ax.axvline(r.step, color="grey", ls=":", lw=1)
             axes[0].annotate(ev, (r.step, max(tps) if tps else 0), rotation=90, fontsize=7, va="top")
-    fig.suptitle("sglang-elastic rehearse")
+    v = verdict(records, summary)
+    mx = v["max_interruption_s"]
+    fig.suptitle(f"sglang-elastic rehearse: {'PASS' if passed(v) else 'FAIL'} - wrong {v['mismatches']}, "
+                 f"lost {v['lost_requests']}, degraded tokens {v['degraded_tokens']}, max interruption "
+                 f"{'-' if mx is None else f'{mx:.3f} s'}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.png'}")
+    fig.savefig(tmp, dpi=110, format=(path.suffix[1:] or "png"))
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_json(data: Dict[str, Any], path: Path) -> None:
-    Path(path).write_text(json.dumps(data, indent=1, default=float) + "\n")
+    """Write ``data`` as JSON atomically (a temporary file renamed over ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
 
 
 def eprint(*a: Any) -> None:

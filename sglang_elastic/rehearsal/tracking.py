@@ -1,0 +1,93 @@
+"""What the orchestrator keeps between steps and reports: the run's state, one record per step,
+the events as executed, and each failure from the fault to its recovery."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .protocol import FaultSpec
+
+__all__ = ["StepRecord", "ExecutedEvent", "FailureRecord", "RunState"]
+
+
+@dataclass
+class StepRecord:
+    """What happened in one step (host figures, JSON-ready)."""
+
+    step: int
+    phase: str
+    live: List[int]
+    t_start: float
+    t_end: float = 0.0
+    tokens: int = 0
+    batches_done: int = 0
+    batches_retried: int = 0
+    mismatches: int = 0
+    degraded_tokens: int = 0
+    degraded_mismatches: int = 0
+    lost_pairs: int = 0
+    latencies: List[float] = field(default_factory=list)
+    balancedness: Optional[float] = None
+    bytes_moved: int = 0
+    restored: int = 0
+    update_pause_max: float = 0.0
+    events: List[str] = field(default_factory=list)
+    degraded_modes: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ExecutedEvent:
+    """An event as it was executed: rebalances, joins and drains by the orchestrator at their step;
+    kills and freezes when the rank reached their phase (``step`` is where they landed)."""
+
+    step: int
+    action: str
+    rank: Optional[int]
+    phase: Optional[str]
+    t: float
+    armed_step: Optional[int] = None
+
+    def key(self) -> tuple:
+        """Compared with a scenario event's ``(step, action, rank, phase)``."""
+        return (self.step, self.action, self.rank, self.phase)
+
+
+@dataclass
+class FailureRecord:
+    """One rank lost: a scripted kill/freeze (from the moment it landed) or an unscripted death
+    (from the moment the orchestrator adopted it), until the first step that served every in-flight
+    request correctly."""
+
+    rank: int
+    kind: str                      # kill | freeze | unscripted
+    phase: Optional[str]
+    step: int
+    t_event: float
+    reason: str = ""
+    adopted_step: Optional[int] = None
+    t_adopted: Optional[float] = None
+    interruption_s: Optional[float] = None
+    recovered_step: Optional[int] = None
+
+
+@dataclass
+class RunState:
+    """The orchestrator's state between steps."""
+
+    live: List[int] = field(default_factory=list)
+    epoch: int = 0                                   # plan epoch: bumped whenever the serving set changes
+    incarnations: Dict[int, int] = field(default_factory=dict)
+    queue: List[int] = field(default_factory=list)   # batches to serve again, first
+    next_batch: int = 0
+    batches: Dict[str, List[int]] = field(default_factory=dict)
+    pending_target: Optional[int] = None
+    update_active: bool = False
+    leaving: Dict[int, float] = field(default_factory=dict)   # rank -> drain start time
+    leave_now: List[int] = field(default_factory=list)
+    joins: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    armed: Dict[int, FaultSpec] = field(default_factory=dict)
+    executed: List[ExecutedEvent] = field(default_factory=list)
+    open_failures: List[FailureRecord] = field(default_factory=list)
+    failures: List[FailureRecord] = field(default_factory=list)
+    degraded_totals: Dict[str, int] = field(default_factory=dict)
+    phase: str = "warm-up"
