@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .. import __version__
 from . import plan, rehearse
 from .common import PROG, UsageError, _Parser, one_line
 from .plan import BUILTIN_EXAMPLE, DEEPSEEK_V3_EXPERT_BYTES
@@ -20,6 +21,7 @@ __all__ = ["main", "build_parser", "UsageError", "DEEPSEEK_V3_EXPERT_BYTES", "BU
 def build_parser() -> argparse.ArgumentParser:
     """The ``sglang-elastic`` parser with its subcommands."""
     parser = _Parser(prog=PROG, description="Elastic, fault-tolerant expert parallelism for SGLang MoE serving.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     plan.add_parser(sub)
@@ -41,4 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as exc:  # PlacementError and UsageError are ValueErrors
         print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except MemoryError:  # past the up-front size checks: still one line, no traceback
+        print(f"{PROG} {args.command}: error: out of memory; try a smaller problem", file=sys.stderr)
+        return 1
 

@@ -11,6 +11,7 @@ import argparse
 import inspect
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 
 from ..eplb.algorithms import ALGORITHMS, rebalance
-from ..eplb.io import load_expert_load
+from ..eplb.io import load_expert_load, read_data_file
 from ..eplb.metrics import balancedness, layer_balancedness, movement, orphans, rank_load
-from ..eplb.placement import Placement, PlacementError, load_placement_file, save_placement_file
+from ..eplb.placement import Placement, PlacementError, save_placement_file
 from ..eplb.synthetic import SYNTHETIC_LOADS, synthetic_load
-
+from . import outputs
 from .common import UsageError, nonneg_int, one_line, positive_int, rank_list
 
 __all__ = ["add_parser", "DEEPSEEK_V3_EXPERT_BYTES", "BUILTIN_EXAMPLE"]
@@ -66,7 +67,7 @@ def add_parser(sub: Any) -> None:
                      help=f"--synthetic: MoE layers (default {SYNTHETIC_DEFAULTS['layers']})")
     src.add_argument("--experts", type=positive_int,
                      help=f"--synthetic: logical experts per layer (default {SYNTHETIC_DEFAULTS['experts']})")
-    src.add_argument("--seed", type=int, help=f"--synthetic: random seed (default {SYNTHETIC_DEFAULTS['seed']})")
+    src.add_argument("--seed", type=nonneg_int, help=f"--synthetic: random seed (default {SYNTHETIC_DEFAULTS['seed']})")
 
     topo = p.add_argument_group("cluster")
     topo.add_argument("--ranks", type=positive_int,
@@ -101,8 +102,10 @@ def add_parser(sub: Any) -> None:
     out.add_argument("--output", metavar="FILE",
                      help="write the placement for SGLang's --init-expert-location (.json or .pt)")
     out.add_argument("--plot", metavar="FILE.png",
-                     help="plot per-rank load (summed over layers) before and after (needs matplotlib)")
-    out.add_argument("--json", metavar="FILE", help="write the report as JSON")
+                     help="plot per-rank load (summed over layers) before and after (needs matplotlib; "
+                          "no suffix: .png is added)")
+    out.add_argument("--json", metavar="FILE",
+                     help="write the report as JSON ('-': standard output, and the table goes to stderr)")
     p.set_defaults(func=_run_plan, parser=p)
 
 
@@ -118,6 +121,7 @@ class _Setup:
     current: Optional[str]
     current_placement: Optional[Placement]  # from a file (validated), else None
     builtin: bool
+    outputs: List[outputs.Output]
 
 
 def _resolve(args: argparse.Namespace) -> _Setup:
@@ -138,17 +142,19 @@ def _resolve(args: argparse.Namespace) -> _Setup:
     defaults = BUILTIN_EXAMPLE if builtin else dict(ranks=DEFAULT_RANKS, ranks_per_node=None, dead=[], current=None)
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults.get(name)  # noqa: E731
 
+    outs = _outputs(args)
+    outputs.check(outs)
     if args.load is not None:
-        load = load_expert_load(args.load)
+        load: Optional[np.ndarray] = load_expert_load(args.load)
         load_desc = f"{args.load}"
-    else:
+        L, E = load.shape
+    else:  # generated after the size check
         src = BUILTIN_EXAMPLE if builtin else SYNTHETIC_DEFAULTS
         name = BUILTIN_EXAMPLE["synthetic"] if builtin else args.synthetic
         L, E, seed = (args.layers or src["layers"], args.experts or src["experts"],
                       args.seed if args.seed is not None else src["seed"])
-        load = synthetic_load(name, L, E, seed=seed)
+        load = None
         load_desc = f"synthetic {name} (seed {seed})"
-    L, E = load.shape
 
     R = pick("ranks")
     rpn = pick("ranks_per_node")
@@ -164,7 +170,7 @@ def _resolve(args: argparse.Namespace) -> _Setup:
     S = args.slots_per_rank if args.slots_per_rank is not None else (
         BUILTIN_EXAMPLE["slots_per_rank"] if builtin and args.ranks is None else None)
     if current is not None and current != "healthy":
-        current_placement = load_placement_file(current, R)
+        current_placement = _read_placement(current, R)
         cp = current_placement
         if cp.num_layers != L or (S is not None and cp.num_physical != R * S):
             want = f"[{L}, {R * S}]" if S is not None else f"[{L}, ranks x slots]"
@@ -184,7 +190,98 @@ def _resolve(args: argparse.Namespace) -> _Setup:
         S = min(math.ceil(E * 9 / (8 * R)), E)
     if R * S < E:
         raise UsageError(f"{R} ranks x {S} slots = {R * S} slots cannot hold {E} logical experts")
-    return _Setup(load, load_desc, R, S, rpn, dead, current, current_placement, builtin)
+    _check_memory(args, L, E, R, S)
+    if load is None:
+        load = synthetic_load(name, L, E, seed=seed)
+    return _Setup(load, load_desc, R, S, rpn, dead, current, current_placement, builtin, outs)
+
+
+def _outputs(args: argparse.Namespace) -> List[outputs.Output]:
+    """The run's output files (``--plot`` without a suffix gets ``.png``, as matplotlib writes it)."""
+    outs = []
+    if args.output is not None:
+        outs.append(outputs.Output("--output", args.output, args.output))
+    if args.json is not None:
+        outs.append(outputs.Output("--json", args.json, args.json, stdout_ok=True))
+    if args.plot is not None:
+        real = args.plot if Path(args.plot).suffix else args.plot + ".png"
+        _check_plot_format(args.plot, real)
+        outs.append(outputs.Output("--plot", args.plot, real))
+    return outs
+
+
+def _check_plot_format(given: str, real: str) -> None:
+    """matplotlib present and able to write ``real``'s format (checked before any work)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'sglang-elastic[plot]'") from None
+    fmt = Path(real).suffix[1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise UsageError(f"--plot {given}: format {fmt!r} is not supported; use one of {', '.join(sorted(supported))}")
+
+
+#: Bytes planning takes per (layer, expert) and per (layer, expert, slot per rank), measured with the
+#: built-in algorithms at 4 096 and 16 384 experts (58 layers, 32 ranks), with a 2x margin.
+_BYTES_PER_LAYER_EXPERT = 512
+_BYTES_PER_LAYER_EXPERT_SLOT = 2
+
+
+def planning_memory_bytes(layers: int, experts: int, ranks: int, slots_per_rank: int) -> int:
+    """Estimated peak memory to plan ``layers x experts`` on ``ranks x slots_per_rank`` (bytes)."""
+    return (layers * experts * (_BYTES_PER_LAYER_EXPERT + _BYTES_PER_LAYER_EXPERT_SLOT * slots_per_rank)
+            + 8 * 4 * layers * ranks * slots_per_rank)
+
+
+def _available_memory() -> Optional[int]:
+    """Memory available to a new allocation (``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # not Linux: no up-front check
+        return None
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
+
+
+def _check_memory(args: argparse.Namespace, L: int, E: int, R: int, S: int) -> None:
+    """Refuse a plan that would not fit in memory, saying how much it would need."""
+    need = planning_memory_bytes(L, E, R, S)
+    have = _available_memory()
+    if have is not None and need > have:
+        raise UsageError(f"planning {L} layers x {E} experts on {R} ranks x {S} slots needs about {_gb(need)} of "
+                         f"memory, {_gb(have)} is available; use fewer --experts/--layers or more --ranks")
+
+
+def _read_placement(path: str, num_ranks: int) -> Placement:
+    """``--current FILE``: an SGLang ``--init-expert-location`` file (.json/.pt), read safely."""
+    if Path(path).suffix not in (".json", ".pt"):
+        raise UsageError(f"--current {path}: placement files must end in .json or .pt")
+    try:
+        data = read_data_file(path, (".json", ".pt"), what="placement")
+    except ValueError as exc:
+        raise UsageError(f"--current: cannot read placement file {exc}") from None
+    if not isinstance(data, dict) or "physical_to_logical_map" not in data:
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise UsageError(f"--current {path}: expected a 'physical_to_logical_map' entry, found {keys}")
+    try:
+        p2l = torch.as_tensor(np.asarray(data["physical_to_logical_map"], dtype=np.int64))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise UsageError(f"--current {path}: physical_to_logical_map is not a rectangular integer array "
+                         f"({one_line(exc)})") from None
+    try:
+        return Placement.from_sglang(p2l, num_ranks, None, None)
+    except PlacementError as exc:
+        raise UsageError(f"--current {path}: {exc}") from None
 
 
 def _mask_ranks(placement: Placement, live: np.ndarray) -> Placement:
@@ -240,9 +337,9 @@ def _plot(path: str, load: np.ndarray, before: Placement, before_title: str, aft
             t.set_color("tab:red")
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"--plot {path}: {one_line(exc)}") from None
+        fig.savefig(path, dpi=110)  # OSError: the caller names --plot
+    except ValueError as exc:
+        raise UsageError(f"--plot: {one_line(exc)}") from None
     finally:
         plt.close(fig)
 
@@ -264,7 +361,8 @@ def _run_plan(args: argparse.Namespace) -> int:
               f"experts, {R} ranks x {S} slots"
               + (f", {rpn} ranks per node" if rpn else "")
               + (f", rank{'s' if len(dead) > 1 else ''} {_fmt_ranks(dead)} dead" if dead else "")
-              + (", current = a healthy placement" if st.current == "healthy" else "") + ").")
+              + (", current = a healthy placement" if st.current == "healthy" else "") + ").",
+              file=sys.stderr if args.json == outputs.STDOUT else sys.stdout)
 
     # The placement in force before the failure, and the label the report gives it.
     if st.current == "healthy":
@@ -335,22 +433,26 @@ def _run_plan(args: argparse.Namespace) -> int:
                     + " have no live replica in the current placement"),
         ("time", f"rebalance {elapsed_ms:.1f} ms"),
     ]
-    if args.output:
-        try:
-            save_placement_file(after, args.output)
-        except OSError as exc:
-            raise UsageError(f"--output {args.output}: {one_line(exc)}") from None
-        lines.append(("output", f"{args.output} (for SGLang: --init-expert-location {args.output})"))
-    if args.plot:
-        title = ("before: current placement, dead ranks masked" if masked is not None
-                 else "before: current placement")
-        _plot(args.plot, w, masked if masked is not None else before, title, after, dead)
-        lines.append(("plot", args.plot))
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as exc:
-            raise UsageError(f"--json {args.json}: {one_line(exc)}") from None
-        lines.append(("json", args.json))
-    print("\n".join(f"  {k:<14}{v}" for k, v in lines))
+    by_flag = {o.flag: o for o in st.outputs}
+    with outputs.AtomicWrites() as files:
+        if "--output" in by_flag:
+            files.write(by_flag["--output"], lambda tmp: save_placement_file(after, tmp))
+            lines.append(("output", f"{args.output} (for SGLang: --init-expert-location {args.output})"))
+        if "--plot" in by_flag:
+            title = ("before: current placement, dead ranks masked" if masked is not None
+                     else "before: current placement")
+            files.write(by_flag["--plot"], lambda tmp: _plot(tmp, w, masked if masked is not None else before,
+                                                              title, after, dead))
+            lines.append(("plot", by_flag["--plot"].real))
+        report_json = outputs.strict_json(report) if "--json" in by_flag else None
+        if "--json" in by_flag and not by_flag["--json"].to_stdout:
+            files.write(by_flag["--json"], lambda tmp: Path(tmp).write_text(report_json))
+            lines.append(("json", args.json))
+        files.commit()
+    table = "\n".join(f"  {k:<14}{v}" for k, v in lines)
+    if report_json is not None and by_flag["--json"].to_stdout:
+        print(table, file=sys.stderr)  # standard output carries the JSON alone, for pipes
+        outputs.print_stdout(report_json)
+        return 0
+    print(table)
     return 0
