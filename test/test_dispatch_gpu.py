@@ -164,6 +164,9 @@ class FakeNixlBuffer(_FakeEPCore):
     def query_mask_buffer(self, out):
         out.copy_(self.mask)
 
+    def update_mask_buffer(self, rank_to_mask, mask=False):
+        self.mask[rank_to_mask] = 1 if mask else 0
+
     def destroy(self):
         self.destroyed = True
 
@@ -442,6 +445,40 @@ def test_peer_death_is_masked_on_device_and_counted(fake_nixl, fake_mooncake, ma
     for s in (2, 3):
         assert all(x["wrong"] == 0 for x in by[s]), by[s]
     assert r["polled"] == [1] and r["live"] == [0] and r["stats"]["peer_failures"] == 1
+
+
+def test_known_death_reaches_nixl_ep_mask_before_any_call(fake_nixl):
+    """nixl_ep reads its mask before each send and receive wait: a death the process knows of (the
+    state's failed event, or the Liveness) is masked there at once, so no later call waits on it."""
+    from sglang_elastic.transport.liveness import Liveness
+
+    state = ElasticEPState(R, device="cpu")
+    lv = Liveness()
+    placement = Placement.trivial(L, E, R, S)
+    d = nx.NixlEPDispatcher(store=object(), placement=placement, state=state, liveness=lv, **_kw(rank=0))
+    d2 = nx.NixlEPDispatcher(store=object(), placement=placement, state=state, liveness=lv, **_kw(rank=0))
+    buf = d.buffer
+    assert d2.buffer is buf and buf.peers == {1} and buf.mask.tolist() == [0, 0]
+    state.mark_failed([1], reason="membership: EOF")  # the membership watch's path
+    assert buf.mask.tolist() == [0, 1]
+    buf.update_mask_buffer(1, False)  # as a rejoin's connect_ranks would
+    state.mark_joined([1])
+    assert buf.mask.tolist() == [0, 0]
+    lv.mark_dead(1, "membership: connection closed")  # the Liveness path: recorded in the state, masked
+    assert buf.mask.tolist() == [0, 1] and not state.is_alive(1)
+    assert state.active_ranks.tolist() == [1, 0]
+
+
+def test_mooncake_liveness_death_clears_active_ranks(fake_mooncake):
+    from sglang_elastic.dispatch.mooncake_ep import MooncakeEPDispatcher
+    from sglang_elastic.transport.liveness import Liveness
+
+    state = ElasticEPState(R, device="cpu")
+    lv = Liveness()
+    d = MooncakeEPDispatcher(group=_Group(0, R, S), placement=Placement.trivial(L, E, R, S), state=state,
+                             liveness=lv, **_kw(rank=0))
+    lv.mark_dead(1, "membership: connection closed")
+    assert d.live_mask.tolist() == [1, 0]  # the tensor Mooncake EP's kernels read, cleared in place
 
 
 def test_load_is_recorded_without_host_sync(fake_nixl):

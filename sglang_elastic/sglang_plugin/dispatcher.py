@@ -7,12 +7,15 @@ deepep_mode, async_finish, return_recv_hook)`` and calls ``dispatch(hidden_state
 halves). The adapter maps that onto our contract, ``dispatch(x, topk_ids, topk_weights, layer=)``
 and ``combine(expert_output, handle)``:
 
-* SGLang's ``topk_ids`` are already *physical* slots (its top-k maps logical experts through the
-  expert-location metadata), so the inner dispatcher routes with an identity table over the
-  ``R * S`` slots: its live mask (our state's ``active_ranks``, shared with SGLang) drops and
-  renormalises pairs whose rank is dead;
-* before that, a pair whose slot's rank is dead moves to a live replica of the same logical expert
-  (when the layer is known, set by the hook on ``FusedMoE.__init__``), on the device, no host sync;
+* SGLang's ``topk_ids`` are already *physical* slots: its top-k maps logical experts to slots, and
+  with our hook there (:mod:`.routing_hook`) that mapping IS the routing rule (a live replica, the
+  live mask read on the device, ``-2`` for an expert with no live replica). The adapter then hands
+  the ids straight to the inner GPU dispatcher (``set_ids_routed``): no second routing pass, one
+  routing launch per layer per step; the after-combine step renormalises tokens with a ``-2`` pair;
+* where SGLang maps nothing (no EPLB, trivial placement, no redundant experts: ids are logical =
+  physical) or the inner dispatcher is a host one, the inner dispatcher routes with an identity
+  table over the ``R * S`` slots (its live mask drops and renormalises pairs on dead ranks): again
+  one routing pass;
 * the inner dispatcher is ours, made by name (``make_dispatcher(kind, path=...)``): the GPU kernels
   (NIXL-EP / Mooncake EP) by default, the host agents with ``--elastic-dispatch-path host``.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,8 +34,8 @@ from sglang.srt.layers.moe.utils import DeepEPMode
 
 from ..eplb.placement import Placement
 from ..state import ElasticEPStateManager as _OurManager
-from . import options
-from .state import add_scale_listener, placement_version
+from . import options, routing_hook
+from .state import add_scale_listener
 
 __all__ = ["ElasticNixlEPDispatcher", "ElasticMooncakeEPDispatcher", "make_inner", "set_layer_id_after_init"]
 
@@ -96,7 +99,7 @@ class _ElasticEPDispatcher(BaseDispatcher):
         self.inner_kwargs = self._inner_kwargs(group, router_topk, num_experts, num_local_experts, hidden_size,
                                                params_dtype, opts)
         self.inner = make_inner(self.kind, self.path, **self.inner_kwargs, **self._backend_kwargs(group))
-        self._table: Optional[Tuple[Any, int, torch.Tensor]] = None
+        self._ids_routed: Optional[bool] = None  # decided on the first dispatch (SGLang's runtime is up then)
         self._peers_dirty = False
         self._pending: Optional[Any] = None
         add_scale_listener(self)
@@ -133,8 +136,9 @@ class _ElasticEPDispatcher(BaseDispatcher):
     def dispatch_a(self, hidden_states: torch.Tensor, topk_output) -> None:
         if self._peers_dirty:
             self._connect_new_peers()
-        ids = self._to_live_replicas(topk_output.topk_ids)
-        self._pending = self.inner.dispatch(hidden_states, ids, topk_output.topk_weights, layer=0,
+        if self._ids_routed is None:
+            self._decide_routing()
+        self._pending = self.inner.dispatch(hidden_states, topk_output.topk_ids, topk_output.topk_weights, layer=0,
                                             check_inputs=False)
 
     def dispatch_b(self) -> DeepEPLLDispatchOutput:
@@ -175,43 +179,13 @@ class _ElasticEPDispatcher(BaseDispatcher):
         if set_peers is not None and state is not None:
             set_peers([r for r in state.live_ranks() if r < self.inner.num_ranks])
 
-    def _to_live_replicas(self, ids: torch.Tensor) -> torch.Tensor:
-        """Move pairs whose slot's rank is dead to a live replica of the same logical expert (device only)."""
-        table = self._replica_table()
-        if table is None or ids.numel() == 0:
-            return ids
-        S = self.inner.num_local_experts
-        live = self.inner.live_mask
-        safe = ids.clamp(min=0).long()
-        dead = (ids >= 0) & (live[safe // S] == 0)
-        cand = table[safe]                                            # [T, K, X]
-        ok = (cand >= 0) & (live[cand.clamp(min=0) // S] != 0)
-        pick = cand.gather(-1, ok.to(torch.int8).argmax(-1, keepdim=True)).squeeze(-1)
-        return torch.where(dead & ok.any(-1), pick.to(ids.dtype), ids)
-
-    def _replica_table(self) -> Optional[torch.Tensor]:
-        """``[P, X]``: every physical slot of the logical expert each slot serves, for this layer."""
-        if self.layer_id is None:
-            return None
-        try:
-            from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
-
-            meta = get_global_expert_location_metadata()
-        except Exception:
-            return None
-        if meta is None or self.layer_id >= meta.num_layers:
-            return None
-        key = (id(meta), placement_version())
-        if self._table is None or self._table[:2] != key:
-            # From the physical map itself: SGLang's logical_to_all_physical_map may be collapsed to the
-            # nearest replica per rank, which would leave no alternative to move to.
-            p2l = meta.physical_to_logical_map_cpu[self.layer_id]
-            siblings = Placement(p2l.unsqueeze(0), meta.ep_size, meta.num_logical_experts).log2phy[0][p2l]
-            P = self.inner.num_ranks * self.inner.num_local_experts
-            table = torch.full((max(P, siblings.shape[0]), siblings.shape[1]), -1, dtype=torch.int64)
-            table[: siblings.shape[0]] = siblings
-            self._table = key + (table.to(self.inner.device),)
-        return self._table[2]
+    def _decide_routing(self) -> None:
+        """Pass ids straight through when SGLang's top-k already ran the routing rule (our hook) and the
+        inner dispatcher can take routed ids; otherwise the inner one routes (identity table)."""
+        set_routed = getattr(self.inner, "set_ids_routed", None)
+        self._ids_routed = bool(set_routed is not None and routing_hook.maps_layers())
+        if self._ids_routed:
+            set_routed(True)
 
 
 def _record_low_latency(masked_m: torch.Tensor) -> None:
