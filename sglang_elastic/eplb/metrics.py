@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .algorithms.inputs import scale_to_unit
 from .placement import Placement, as_live_mask
 
 __all__ = ["rank_load", "balancedness", "layer_balancedness", "movement", "movement_bytes", "orphans"]
@@ -21,8 +22,10 @@ __all__ = ["rank_load", "balancedness", "layer_balancedness", "movement", "movem
 Mask = Optional[Union[torch.Tensor, np.ndarray, Sequence]]
 
 
-def _load2d(load: Union[torch.Tensor, np.ndarray], placement: Placement) -> np.ndarray:
+def _load2d(load: Union[torch.Tensor, np.ndarray], placement: Placement, scaled: bool = False) -> np.ndarray:
     w = load.detach().cpu().double().numpy() if isinstance(load, torch.Tensor) else np.asarray(load, dtype=np.float64)
+    if scaled and w.size and np.isfinite(w).all() and (w >= 0).all():
+        w = scale_to_unit(w)  # before summing steps, so huge finite loads cannot overflow
     if w.ndim == 3:
         w = w.sum(0)
     if w.shape != (placement.num_layers, placement.num_logical_experts):
@@ -47,20 +50,31 @@ def rank_load(load: Union[torch.Tensor, np.ndarray], placement: Placement) -> np
     return tok
 
 
+def _live_rank_load(load: Union[torch.Tensor, np.ndarray], placement: Placement) -> np.ndarray:
+    """float64 ``[layers, live ranks]`` rank load of ``load`` scaled by a power of two (ratios unchanged,
+    no overflow for huge finite loads); ``[layers, 0]`` when no rank is live."""
+    return rank_load(_load2d(load, placement, scaled=True), placement)[:, placement.live_ranks.numpy()]
+
+
 def balancedness(load: Union[torch.Tensor, np.ndarray], placement: Placement) -> float:
-    """``sum_l mean_{live r} tok[l, r] / sum_l max_{live r} tok[l, r]``; 1.0 when perfectly balanced."""
-    tok = rank_load(load, placement)
-    den = np.nanmax(tok, axis=1).sum()
-    return float(np.nanmean(tok, axis=1).sum() / den) if den > 0 else 1.0
+    """``sum_l mean_{live r} tok[l, r] / sum_l max_{live r} tok[l, r]``; 1.0 when perfectly balanced.
+
+    Scale-free (huge finite loads give a finite answer); 1.0 when there is no load at all.
+    """
+    tok = _live_rank_load(load, placement)
+    if tok.shape[1] == 0:
+        return 1.0
+    den = tok.max(axis=1).sum()
+    return float(tok.mean(axis=1).sum() / den) if den > 0 else 1.0
 
 
 def layer_balancedness(load: Union[torch.Tensor, np.ndarray], placement: Placement) -> np.ndarray:
     """float64 ``[layers]``: ``mean/max`` of rank load per layer (1.0 for a layer with no load)."""
-    tok = rank_load(load, placement)
-    mx = np.nanmax(tok, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.nanmean(tok, axis=1) / mx
-    return np.where(mx > 0, out, 1.0)
+    tok = _live_rank_load(load, placement)
+    if tok.shape[1] == 0:
+        return np.ones(tok.shape[0])
+    mx = tok.max(axis=1)
+    return np.where(mx > 0, tok.mean(axis=1) / np.where(mx > 0, mx, 1.0), 1.0)
 
 
 def movement(old: Placement, new: Placement) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from .conflicts import fix_conflicts
 from .counts import BIG, replica_counts
@@ -11,68 +12,110 @@ from .packing import from_scratch
 from .refine import refine
 from .slots import SlotState, drop_duplicates
 
-__all__ = ["repair_assign", "from_current"]
+__all__ = ["drop_surplus", "pool_items", "place_pool", "from_current"]
 
 
-def repair_assign(st: SlotState, counts: np.ndarray, keep_load: np.ndarray) -> None:
-    """Make ``st`` hold exactly ``counts`` replicas: drop surplus replicas, then place missing ones.
+def drop_surplus(x: np.ndarray, counts: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """Empty the slots of replicas beyond ``counts``, taking them from the busiest ranks first.
 
-    Surplus replicas are dropped from the most loaded ranks; missing ones (heaviest first) go to the
-    lightest rank that has a free slot and does not hold the expert (on a node lacking it if possible).
+    Parameters:
+        x: int64 ``[L, n, S]`` experts on live ranks (``-1`` = empty), no expert twice on a rank.
+        counts: int64 ``[L, E]`` replicas wanted. per: float64 ``[L, E]`` load per replica.
+
+    Returns:
+        int64 ``[L, n, S]``: ``x`` with at most ``counts[e]`` replicas of each expert ``e``.
     """
-    L, n, S, E = st.L, st.n, st.S, st.E
-    x = st.x
+    L, n, S = x.shape
+    E = counts.shape[1]
     flat = x.reshape(L, n * S)
-    rank_load = np.repeat(keep_load, S, axis=1)
-    # Position of each replica among its expert's replicas, most loaded rank first -> drop the first ones.
-    eid = np.where(flat >= 0, flat, E)  # empty slots sort last
+    load = np.where(x >= 0, np.take_along_axis(per, np.maximum(x, 0).reshape(L, -1), 1).reshape(x.shape), 0.0).sum(-1)
+    rank_load = np.repeat(load, S, axis=1)
+    # Order slots by expert, busiest rank first within an expert: the first surplus ones go.
+    eid = np.where(flat >= 0, flat, E)
     key = eid * 2.0 - rank_load / (rank_load.max() + 1.0)
     order = np.argsort(key, axis=1, kind="stable")
     e_sorted = np.take_along_axis(eid, order, 1)
     have = np.zeros((L, E + 1), dtype=np.int64)
-    np.add.at(have, (st.rows[:, None], e_sorted), 1)
+    np.add.at(have, (np.arange(L)[:, None], e_sorted), 1)
     first = np.cumsum(have, 1) - have
     pos = np.arange(n * S)[None] - np.take_along_axis(first, e_sorted, 1)
-    surplus = np.concatenate([have[:, :E] - counts, np.zeros((L, 1), np.int64)], 1)
-    drop_sorted = pos < np.take_along_axis(surplus, e_sorted, 1)
-    drop = np.zeros_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, 1)
-    l, ps = np.nonzero(drop)
-    st.remove(l, ps // S, ps % S)
+    surplus = np.concatenate([np.maximum(have[:, :E] - counts, 0), np.zeros((L, 1), np.int64)], 1)
+    drop = np.zeros((L, n * S), dtype=bool)
+    np.put_along_axis(drop, order, pos < np.take_along_axis(surplus, e_sorted, 1), 1)
+    return np.where(drop, -1, flat).reshape(L, n, S)
 
-    need = counts - np.minimum(have[:, :E], counts)  # replicas still to place
-    # Missing replicas as a list per layer, heaviest first; all layers padded to the same length.
-    order = np.argsort(-st.per, axis=1, kind="stable")
-    items = [np.repeat(order[i], need[i, order[i]]) for i in range(L)]
-    width = max((len(it) for it in items), default=0)
-    if width == 0:
-        return
-    add = np.full((L, width), -1, dtype=np.int64)
-    for i, it in enumerate(items):
-        add[i, : len(it)] = it
+
+def pool_items(x: np.ndarray, counts: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """int64 ``[L, W]``: replicas still to place (``counts`` minus those in ``x``), heaviest first, ``-1`` padded."""
+    L, E = counts.shape
+    have = np.zeros((L, E + 1), dtype=np.int64)
+    np.add.at(have, (np.arange(L)[:, None], x.reshape(L, -1) + 1), 1)
+    need = np.maximum(counts - have[:, 1:], 0)
+    order = np.argsort(-per, axis=1, kind="stable")
+    rep = np.take_along_axis(need, order, 1)
+    total = rep.sum(1)
+    W = int(total.max()) if L else 0
+    out = np.full((L, W), -1, dtype=np.int64)
+    if W == 0:
+        return out
+    e = np.repeat(order.ravel(), rep.ravel())
+    l = np.repeat(np.arange(L), total)
+    pos = np.arange(e.size) - np.repeat(np.cumsum(total) - total, total)
+    out[l, pos] = e
+    return out
+
+
+def place_pool(st: SlotState, pool: np.ndarray) -> None:
+    """Put ``pool`` (``[L, W]``, heaviest first) into ``st``'s free slots: each replica on the least
+    busy rank with a free slot that does not hold its expert (on a node lacking it, if any)."""
+    x = st.x
     load = st.loads()
     free = (x < 0).sum(-1)
-    for j in range(width):
-        e = add[:, j]
+    for j in range(pool.shape[1]):
+        e = pool[:, j]
         act = e >= 0
         if not act.any():
             break
         ee = np.maximum(e, 0)
-        score = load.copy()
-        score += np.where(free > 0, 0.0, np.inf)
-        score += np.where(st.present[st.rows, :, ee + 1] > 0, BIG, 0.0)
+        score = load + np.where(free > 0, 0.0, np.inf)
+        score += st.present[st.rows, :, ee + 1] * BIG
         if st.node_of is not None:
             held = st.node_cnt[st.rows, ee + 1][:, st.node_of] > 0  # [L, n]: rank's node holds e
             some_node_lacks = (st.node_cnt[st.rows, ee + 1] == 0).any(1, keepdims=True)
             score += np.where(held & some_node_lacks, BIG / 4, 0.0)
         r = score.argmin(1)
-        li = st.rows[act]
-        ri = r[act]
+        li, ri, ei = st.rows[act], r[act], e[act]
         si = (x[li, ri] < 0).argmax(1)
-        st.place(li, ri, si, e[act])
-        load[li, ri] += st.per[li, e[act]]
+        st.place(li, ri, si, ei)
+        load[li, ri] += st.per[li, ei]
         free[li, ri] -= 1
 
+
+def match_ranks(fresh: np.ndarray, present: np.ndarray, node_of: Optional[np.ndarray]) -> np.ndarray:
+    """Relabel the ranks of a from-scratch placement so it keeps as many current replicas as it can.
+
+    Which live rank gets which rank content does not change balance; a maximum-weight matching of
+    contents to ranks (weight: replicas the rank already holds) minimises transfers. With nodes the
+    contents stay on their node (the node spread was built for them).
+
+    Parameters:
+        fresh: int64 ``[G, n, S]`` rank contents. present: int8 ``[G, n, E + 1]`` (``[l, r, e + 1]``: rank
+            ``r`` holds ``e`` now). node_of: int64 ``[n]`` or ``None``.
+
+    Returns:
+        int64 ``[G, n, S]``: ``fresh`` with its rank axis permuted.
+    """
+    G, n, S = fresh.shape
+    g = np.arange(G)[:, None, None, None]
+    # keep[g, i, j]: replicas of content i that rank j holds already.
+    keep = present[g, np.arange(n)[None, None, :, None], fresh[:, :, None, :] + 1].sum(-1)
+    if node_of is not None:
+        keep = np.where(node_of[:, None] == node_of[None, :], keep + 1, -n * S)
+    out = np.empty_like(fresh)
+    for k in range(G):  # one small assignment per fallback layer (rare: layers the repair cannot fix)
+        i, j = linear_sum_assignment(keep[k], maximize=True)
+        out[k, j] = fresh[k, i]
+    return out
 
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
@@ -95,12 +138,17 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     start = np.zeros((L, E + 1), dtype=np.int64)
     np.add.at(start, (rows[:, None], cur.reshape(L, -1) + 1), 1)
     opt_counts = replica_counts(w, n * S, n)
-    rep_bound = np.where(np.isfinite(target), (w / opt_counts).max(1) / min_balance, np.inf)
+    per_opt = w / opt_counts
+    # A replica's rank also carries S - 1 others: keep the heaviest replica well below the target
+    # (twice the lightest possible companions' load) so the ranks holding it can be balanced.
+    k = min(S - 1, E - 1)
+    fill = np.partition(per_opt, k - 1, axis=1)[:, :k].sum(1) if k > 0 else np.zeros(L)
+    rep_bound = np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
     counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
     per = w / counts
-    st = SlotState(cur.copy(), per, node_of)
-    keep_load = np.where(cur >= 0, per[rows[:, None, None], np.maximum(cur, 0)], 0.0).sum(-1)
-    repair_assign(st, counts, keep_load)
+    x = drop_surplus(cur, counts, per)
+    st = SlotState(x, per, node_of)
+    place_pool(st, pool_items(x, counts, per))
     fix_conflicts(st, max_iters=n * S)
     orig = SlotState(cur, per, None).present
     # One swap per layer and step: concurrent swaps would each pay for a move the others make moot.
@@ -110,5 +158,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
         worse = got[missed] * min_balance > fresh_max
-        st.x[missed[worse]] = fresh[worse]
+        if worse.any():
+            take = missed[worse]
+            st.x[take] = match_ranks(fresh[worse], orig[take], node_of)
+
     return st.x

@@ -1,0 +1,81 @@
+"""rebalance()'s Python API checks: live ranks as mask or ids, load types, degenerate and huge loads."""
+import numpy as np
+import pytest
+import torch
+
+from sglang_elastic.eplb import balancedness, layer_balancedness, movement, orphans, rebalance
+from sglang_elastic.eplb.synthetic import synthetic_load
+
+
+def test_int_live_ranks_are_rank_ids_and_bools_are_a_mask():
+    w = synthetic_load("lognormal1", 2, 8, seed=1)
+    # On 2 ranks, [0, 1] is both ranks alive (ids), never "rank 0 dead" (a 0/1 mask).
+    both = rebalance(w, 2, 4, live_ranks=[0, 1])
+    assert both.live_ranks.tolist() == [True, True]
+    assert rebalance(w, 2, 8, live_ranks=[1]).live_ranks.tolist() == [False, True]
+    assert rebalance(w, 2, 8, live_ranks=[False, True]).live_ranks.tolist() == [False, True]
+    assert rebalance(w, 2, 8, live_ranks=torch.tensor([True, False])).live_ranks.tolist() == [True, False]
+    assert rebalance(w, 2, 8, live_ranks=np.array([1])).live_ranks.tolist() == [False, True]
+    assert rebalance(w, 2, 8, live_ranks=torch.tensor([0])).live_ranks.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("live, exc, message", [
+    ([0, 0], ValueError, "lists rank 0 twice"),
+    ([-1], ValueError, "rank id -1 outside"),
+    ([True], ValueError, "one entry per rank"),
+    ([[0, 1]], ValueError, "must be 1-D"),
+    (["a"], TypeError, "bool mask or integer rank ids"),
+])
+def test_bad_live_ranks(live, exc, message):
+    with pytest.raises(exc, match=message):
+        rebalance(np.ones((1, 4)), 2, 4, live_ranks=live)
+
+
+@pytest.mark.parametrize("load, exc, message", [
+    (None, TypeError, "load is required, got None"),
+    (True, TypeError, "real token counts"),
+    (np.ones((2, 4), dtype=complex), TypeError, "real token counts"),
+    (torch.ones(2, 4, dtype=torch.complex64), TypeError, "real token counts"),
+    ([[1, 2], [3]], TypeError, "rectangular"),
+    (np.array([["a", "b"]]), TypeError, "real token counts"),
+    (np.full((2, 4), np.inf), ValueError, "NaN or infinite"),
+])
+def test_bad_load_types(load, exc, message):
+    with pytest.raises(exc, match=message):
+        rebalance(load, 2, 4)
+
+
+def test_int_and_bfloat16_loads_are_accepted():
+    w = np.arange(16).reshape(2, 8)
+    a = rebalance(w, 2, 4)
+    b = rebalance(torch.from_numpy(w).to(torch.bfloat16), 2, 4)
+    assert torch.equal(a.phy2log, b.phy2log)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 1e308])
+def test_no_signal_moves_nothing_but_orphans(value):
+    w = np.full((4, 64), value)
+    healthy = rebalance(w, 8, 12)
+    live = np.ones(8, dtype=bool)
+    live[[2, 5]] = False
+    p = rebalance(w, 8, 12, live_ranks=live, current=healthy)
+    assert movement(healthy, p) == int(orphans(healthy, live).sum()) > 0
+    # Same live set, no signal: nothing moves at all.
+    assert movement(p, rebalance(w, 8, 12, live_ranks=live, current=p)) == 0
+
+
+def test_huge_finite_loads_keep_metrics_finite_and_placement_scale_free():
+    w = synthetic_load("lognormal1", 3, 32, seed=2)
+    big = w / w.max() * 1.5e308
+    p, q = rebalance(w, 4, 10), rebalance(big, 4, 10)
+    assert torch.equal(p.phy2log, q.phy2log)  # scaled by a power of two or not: same decisions
+    assert np.isfinite(balancedness(big, q)) and np.isfinite(layer_balancedness(big, q)).all()
+    steps = np.stack([np.full((3, 32), 1e308)] * 3)  # summing steps would overflow without scaling
+    r = rebalance(steps, 4, 10)
+    assert balancedness(steps, r) == pytest.approx(balancedness(np.ones((3, 32)), r))
+
+
+def test_metrics_never_nan_for_finite_input():
+    p = rebalance(np.ones((2, 8)), 2, 4)
+    for w in (np.zeros((2, 8)), np.full((2, 8), 1e308), np.eye(2, 8) * 1e308):
+        assert np.isfinite(balancedness(w, p)) and np.isfinite(layer_balancedness(w, p)).all()
