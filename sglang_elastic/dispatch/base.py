@@ -29,6 +29,7 @@ import torch
 
 from ..eplb.placement import Placement
 from ..state import ElasticEPState, ElasticEPStateManager
+from ..transport.liveness import Liveness
 from . import layout
 from .routing import POLICIES, RoutingTable, Routed, renormalize, route
 
@@ -289,10 +290,17 @@ class HostDispatcher(Dispatcher):
     safe without a barrier as long as dispatch and combine alternate. Overlapped micro-batches
     (dispatch a, dispatch b, combine a, ...) need two receive buffers per phase (the one-sided
     exchanges default to two) or the per-pair message order of the gloo exchange.
+
+    ``liveness``: the process's :class:`~sglang_elastic.transport.Liveness` (a private one when
+    omitted); the exchange's waits end at once on a peer known dead there, and deaths the exchange
+    sees itself are recorded in it.
     """
 
-    def __init__(self, exchange: Exchange, **kw) -> None:
+    def __init__(self, exchange: Optional[Exchange], *, liveness: Optional[Liveness] = None, **kw) -> None:
         super().__init__(**kw)
+        if liveness is not None and not isinstance(liveness, Liveness):
+            raise ValueError(f"liveness must be a sglang_elastic.transport.Liveness, got {type(liveness).__name__}")
+        self.liveness = liveness if liveness is not None else Liveness()
         self.exchange = exchange
         self._seq = 0
         H = self.hidden

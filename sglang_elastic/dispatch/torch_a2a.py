@@ -7,20 +7,21 @@ it from the next call. On GPU the exchange is one NCCL ``all_to_all`` of headers
 ``timeout_s`` and the caller rebuilds with :meth:`TorchDispatcher.set_peers`).
 
 Groups are standalone (built over a ``PrefixStore`` of the orchestrator's store, never the default
-group) and rebuilt collectively by :meth:`TorchDispatcher.set_peers` when membership changes.
+group; :func:`~sglang_elastic.transport.form_group`) and rebuilt collectively by
+:meth:`TorchDispatcher.set_peers` when membership changes. Waits watch the process's
+:class:`~sglang_elastic.transport.Liveness`: a peer known dead is given up at once (gloo waits run
+on helper threads, :class:`~sglang_elastic.transport.PairWaiter`), and a peer whose connection
+fails is recorded there as dead.
 """
 from __future__ import annotations
 
-import datetime
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..transport.base import PeerFailure
-from ..transport._common import store_wait
-from ..transport.torch_backend import _Group, form_group
+from ..transport import Group, Liveness, PairWaiter, PeerFailure, PeerWatch, form_group, is_timeout, store_wait
+from ..transport.groups import td
 from .base import Exchange, HostDispatcher
 
 __all__ = ["TorchExchange", "TorchDispatcher"]
@@ -28,23 +29,20 @@ __all__ = ["TorchExchange", "TorchDispatcher"]
 _TAG_HDR, _TAG_ROWS = 40, 50
 
 
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=max(seconds, 0.001))
-
-
 class TorchExchange(Exchange):
     """Pairwise exchange over gloo (CPU) or NCCL all-to-all (cuda); see the module docstring."""
 
     def __init__(self, rank: int, store, *, device: torch.device, connect_timeout_s: float = 60.0,
-                 host: str = "127.0.0.1", ns: str = "dispatch/torch") -> None:
+                 host: str = "127.0.0.1", ns: str = "dispatch/torch", liveness: Optional[Liveness] = None) -> None:
         self.rank, self.store, self.device, self.host = rank, store, torch.device(device), host
+        self.watch = PeerWatch(liveness, owner=f"torch dispatcher of rank {rank}")
+        self.liveness = self.watch.liveness
         self.connect_timeout_s = float(connect_timeout_s)
         self.ns = ns
         self.incarnation = int(store.add(f"{ns}/inc/{rank}", 1))
         store.set(f"{ns}/cur/{rank}", str(self.incarnation))
-        self.group: Optional[_Group] = None
+        self.group: Optional[Group] = None
         self._view = None
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"dispatch-{rank}")
         # A gloo wait that times out closes every pair of the context, not just the silent peer's:
         # the group is then unusable until set_peers() rebuilds it (see run()).
         self.broken = False
@@ -52,7 +50,8 @@ class TorchExchange(Exchange):
     def set_peers(self, ranks: Sequence[int]) -> None:
         ranks = sorted({int(r) for r in ranks} | {self.rank})
         deadline = time.monotonic() + self.connect_timeout_s
-        missing = [r for r in ranks if not store_wait(self.store, f"{self.ns}/cur/{r}", deadline)]
+        missing = [r for r in ranks if not store_wait(self.store, f"{self.ns}/cur/{r}", deadline, liveness=self.liveness,
+                                                      ranks=(r,), what="waiting for a torch dispatcher")]
         if missing:
             raise PeerFailure(missing[0], f"rank(s) {missing} never created a torch dispatcher")
         # A rank that restarts must create its dispatcher before it is announced live, so the
@@ -62,10 +61,13 @@ class TorchExchange(Exchange):
         if view == self._view and self.group is not None and not self.broken:
             return
         self._drop()
+        for r, inc in view:
+            if r != self.rank:
+                self.watch.connected(r, inc)  # a new process of a rank we saw die is not dead
         self._view = view
         if len(view) > 1:
             self.group = form_group(self.store, f"{self.ns}/grp", view, self.rank, self.incarnation, self.device,
-                                    self.connect_timeout_s, self.host, "torch dispatcher")
+                                    self.connect_timeout_s, self.host, "torch dispatcher", liveness=self.liveness)
 
     def _drop(self) -> None:
         if self.group is not None:
@@ -86,64 +88,75 @@ class TorchExchange(Exchange):
             return {}, []
         return self._run_gloo(g, sends, row_bytes, deadline)
 
-    def _run_gloo(self, g: _Group, sends, row_bytes, deadline):
+    def _run_gloo(self, g: Group, sends, row_bytes, deadline):
         hdr_len = next(iter(sends.values()))[0].numel()
         # Every receive and send is posted before anyone waits, so no pair can deadlock on another.
         posted: Dict[int, tuple] = {}
-        failed: List[int] = []
+        failed: List[int] = [p for p in sends if self.liveness.is_dead(p)]  # known dead: nothing is posted
         for p, (hdr, rows) in sends.items():
+            if p in failed:
+                continue
             hin = torch.empty(hdr_len, dtype=torch.int64)
             try:
                 rh = g.gloo.recv([hin], g.index[p], _TAG_HDR)
                 outs = [g.gloo.send([hdr], g.index[p], _TAG_HDR)]
                 if rows.shape[0]:
                     outs.append(g.gloo.send([rows.contiguous()], g.index[p], _TAG_ROWS))
-            except Exception:  # a pair whose peer is already gone raises at post time
+            except RuntimeError as exc:  # a pair whose peer is already gone raises at post time
+                self.watch.dead(p, f"its connection failed: {str(exc).splitlines()[0]}")
                 failed.append(p)
                 continue
             posted[p] = (hin, rh, outs)
         # One waiter per peer: a frozen peer uses up its own deadline only (a gloo wait that times out
-        # also closes its pair, so waits cannot be sliced into polls).
-        results = list(self._pool.map(lambda p: (p, self._finish_pair(g, p, *posted[p], row_bytes, deadline)),
-                                      list(posted)))
+        # also closes its pair, so waits cannot be sliced into polls); a peer known dead is left at once.
+        fns = {p: (lambda p=p: self._finish_pair(g, p, *posted[p], row_bytes, deadline)) for p in posted}
+        waiter = PairWaiter.calls(g, fns, self.liveness, "torch dispatch")
         got: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        for p, res in results:
-            if res is None:
+        while waiter.pending:
+            nxt = waiter.next(deadline + 1.0)  # the helper threads themselves end by the deadline
+            if nxt is None:
+                failed.extend(sorted(waiter.pending))
+                break
+            p, res = nxt
+            if res is None or isinstance(res, PeerFailure):
                 failed.append(p)
             else:
                 got[p] = res
         return got, failed
 
-    def _finish_pair(self, g: _Group, p: int, hin, rh, outs, row_bytes: int, deadline: float):
+    def _finish_pair(self, g: Group, p: int, hin, rh, outs, row_bytes: int, deadline: float):
         """Wait for peer ``p``'s header and rows and for our sends to it; ``None`` if it failed.
         (gloo works may be waited for once only: a second wait blocks for another message.)"""
-        if not self._wait(rh, deadline):
+        if not self._wait(p, rh, deadline):
             return None
         n = int(hin[2:].sum())
         buf = torch.empty(n, row_bytes, dtype=torch.uint8)
         if n:
             try:
                 rr = g.gloo.recv([buf], g.index[p], _TAG_ROWS)
-            except Exception:
+            except RuntimeError as exc:
+                self.watch.dead(p, f"its connection failed: {str(exc).splitlines()[0]}")
                 return None
-            if not self._wait(rr, deadline):
+            if not self._wait(p, rr, deadline):
                 return None
         # Sends must be complete before the caller reuses its buffers.
         for w in outs:
-            if not self._wait(w, deadline):
+            if not self._wait(p, w, deadline):
                 return None
         return hin, buf
 
-    def _wait(self, work, deadline: float) -> bool:
+    def _wait(self, peer: int, work, deadline: float) -> bool:
         try:
-            work.wait(_td(deadline - time.monotonic()))
+            work.wait(td(deadline - time.monotonic()))
             return True
-        except Exception as exc:
-            if "imed out" in str(exc) or "timeout" in str(exc).lower():
+        except RuntimeError as exc:
+            if is_timeout(exc):  # alive but silent; the timed-out wait closed every pair of the context
                 self.broken = True
+            else:  # its connection closed: it is gone
+                self.watch.dead(peer, f"its connection failed: {str(exc).splitlines()[0]}")
             return False
 
-    def _run_nccl(self, g: _Group, sends, row_bytes, deadline):
+    def _run_nccl(self, g: Group, sends, row_bytes, deadline):
         members = g.members
         missing = [p for p in members if p != self.rank and p not in sends]
         if missing:
@@ -172,21 +185,26 @@ class TorchExchange(Exchange):
             o += in_n[i]
         return got, []
 
-    def _a2a(self, g: _Group, out, inp, out_splits, in_splits, deadline, flat: bool = False) -> None:
+    def _a2a(self, g: Group, out, inp, out_splits, in_splits, deadline, flat: bool = False) -> None:
         import torch.distributed as dist
 
         o, i = (out.view(-1), inp.view(-1)) if flat else (out, inp)
         work = g.nccl.alltoall_base(o, i, out_splits or [], in_splits or [], dist.AllToAllOptions())
+        others = [r for r in g.members if r != self.rank]
         while not work.is_completed():
+            dead = self.liveness.first_dead(others)
+            if dead is not None:
+                g.abort_nccl()
+                raise PeerFailure(dead, f"rank {self.rank}: rank {dead} is dead ({self.liveness.reason(dead)}) during "
+                                        "the NCCL all-to-all; rebuild the group")
             if time.monotonic() > deadline:
-                g.nccl.abort()
+                g.abort_nccl()
                 raise PeerFailure(-1, f"rank {self.rank}: NCCL all-to-all did not finish in time; rebuild the group")
             time.sleep(2e-5)
         work.wait()
 
     def close(self) -> None:
         self._drop()
-        self._pool.shutdown(wait=False)
 
 
 class TorchDispatcher(HostDispatcher):
@@ -197,13 +215,14 @@ class TorchDispatcher(HostDispatcher):
     kind = "torch"
 
     def __init__(self, *, store, connect_timeout_s: float = 60.0, host: str = "127.0.0.1", connect: bool = True,
-                 ns: str = "dispatch/torch", **kw) -> None:
+                 ns: str = "dispatch/torch", liveness: Optional[Liveness] = None, **kw) -> None:
         if store is None:
             raise ValueError("the torch dispatcher needs a torch.distributed.Store (e.g. the orchestrator's TCPStore)")
         device = torch.device(kw.get("device", "cpu"))
+        super().__init__(None, liveness=liveness, **kw)
         # One dispatcher per namespace at a time: peers read each other's incarnation under ``ns``.
-        ex = TorchExchange(kw["rank"], store, device=device, connect_timeout_s=connect_timeout_s, host=host, ns=ns)
-        super().__init__(ex, **kw)
+        self.exchange = TorchExchange(self.rank, store, device=device, connect_timeout_s=connect_timeout_s, host=host,
+                                      ns=ns, liveness=self.liveness)
         if connect:  # a joining rank connects later, when the others are told about it
             self.set_peers(self.state.live_ranks())
 

@@ -10,7 +10,6 @@ Store layout (``ns = transport/<kind>``):
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
 import pickle
@@ -21,6 +20,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from .base import Copy, PeerFailure, Transport
+from .liveness import Liveness
+from .store import store_wait
+from .watch import PeerWatch
 
 log = logging.getLogger("sglang_elastic.transport")
 
@@ -89,31 +91,13 @@ def byte_view(tensor: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
     return b, rows, row_bytes
 
 
-class StoreTimeout(Exception):
-    pass
-
-
-def store_wait(store, key: str, deadline: float) -> bool:
-    """Wait until ``key`` exists or ``deadline`` (monotonic); True if it exists."""
-    remaining = deadline - time.monotonic()
-    if store.check([key]):
-        return True
-    if remaining <= 0:
-        return False
-    try:
-        store.wait([key], datetime.timedelta(seconds=max(remaining, 0.001)))
-        return True
-    except Exception:  # torch raises DistStoreError/RuntimeError on timeout
-        return store.check([key])
-
-
 class BaseTransport(Transport):
     """Shared machinery; backends implement the ``_backend_*`` hooks and ``execute``."""
 
     kind = "base"
 
     def __init__(self, rank: int, store, *, device="cpu", connect_timeout_s: float = 60.0,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", liveness: Optional[Liveness] = None) -> None:
         if not _is_int(rank) or rank < 0:
             raise ValueError(f"rank must be a non-negative int, got {rank!r}")
         if store is None:
@@ -124,6 +108,12 @@ class BaseTransport(Transport):
         self.host = host
         self.connect_timeout_s = float(connect_timeout_s)
         self.ns = f"transport/{self.kind}"
+        if liveness is not None and not isinstance(liveness, Liveness):
+            raise ValueError(f"liveness must be a sglang_elastic.transport.Liveness, got {type(liveness).__name__}")
+        # Failure knowledge: the process's Liveness (read by every wait) plus what this transport sees.
+        self.watch = PeerWatch(liveness, owner=f"{self.kind} transport of rank {self.rank}")
+        self.liveness = self.watch.liveness
+        self.watch.incarnation_of = lambda r: self._peer_inc.get(r)
         try:
             self.incarnation = int(store.add(f"{self.ns}/{self.rank}/inc", 1))
         except Exception as exc:  # unreachable store, closed connection...
@@ -152,7 +142,8 @@ class BaseTransport(Transport):
 
     def _fetch_meta(self, rank: int, inc: int, deadline: float) -> dict:
         key = self._meta_key(rank, inc)
-        if not store_wait(self.store, key, deadline):
+        if not store_wait(self.store, key, deadline, liveness=self.liveness, ranks=(rank,),
+                          what=f"{self.kind} transport metadata of rank {rank}"):
             raise PeerFailure(rank, f"rank {rank} (incarnation {inc}) published no transport metadata in time")
         return pickle.loads(self.store.get(key))
 
@@ -163,6 +154,7 @@ class BaseTransport(Transport):
             inc = int(self.store.add(key, 0))
             if inc > 0:
                 return inc
+            self.liveness.check((rank,), what=f"waiting for rank {rank}'s {self.kind} transport")
             if time.monotonic() >= deadline:
                 raise PeerFailure(rank, f"rank {rank} never created a {self.kind!r} transport")
             time.sleep(delay)
@@ -230,6 +222,7 @@ class BaseTransport(Transport):
         added = [r for r in incs if r not in self._peer_inc]
         for r in added:
             meta = self._fetch_meta(r, incs[r], deadline)
+            self.watch.connected(r, incs[r])  # a new process of a rank we saw die is not dead
             self._peer_inc[r] = incs[r]
             self._peer_meta[r] = meta
             self._backend_peer_added(r, meta)
@@ -366,6 +359,7 @@ class BaseTransport(Transport):
             info = self._tensor_info(rank, name)
             if info is not None or time.monotonic() >= deadline:
                 return info
+            self.liveness.check((rank,), what=f"waiting for rank {rank} to register {name!r}")
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 

@@ -11,7 +11,9 @@ Per execute (``eid`` names it identically on every participant, see ``BaseTransp
    and local copies, then sends FIN to every participant;
 5. FIN    -- a rank returns when it has FIN from every participant.
 
-Failures: a read error or a failed liveness probe names the peer at once; past ``timeout_s`` a
+Failures: a participant known dead in the process's :class:`~sglang_elastic.transport.Liveness`
+(checked on every poll), a read error or a failed liveness probe names the peer at once (the
+latter two are recorded in the Liveness as deaths); past ``timeout_s`` a
 rank still waiting for READY / reads / RDONE of a peer (a direct dependency) blames that peer;
 a rank waiting only for FIN (an indirect dependency) waits ``slack_s`` more for somebody's FAIL
 notice before blaming the lowest silent rank. Whoever blames a peer sends FAIL(peer) to everyone,
@@ -29,16 +31,7 @@ import torch
 
 from ._common import BaseTransport, Plan, log
 from .base import Copy, PeerFailure, slack_s
-
-PROBE_EVERY_S = 0.2
-
-
-class _PeerDown(Exception):
-    """Raised by a Sync when a control message cannot be delivered to ``rank``."""
-
-    def __init__(self, rank: int) -> None:
-        super().__init__(f"rank {rank} unreachable")
-        self.rank = rank
+from .watch import PeerUnreachable
 
 
 class Sync:
@@ -84,8 +77,9 @@ class _Src:
 
 
 class OneSidedTransport(BaseTransport):
-    """Backends implement: ``_sync``, ``_post_reads``, ``_poll_read``, ``_abandon``, ``_probe``,
-    ``_scratch_alloc`` / ``_scratch_release``."""
+    """Backends implement: ``_sync``, ``_post_reads``, ``_poll_read``, ``_abandon``,
+    ``_scratch_register`` / ``_scratch_deregister``; their endpoint installs its probe into
+    ``self.watch``."""
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
@@ -107,10 +101,6 @@ class OneSidedTransport(BaseTransport):
     @abstractmethod
     def _abandon(self, src: int, handle) -> bool:
         """Give up a read; True if it is certainly cancelled (its local buffer may be reused)."""
-
-    @abstractmethod
-    def _probe(self, peer: int) -> Optional[bool]:
-        """Non-blocking liveness check: False if the peer is certainly gone, else True/None."""
 
     @abstractmethod
     def _scratch_register(self, buf: torch.Tensor):
@@ -178,8 +168,9 @@ class OneSidedTransport(BaseTransport):
         try:
             self._run(plan, sync, srcs, readers, others, scratch, snaps, timeout_s, start, deadline, final_deadline)
             ok = True
-        except _PeerDown as exc:  # a control message could not reach a peer: it is gone
-            raise self._fail(sync, exc.rank, f"rank {exc.rank} is unreachable: {exc.__cause__ or exc}") from None
+        except PeerUnreachable as exc:  # a control message could not reach a peer: it is gone
+            raise self._fail(sync, exc.rank, f"rank {exc.rank} is unreachable: {exc.__cause__ or exc}",
+                             dead=True) from None
         finally:
             if not ok:
                 cancelled = True
@@ -193,8 +184,7 @@ class OneSidedTransport(BaseTransport):
 
     def _run(self, plan, sync, srcs, readers, others, scratch, snaps, timeout_s, start, deadline, final_deadline):
         applied = False
-        next_probe = start + PROBE_EVERY_S
-        delay, last_progress = 5e-5, time.monotonic()
+        w = self.watch.wait(f"{self.kind} transfer")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # rows written on a stream must be in memory before READY
         sync.send_ready(sorted(readers), self._version)
@@ -211,8 +201,8 @@ class OneSidedTransport(BaseTransport):
                         self._start_reads(sync, s, srcs[s], sync.ready[s], scratch)
                     except (ValueError, PeerFailure):
                         raise
-                    except Exception as exc:
-                        raise self._fail(sync, s, f"posting reads from rank {s} failed: {exc}")
+                    except Exception as exc:  # noqa: BLE001 - the library's error types vary; the peer is blamed
+                        raise self._fail(sync, s, f"posting reads from rank {s} failed: {exc}", dead=True)
                     progressed = True
             for s, st in srcs.items():
                 if st.posted and not st.done:
@@ -220,10 +210,10 @@ class OneSidedTransport(BaseTransport):
                     for h in st.handles:
                         try:
                             x = self._poll_read(s, h)
-                        except Exception as exc:
-                            raise self._fail(sync, s, f"a read from rank {s} failed: {exc}")
+                        except Exception as exc:  # noqa: BLE001 - the library's error types vary; the peer is blamed
+                            raise self._fail(sync, s, f"a read from rank {s} failed: {exc}", dead=True)
                         if x == "ERR":
-                            raise self._fail(sync, s, f"a read from rank {s} failed")
+                            raise self._fail(sync, s, f"a read from rank {s} failed", dead=True)
                         if x != "DONE":
                             left.append(h)
                     st.handles = left
@@ -242,29 +232,24 @@ class OneSidedTransport(BaseTransport):
                 progressed = True
             if applied and set(others) <= sync.fin:
                 return
-            now = time.monotonic()
             direct = sorted({s for s, st in srcs.items() if not st.done} | (readers - sync.rdone))
-            if now >= next_probe:
-                waiting = direct or sorted(set(others) - sync.fin)
-                for p in waiting:
-                    if self._probe(p) is False:
-                        raise self._fail(sync, p, f"rank {p} is unreachable")
-                next_probe = now + PROBE_EVERY_S
+            # Known dead (any rank we still wait for), or a failed probe (the ones we wait on first).
+            gone = w.failed(sorted(set(direct) | (set(others) - sync.fin)), probe=direct or sorted(set(others) - sync.fin))
+            if gone:
+                raise self._fail(sync, gone[0][0], gone[0][1])
+            now = time.monotonic()
             if now >= deadline and direct:
                 raise self._fail(sync, direct[0], f"no progress from rank(s) {direct} within {timeout_s}s")
             if now >= final_deadline:
                 silent = sorted(sync.missing_fin(others)) or others
                 raise self._fail(sync, silent[0], f"no completion from rank(s) {silent} within "
                                                    f"{timeout_s}s + {slack_s(timeout_s):.1f}s")
-            if progressed:
-                delay, last_progress = 5e-5, now
-            else:
-                time.sleep(delay)
-                # Poll tightly while transfers are likely to land (a GPU chunk takes a few ms: a 2 ms
-                # back-off halved its throughput), then back off to spare the CPU on long waits.
-                delay = min(2 * delay, 1e-4 if now - last_progress < 0.05 else 0.002)
+            w.sleep(progressed)
 
-    def _fail(self, sync: Sync, blamed: int, why: str, *, notify: bool = True) -> PeerFailure:
+    def _fail(self, sync: Sync, blamed: int, why: str, *, notify: bool = True, dead: bool = False) -> PeerFailure:
+        """Tell the others (FAIL) and build the PeerFailure; ``dead``: we saw it die (recorded)."""
+        if dead:
+            self.watch.dead(blamed, why, self._peer_inc.get(blamed))
         if notify:
             try:
                 sync.send_fail(blamed)

@@ -1,0 +1,227 @@
+"""Standalone torch.distributed process groups over a live set, and waits on their work that watch
+for deaths: the two-sided endpoint shared by the ``torch`` transport and the ``torch`` dispatcher.
+
+Each live set (a *view*: ``((rank, incarnation), ...)``) gets its own ``ProcessGroupGloo`` (plus
+``ProcessGroupNCCL`` on cuda) over a ``PrefixStore`` unique to that view and formation; nothing
+touches the default process group, so a group can be thrown away and rebuilt over the survivors
+any number of times.
+
+A gloo wait cannot be sliced into polls (a wait that times out closes the pair), so
+:class:`PairWaiter` waits for each peer's works on a helper thread while the caller watches the
+process's :class:`~sglang_elastic.transport.Liveness`: a peer known dead is given up at once, the
+others keep their own deadline. NCCL works are polled (:class:`NcclWork`).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .base import PeerFailure
+from .liveness import Liveness
+from .store import store_wait
+
+__all__ = ["Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "td"]
+
+log = logging.getLogger("sglang_elastic.transport")
+
+View = Tuple[Tuple[int, int], ...]
+
+
+def td(seconds: float) -> datetime.timedelta:
+    """``seconds`` (at least 1 ms) as a timedelta, for torch.distributed timeouts."""
+    return datetime.timedelta(seconds=max(seconds, 0.001))
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a torch.distributed error is a timeout (a silent peer), not a closed connection."""
+    text = str(exc)
+    return isinstance(exc, TimeoutError) or "imed out" in text or "timeout" in text.lower()
+
+
+class Group:
+    """One view's process groups over ``members`` (sorted global ranks): ``gloo``, ``nccl`` (cuda
+    only), ``index[rank]`` (the group rank of a global rank), and ``broken`` (set by users when a
+    failure left pairs unusable; the owner rebuilds)."""
+
+    def __init__(self, members: Tuple[int, ...], gloo, nccl=None) -> None:
+        self.members = members
+        self.index = {r: i for i, r in enumerate(members)}
+        self.gloo = gloo
+        self.nccl = nccl
+        self.broken = False
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        """Helper threads for :class:`PairWaiter` (one per peer at most)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(self.members)),
+                                            thread_name_prefix="sgle-pair-wait")
+        return self._pool
+
+    def abort_nccl(self) -> None:
+        """Abort the NCCL communicator (unblocks the GPU stream at once; NCCL's watchdog would kill
+        the process later)."""
+        if self.nccl is not None:
+            try:
+                self.nccl.abort()
+            except RuntimeError as exc:  # already aborted: dropping it is enough
+                log.debug("nccl abort: %s", exc)
+            self.nccl = None
+
+    def destroy(self) -> None:
+        """Abort both groups (pending waits fail at once) and stop the helper threads."""
+        for pg in (self.nccl, self.gloo):
+            if pg is None:
+                continue
+            try:
+                pg.abort()
+            except Exception as exc:  # noqa: BLE001 - already aborted / not supported: dropping it is enough
+                log.debug("group abort: %s", exc)
+        self.gloo = self.nccl = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: torch.device, timeout_s: float,
+               host: str, what: str = "torch", liveness: Optional[Liveness] = None) -> Group:
+    """Build process groups (gloo, plus NCCL on cuda) over ``view`` = ((rank, incarnation), ...).
+
+    Collective over the view's members, through ``store`` under ``ns``; the k-th formation of the
+    same view gets fresh keys, so a group can be rebuilt over the same members any number of times.
+    Raises :class:`PeerFailure` naming the first member that did not arrive within ``timeout_s``,
+    or at once naming a member known dead in ``liveness``.
+    """
+    members = tuple(r for r, _ in view)
+    n = len(members)
+    h = hashlib.sha1(repr(view).encode()).hexdigest()[:16]
+    base = f"{ns}/{h}"
+    # Every member adds once per formation of this exact view: the k-th formation is gen k.
+    gen = (int(store.add(f"{base}/join", 1)) - 1) // n
+    prefix = f"{base}/{gen}/"
+    deadline = time.monotonic() + timeout_s
+    store.set(f"{prefix}arrived/{rank}", str(incarnation))
+    missing = [r for r in members if not store_wait(store, f"{prefix}arrived/{r}", deadline, liveness=liveness,
+                                                    ranks=(r,), what=f"forming the {what} group")]
+    if missing:
+        raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {what} group over {list(members)}")
+    idx = members.index(rank)
+    gopts = dist.ProcessGroupGloo._Options()
+    gopts._timeout = td(timeout_s)
+    gopts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    gloo = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "gloo/", store), idx, n, gopts)
+    nccl = None
+    if device.type == "cuda":
+        nopts = dist.ProcessGroupNCCL.Options()
+        nopts._timeout = td(timeout_s)
+        nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "nccl/", store), idx, n, nopts)
+        # Create the communicator now, while every member is known to be here, not lazily
+        # inside a later call (where a dead peer would stall its init past the deadline).
+        nccl.allreduce([torch.zeros(1, device=device)]).wait()
+        torch.cuda.synchronize(device)
+    log.debug("rank %d: %s group gen %d over %s", rank, what, gen, list(members))
+    return Group(members, gloo, nccl)
+
+
+class PairWaiter:
+    """Waits for each peer's gloo works (in posting order) on helper threads, until ``deadline``.
+
+    :meth:`next` hands out peers as they finish: ``(peer, None)`` when all its works completed,
+    ``(peer, exc)`` when one raised (the peer closed its connection: it is gone, or the wait timed
+    out), ``(peer, PeerFailure)`` when ``liveness`` knows it dead (its helper thread is abandoned;
+    it ends when gloo gives up). gloo works may be waited for once only. :meth:`calls` runs any
+    per-peer blocking function the same way (``next`` then hands out its return value).
+    """
+
+    def __init__(self, group: Group, works: Dict[int, Sequence[object]], deadline: float,
+                 liveness: Optional[Liveness] = None, what: str = "") -> None:
+        fns = {p: (lambda ws=list(ws): self._wait_all(ws, deadline)) for p, ws in works.items()}
+        self._start(group, fns, liveness, what)
+
+    @classmethod
+    def calls(cls, group: Group, fns: Dict[int, Callable[[], object]], liveness: Optional[Liveness] = None,
+              what: str = "") -> "PairWaiter":
+        """Run ``fns[peer]()`` (each bounded by its own deadline) on helper threads."""
+        self = cls.__new__(cls)
+        self._start(group, fns, liveness, what)
+        return self
+
+    def _start(self, group: Group, fns, liveness, what) -> None:
+        self.liveness, self.what = liveness, what
+        pool = group.pool()
+        self._futs: Dict[Future, int] = {pool.submit(fn): p for p, fn in fns.items()}
+        self.pending = set(fns)
+
+    @staticmethod
+    def _wait_all(works, deadline: float) -> Optional[BaseException]:
+        for w in works:
+            try:
+                w.wait(td(deadline - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, who names the peer
+                # Without its traceback: its frames hold the works, whose buffers hold the group's
+                # sockets open until a garbage collection.
+                return exc.with_traceback(None)
+        return None
+
+    def next(self, until: float) -> Optional[Tuple[int, Optional[BaseException]]]:
+        """The next peer that finished or is known dead, or None when none did by ``until``."""
+        while self.pending:
+            if self.liveness is not None:
+                dead = self.liveness.first_dead(sorted(self.pending))
+                if dead is not None:
+                    self._drop(dead)
+                    return dead, PeerFailure(dead, f"rank {dead} is dead ({self.liveness.reason(dead)})"
+                                                   + (f" during {self.what}" if self.what else ""))
+            live = [f for f, p in self._futs.items() if p in self.pending]
+            left = until - time.monotonic()
+            done, _ = futures_wait(live, timeout=max(0.0, min(left, 0.02)), return_when=FIRST_COMPLETED)
+            for f in done:
+                p = self._futs[f]
+                self._drop(p)
+                return p, f.result()
+            if left <= 0:
+                return None
+        return None
+
+    def _drop(self, peer: int) -> None:
+        self.pending.discard(peer)
+        for f in [f for f, p in self._futs.items() if p == peer]:
+            del self._futs[f]
+
+
+class NcclWork:
+    """Polls an NCCL work against a deadline and the process's Liveness (NCCL never raises for a
+    frozen or vanished peer by itself)."""
+
+    def __init__(self, work, peers: List[int]) -> None:
+        self.work, self.peers = work, peers
+
+    def wait_until(self, deadline: float, liveness: Optional[Liveness] = None) -> Optional[int]:
+        """None when the work finished without error before ``deadline``; else the peer to suspect
+        (a peer known dead in ``liveness``, or -1 when NCCL cannot say)."""
+        delay, start = 2e-5, time.monotonic()
+        while True:
+            try:
+                if self.work.is_completed():
+                    self.work.wait()
+                    return None
+            except RuntimeError:
+                return -1
+            if liveness is not None:
+                dead = liveness.first_dead(self.peers)
+                if dead is not None:
+                    return dead
+            now = time.monotonic()
+            if now >= deadline:
+                return -1
+            time.sleep(delay)
+            # Tight polling for the first 50 ms (NVLink chunks finish in a few ms), then back off.
+            delay = min(2 * delay, 1e-4 if now - start < 0.05 else 0.005)
