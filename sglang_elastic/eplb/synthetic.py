@@ -30,6 +30,20 @@ def _hot(rng: np.random.Generator, L: int, E: int) -> np.ndarray:
     return w
 
 
+def _dirichlet(alpha: float) -> Callable[[np.random.Generator, int, int], np.ndarray]:
+    # alpha <= 0.5: a few experts take most of a layer's tokens, many get almost none.
+    return lambda rng, L, E: rng.dirichlet(np.full(E, alpha), size=L)
+
+
+def _shared_hot(rng: np.random.Generator, L: int, E: int) -> np.ndarray:
+    """Correlated bursts: one hot set of experts shared by every layer (e.g. a topic or language in the
+    batch), each layer scaling it by its own burst factor; the rest lognormal."""
+    w = rng.lognormal(0.0, 0.5, size=(L, E))
+    hot = rng.choice(E, max(1, E // 16), replace=False)
+    w[:, hot] *= rng.uniform(8, 25, size=(L, 1)) * rng.lognormal(0.0, 0.3, size=(L, hot.size))
+    return w
+
+
 SYNTHETIC_LOADS: Dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "uniform": lambda rng, L, E: np.ones((L, E)),
     "lognormal0.5": _lognormal(0.5),
@@ -37,6 +51,8 @@ SYNTHETIC_LOADS: Dict[str, Callable[[np.random.Generator, int, int], np.ndarray]
     "lognormal1.5": _lognormal(1.5),
     "zipf1.2": _zipf(1.2),
     "hot": _hot,
+    "dirichlet0.3": _dirichlet(0.3),
+    "shared_hot": _shared_hot,
 }
 
 
