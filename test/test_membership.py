@@ -69,6 +69,7 @@ def _report(client: MembershipClient, state: ElasticEPState, view: MembershipVie
         "status": client.status, "inc": client.incarnation,
         "state_live": state.live_ranks(), "state_epoch": state.epoch,
         "state_membership_epoch": state.membership_epoch,
+        "dead": sorted(client.liveness.dead()),
     }
 
 
@@ -110,6 +111,18 @@ def _rank_main(conn, port: int, rank: int) -> None:
                 elif cmd == "report_dead":
                     client.report_dead(arg, "test report")
                     out = None
+                elif cmd == "wait_dead":  # a Liveness wait far beyond the test's limit
+                    lv = client.liveness
+                    while True:
+                        seen = lv.version
+                        if lv.is_dead(arg):
+                            break
+                        lv.wait(3600, since_version=seen)
+                    out = lv.reason(arg)
+                elif cmd == "wait_gone":  # an epoch wait far beyond the test's limit
+                    out = _report(client, state, client.wait_for_epoch(lambda v: arg not in v.live, 3600))
+                elif cmd == "leave":
+                    out = _report(client, state, client.leave(timeout=DEADLINE))
                 else:
                     raise ValueError(cmd)
                 conn.send(("ok", out))
@@ -461,3 +474,48 @@ def test_wait_timeout_and_bad_inputs():
         if c is not None:
             c.close()
         srv.close()
+
+
+def test_sigkill_is_known_everywhere_through_the_connection_not_a_timeout():
+    """The server's heartbeat timeout is an hour, each survivor waits with an hour's timeout: only
+    the watch connection's end (the kernel closes it when the process dies) can end the waits
+    before the test's limit. Covers a joiner killed after joining, a joiner learning of a death
+    among the ranks it joined, a rejoin clearing the death, and a clean leave that is no death."""
+    cl = Cluster(3, heartbeat_timeout_s=3600.0)
+    try:
+        cl.start_all([0, 1, 2])
+        cl.wait_all({"live": [0, 1, 2]})
+        cl.start_all([3])  # a joiner beyond the launch set
+        cl.wait_all({"live": [0, 1, 2, 3]})
+        for r in (0, 1):
+            cl.ranks[r].conn.send(("wait_dead", 3))
+        cl.ranks[2].conn.send(("wait_gone", 3))
+        cl.kill(3)
+        for r in (0, 1):
+            assert "heartbeat connection closed" in cl.ranks[r].result()
+        gone = cl.ranks[2].result()
+        assert gone["live"] == [0, 1, 2] and gone["dead"] == [3], gone
+        assert cl.server.liveness.dead() == {3}
+        assert "heartbeat connection closed" in cl.server.current().changes[0].reason
+
+        cl.start_all([3])  # the rank comes back under a new incarnation: no longer dead anywhere
+        back = cl.wait_all({"live": [0, 1, 2, 3], "inc": {3: 2}})
+        assert all(rep["dead"] == [] for rep in back), back
+        assert not cl.server.liveness.is_dead(3)
+
+        cl.ranks[3].conn.send(("wait_dead", 0))  # the joiner learns of a death among its elders
+        cl.ranks[1].conn.send(("wait_dead", 0))
+        cl.kill(0)
+        assert "heartbeat connection closed" in cl.ranks[3].result()
+        assert "heartbeat connection closed" in cl.ranks[1].result()
+
+        left = cl.ranks[2].call("leave")  # a planned leave, then the process goes: not a death
+        assert 2 not in left["live"]
+        cl.kill(2)
+        rest = cl.wait_all({"live": [1, 3]})
+        assert all(rep["dead"] == [0] for rep in rest), rest
+        assert [c.kind for c in cl.server.current().changes] == ["left"]
+        time.sleep(5 * cl.server.tick_s)
+        assert cl.server.current().live == (1, 3) and cl.server.liveness.dead() == {0}
+    finally:
+        cl.close()

@@ -1,0 +1,144 @@
+"""Agreements and waits between ranks through a store served outside them, ended by knowledge.
+
+Every wait here polls the store and, between polls, consults the process's
+:class:`~sglang_elastic.transport.Liveness`: when a rank it waits for is known dead (the membership
+client pushes deaths within milliseconds of a kill), the wait ends at once with
+:class:`~sglang_elastic.transport.PeerFailure` naming it. Timeouts remain only for ranks that are
+alive but silent (frozen, partitioned).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from ..transport.base import PeerFailure
+from ..transport.liveness import Liveness
+
+__all__ = ["StoreVote", "store_wait"]
+
+_POLL_MIN_S = 0.0005  # first polls are tight: posts of healthy ranks land within a millisecond or two
+_POLL_MAX_S = 0.01    # then back off, so several ranks polling one store cost little
+_DEAD = "dead:"       # prefix of a verdict written in place of a voter's post
+
+
+def _sleep(liveness: Liveness, delay: float, version: int) -> None:
+    """Sleep ``delay`` seconds, or less when the liveness learns of a death."""
+    liveness.wait(delay, since_version=version)
+
+
+def store_wait(store, keys: Sequence[str], timeout_s: float, *, liveness: Optional[Liveness] = None,
+               ranks: Iterable[int] = (), what: str = "store wait") -> None:
+    """Wait until every key of ``keys`` exists in ``store``.
+
+    Args:
+        store: a ``torch.distributed.Store`` (served outside the ranks).
+        keys: keys that ``ranks`` will set.
+        timeout_s: bound for alive-but-silent writers.
+        liveness: this process's :class:`Liveness` (none: only the timeout ends the wait).
+        ranks: the ranks whose posts the wait depends on.
+        what: names the wait in error messages.
+
+    Raises:
+        PeerFailure: one of ``ranks`` is known dead before every key exists (names it).
+        TimeoutError: ``timeout_s`` passed first.
+    """
+    keys, ranks = list(keys), [int(r) for r in ranks]
+    lv = liveness if liveness is not None else Liveness()
+    deadline = time.monotonic() + float(timeout_s)
+    delay = _POLL_MIN_S
+    while True:
+        version = lv.version
+        if store.check(keys):
+            return
+        lv.check(ranks, what=what)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: keys {keys[:4]}{'...' if len(keys) > 4 else ''} not set within "
+                               f"{timeout_s:g} s")
+        _sleep(lv, min(delay, max(0.0, deadline - time.monotonic())), version)
+        delay = min(delay * 2, _POLL_MAX_S)
+
+
+class StoreVote:
+    """Agreement on a chunk's outcome through a store served outside the ranks.
+
+    Each live rank posts ``ok`` or the ranks it suspects under ``<prefix>/<seq>/<rank>``; every rank
+    then reads every live rank's post. A rank known dead (the :attr:`liveness`) or silent for
+    ``timeout_s`` gets a *verdict* written in place of its post with an atomic compare-and-set:
+    either its post was there first (then it is alive, even if a neighbour suspected it: a frozen
+    peer makes timeouts cascade, so suspicions are not proof) or the verdict is, and every rank
+    reads the same value. So all ranks reach the same outcome: commit only when every live rank
+    posted ``ok``. Without this, a rank that never talked to the dead peer would commit a chunk its
+    neighbours abandon.
+
+    Args:
+        store: the store (``compare_set``, ``check``, ``get``, ``multi_get``).
+        rank: this rank.
+        timeout_s: bound for a voter that is alive but silent.
+        prefix: key prefix (one namespace per membership generation).
+        liveness: this process's :class:`Liveness`; ``None`` until an updater lends its own
+            (see :class:`~sglang_elastic.location.updater.ExpertLocationUpdater`).
+    """
+
+    def __init__(self, store, rank: int, timeout_s: float, prefix: str = "sgle/update", *,
+                 liveness: Optional[Liveness] = None) -> None:
+        self.store, self.rank, self.timeout_s, self.prefix = store, rank, timeout_s, prefix
+        self.liveness = liveness
+        self._private = Liveness()
+
+    def __call__(self, seq: str, live: List[int], failed: List[int]) -> Tuple[List[int], bool]:
+        """Post this rank's outcome and read everyone's: ``(dead, all_ok)``, the same on every rank.
+
+        Returns as soon as one voter is found dead (known dead, or silent past ``timeout_s``):
+        the chunk is abandoned by every rank either way.
+        """
+        lv = self.liveness if self.liveness is not None else self._private
+        key = f"{self.prefix}/{seq}"
+        mine = ",".join(map(str, failed)) if failed else "ok"
+        posts = {}
+        got = self.store.compare_set(f"{key}/{self.rank}", "", mine).decode()
+        if got.startswith(_DEAD):  # the others already gave up on this rank: abandon with them
+            return [self.rank], False
+        posts[self.rank] = got
+        pending = [int(r) for r in live if int(r) != self.rank]
+        deadline = time.monotonic() + float(self.timeout_s)
+        delay = _POLL_MIN_S
+        while pending:
+            version = lv.version
+            keys = [f"{key}/{r}" for r in pending]
+            if self.store.check(keys):
+                for r, v in zip(pending, self.store.multi_get(keys)):
+                    posts[r] = v.decode()
+                pending = []
+                break
+            if self.store.check(keys[:1]):  # progress in order: the first pending voter posted
+                posts[pending[0]] = self.store.get(keys[0]).decode()
+                pending.pop(0)
+                delay = _POLL_MIN_S
+                continue
+            timed_out = time.monotonic() >= deadline
+            suspects = pending if timed_out else [r for r in pending if lv.is_dead(r)]
+            if suspects:
+                why = "silent for the vote's timeout" if timed_out else f"dead ({lv.reason(suspects[0])})"
+                dead = []
+                for r in suspects:
+                    v = self.store.compare_set(f"{key}/{r}", "", f"{_DEAD}{why}").decode()
+                    posts[r] = v
+                    if v.startswith(_DEAD):
+                        dead.append(r)
+                if dead:
+                    return sorted(dead), False
+                pending = [r for r in pending if r not in posts]  # they had posted after all
+                continue
+            _sleep(lv, min(delay, max(0.0, deadline - time.monotonic())), version)
+            delay = min(delay * 2, _POLL_MAX_S)
+        dead = sorted(r for r, v in posts.items() if v.startswith(_DEAD))
+        all_ok = all(v == "ok" for v in posts.values())
+        return dead, all_ok and not dead
+
+    def agree(self, seq: str, live: List[int], failed: List[int]) -> bool:
+        """Like calling the vote, but a dead voter raises :class:`PeerFailure` naming it (all the
+        dead ones in ``ranks``); returns whether every live rank posted ``ok``."""
+        dead, all_ok = self(seq, live, failed)
+        if dead:
+            raise PeerFailure(dead[0], f"rank {dead[0]} is dead (vote {self.prefix}/{seq})", ranks=dead)
+        return all_ok
