@@ -22,11 +22,26 @@ is the median host time to issue one call (torch / Triton), which CUDA-graph rep
 GB/s counts the bytes the operation must read and write once (``bytes`` column), for both sides.
 Every output is compared bit for bit with the reference; ``fma`` tells whether the reduce would
 still match with fp contraction on (it is off in the kernel); the run exits 1 on any mismatch.
+
+**Hot path** (second table; ``--hot-path-only`` prints just it, ``--hot-tokens`` picks the sizes,
+default 128,512,4096): the SGLang path's routing for one MoE layer per step, old vs new:
+
+* ``old`` (before issue 14): SGLang's ``dynamic`` logical -> physical map (``randint % num_valid``
+  over the map collapsed to one replica per expert) -> the adapter's ``_to_live_replicas`` chain
+  (a pair on a dead rank moves to the first live sibling) -> the inner dispatcher's routing kernel
+  over an identity table (renormalise, counters, int32 copy);
+* ``new``: ONE launch of the routing rule where SGLang maps (``sglang_plugin/routing_hook.py``),
+  ids passed straight through by the adapter.
+
+``graph us`` is GPU time per step under CUDA-graph replay (a graph of 20 steps, median over
+``--reps`` replays / 20); ``host us`` the median host time to issue one step eagerly (GPU kept busy).
+``live`` checks that every routed pair of the new path sits on a live rank and serves its logical
+expert (or is -2 exactly when the expert has no live replica), and that the new ids equal the torch
+reference of the rule bit for bit.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -48,12 +63,15 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--slots-per-rank", type=int, default=9, help="R * S - E slots hold redundant replicas")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hot-path-only", action="store_true", help="only the SGLang hot-path table")
+    ap.add_argument("--hot-tokens", default="128,512,4096", help="T values of the hot-path table")
     args = ap.parse_args()
     if args.tokens is None:
         args.tokens = "8,33" if args.smoke else "128,256,512,1024,2048,4096,8192"
     if args.smoke:
         args.experts, args.topk, args.hidden = 16, 4, 256
         args.ranks, args.slots_per_rank, args.reps = 4, 5, 2
+        args.hot_tokens = "8,33"
     return args
 
 
@@ -64,18 +82,8 @@ if ARGS.smoke:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-if importlib.util.find_spec("sglang_elastic.kernels") is None:
-    # Source checkout without `pip install -e .`: kernels/ is the subpackage sglang_elastic.kernels.
-    import sglang_elastic  # noqa: E402
-
-    _spec = importlib.util.spec_from_file_location("sglang_elastic.kernels", ROOT / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["sglang_elastic.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-    sglang_elastic.kernels = _mod
-
-from sglang_elastic import kernels as K  # noqa: E402
+# dispatch._kernels loads kernels/ as sglang_elastic.kernels from a checkout that was not installed.
+from sglang_elastic.dispatch._kernels import kernels as K  # noqa: E402
 from sglang_elastic.dispatch.layout import recv_positions, send_plan  # noqa: E402
 
 
@@ -208,6 +216,107 @@ def bench_tokens(T: int, l2p: torch.Tensor, live: torch.Tensor, timer: Timer, g:
     return bad
 
 
+# ---------------------------------------------------------------------------------------- hot path
+def _old_sglang_path(ids, w, l2all, nvalid, siblings, ident, live, S, acc, cum):
+    """SGLang 0.5.23 dynamic map -> the adapter's _to_live_replicas (git history) -> inner routing."""
+    shape, flat = ids.shape, ids.flatten()
+    num_valid = nvalid[flat]
+    pick = torch.randint(0, 65536, flat.shape, dtype=torch.int32, device=ids.device) % num_valid
+    phys = l2all[flat, pick].to(ids.dtype).view(shape)
+    safe = phys.clamp(min=0).long()
+    dead = (phys >= 0) & (live[safe // S] == 0)
+    cand = siblings[safe]
+    ok = (cand >= 0) & (live[cand.clamp(min=0) // S] != 0)
+    alt = cand.gather(-1, ok.to(torch.int8).argmax(-1, keepdim=True)).squeeze(-1)
+    phys = torch.where(dead & ok.any(-1), alt.to(phys.dtype), phys)
+    return K.route_renormalize(phys, w, ident, live, S, 0, None, acc=acc, cum=cum, idx_dtype=torch.int32)
+
+
+def _graph_us(fn: Callable[[], object], reps: int, steps: int = 20) -> float:
+    """Median GPU microseconds per call under CUDA-graph replay (``steps`` calls per graph)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / steps)
+    return statistics.median(times)
+
+
+def hot_path(device: torch.device, timer: "Timer", g: torch.Generator) -> int:
+    """Print the hot-path table (see the module docstring); returns the number of failed checks."""
+    from sglang_elastic.eplb.placement import Placement
+
+    E, Kk, R, S = ARGS.experts, ARGS.topk, ARGS.ranks, ARGS.slots_per_rank
+    P = R * S
+    owner = torch.cat([torch.arange(E), torch.randint(0, E, (P - E,), generator=g)])
+    p2l = owner[torch.randperm(P, generator=g)]
+    l2p = Placement(p2l[None], R, E).log2phy[0]                         # [E, X] every replica
+    X = l2p.shape[1]
+    x_cap = max(1, min(P - E + 1, max(4, X)))                          # as routing_hook sizes its table
+    table = torch.full((E, x_cap), -1, dtype=torch.int64)
+    table[:, :X] = l2p
+    # SGLang's logical_to_all_physical_map with an a2a backend: the nearest replica only (here: the first).
+    l2all = l2p[:, :1].contiguous()
+    nvalid = torch.ones(E, dtype=torch.int64)
+    siblings = l2p[p2l]                                                  # [P, X] the adapter's replica table
+    ident = torch.arange(P, dtype=torch.int64)[:, None]
+    live = torch.ones(R, dtype=torch.int32)
+    live[R - 1] = 0
+    table, l2all, nvalid, siblings, ident, live = (t.to(device) for t in (table, l2all, nvalid, siblings, ident, live))
+    acc = torch.zeros(3, dtype=torch.int64, device=device)
+    cum = torch.zeros(4, dtype=torch.int64, device=device)
+    print(f"# hot path: SGLang top-k -> dispatcher routing for one MoE layer; E={E} top-{Kk} on {R} x {S} slots "
+          f"(rank {R - 1} dead); ids int32 as SGLang's")
+    head = (f"{'T':>6} {'old graph us':>12} {'new graph us':>12} {'old host us':>11} {'new host us':>11} "
+            f"{'gpu x':>6} {'host x':>6} {'live':>5}")
+    print(head)
+    print("-" * len(head))
+    bad = 0
+    for T in (int(x) for x in ARGS.hot_tokens.split(",")):
+        ids = torch.rand(T, E, generator=g).topk(Kk, dim=1).indices.to(torch.int32).to(device)
+        w = torch.rand(T, Kk, generator=g).to(device)
+        out = torch.empty_like(ids)
+
+        def old():
+            return _old_sglang_path(ids, w, l2all, nvalid, siblings, ident, live, S, acc, cum)
+
+        def new():
+            return K.map_mask_record(ids, table, live, S, 0, None, out=out, dropped_id=-2)
+
+        new()
+        ref = K.map_mask_record(ids, table, live, S, 0, None, dropped_id=-2, backend="torch")
+        got = out.long()
+        on_live = (got < 0) | (live[(got.clamp(min=0) // S)] != 0)
+        serves = (got < 0) | (torch.as_tensor(p2l, device=device)[got.clamp(min=0)] == ids.long())
+        no_replica = (live[(table[ids.long()].clamp(min=0) // S)] * (table[ids.long()] >= 0)).sum(-1) == 0
+        ok = bool(torch.equal(got, ref) and on_live.all() and serves.all() and torch.equal(got == -2, no_replica))
+        bad += not ok
+        _, host_old = timer(old)
+        _, host_new = timer(new)
+        if device.type == "cuda":
+            g_old, g_new = _graph_us(old, ARGS.reps), _graph_us(new, ARGS.reps)
+        else:
+            g_old = g_new = float("nan")
+        print(f"{T:>6} {g_old:>12.1f} {g_new:>12.1f} {host_old:>11.0f} {host_new:>11.0f} {g_old / g_new:>5.2f}x "
+              f"{host_old / host_new:>5.2f}x {'yes' if ok else 'NO':>5}")
+    return bad
+
+
 def main() -> int:
     device = torch.device("cpu" if ARGS.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -233,13 +342,15 @@ def main() -> int:
           f"median of {ARGS.reps}")
     head = (f"{'T':>6} {'op':<18} {'bytes':>10} {'torch ms':>9} {'triton ms':>9} {'torch GB/s':>10} "
             f"{'triton GB/s':>11} {'speedup':>7} {'host us':>13} {'exact':>5} {'fma':>5}")
-    print(head)
-    print("-" * len(head))
+    if not ARGS.hot_path_only:
+        print(head)
+        print("-" * len(head))
     bad = 0
-    for T in (int(x) for x in ARGS.tokens.split(",")):
+    for T in (int(x) for x in ARGS.tokens.split(",")) if not ARGS.hot_path_only else ():
         bad += bench_tokens(T, l2p, live, timer, g, gd)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next size's buffers are larger
+    bad += hot_path(device, timer, g)
     print(f"# {'all outputs bit-identical to the torch references' if not bad else f'{bad} MISMATCHES'}")
     return 1 if bad else 0
 

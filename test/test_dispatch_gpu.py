@@ -536,9 +536,20 @@ def _kernel_cases(device: str) -> List[dict]:
             outv = (torch.randn(T, 64, generator=torch.Generator().manual_seed(case)) + 2).to(torch.bfloat16).to(device)
             KR.after_combine(outv, routed.phys, routed.weights, routed.affected, mask, True, Rr, Ss, cum, connected,
                             active, backend=backend)
+            # The SGLang hook's launch (int32 ids in and out, -2 where no replica is live) and the
+            # pre-routed after-combine that renormalises those pairs.
+            hook = KR.map_mask_record(ids.to(torch.int32).to(device), table.log2phy[1], live.to(device), Ss,
+                                      (case % Rr) * max(T, 1), None, out=torch.empty(T, Kk, dtype=torch.int32, device=device),
+                                      dropped_id=-2, backend=backend)
+            out2 = (torch.randn(T, 64, generator=torch.Generator().manual_seed(case)) + 2).to(torch.bfloat16).to(device)
+            cum2 = torch.zeros(4, dtype=torch.int64, device=device)
+            KR.after_combine(out2, hook, w.to(device), torch.zeros(T, dtype=torch.bool, device=device),
+                             torch.zeros(Rr, dtype=torch.int32, device=device), True, Rr, Ss, cum2, dropped_id=-2,
+                             backend=backend)
             res[backend] = dict(phys=routed.phys.cpu(), logical=routed.logical.cpu(), w=routed.weights.cpu(),
                                 aff=routed.affected.cpu(), stats=routed.stats.cpu(), cum=cum.cpu(),
-                                load=load.cpu(), out=outv.float().cpu(), live=active.cpu())
+                                load=load.cpu(), out=outv.float().cpu(), live=active.cpu(), hook=hook.cpu(),
+                                out2=out2.float().cpu(), cum2=cum2.cpu())
         ref = route(ids, w, RoutingTable.from_placement(placement), 1, live, token_offset=(case % Rr) * max(T, 1))
         a, b = res["torch"], res["triton"]
         checks = {
@@ -552,6 +563,10 @@ def _kernel_cases(device: str) -> List[dict]:
             "cum": torch.equal(a["cum"], b["cum"]), "load": torch.equal(a["load"], b["load"]),
             "out": torch.allclose(a["out"], b["out"], rtol=1e-2, atol=0), "live": torch.equal(a["live"], b["live"]),
             "acc reset": not bool(acc.any()),
+            "hook=ref": torch.equal(a["hook"].long(), torch.where((ids >= 0) & (ref.phys < 0), -2, ref.phys)),
+            "hook": torch.equal(a["hook"], b["hook"]),
+            "hook renorm": torch.allclose(a["out2"], b["out2"], rtol=1e-2, atol=0) and torch.equal(a["cum2"], b["cum2"])
+            and int(a["cum2"][2]) == int((a["hook"] == -2).logical_and(w != 0).sum()),
         }
         out.append(dict(case=case, T=T, failed=[k for k, v in checks.items() if not v],
                         stats=b["cum"].tolist()))
