@@ -44,4 +44,4 @@ def test_killed_peer_ends_blocked_transfer_and_combine(kind):
         assert payload["failures"] == 1, (kind, rank, payload)
 
 
-FEED = "hand"
+FEED = "membership"  # the real membership watch feeds each rank's Liveness
