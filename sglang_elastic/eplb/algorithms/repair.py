@@ -122,6 +122,39 @@ def match_ranks(fresh: np.ndarray, present: np.ndarray, node_of: Optional[np.nda
     return out
 
 
+def _fallback_layers(got: np.ndarray, target: np.ndarray, missed: np.ndarray, fresh_max: np.ndarray,
+                     min_balance: float) -> np.ndarray:
+    """Which missed layers take the from-scratch placement, as indexes into ``missed``.
+
+    Balancedness is global (sum of means over sum of maxima), so the promise "at least
+    ``min_balance`` of from-scratch's" holds when the busiest ranks summed over layers stay under
+    from-scratch's sum divided by ``min_balance``. Layers that met their target count at their
+    target (a lower bound of from-scratch's share, so the check is conservative); missed layers
+    fall back, worst excess first, until the sum fits.
+
+    Parameters:
+        got: float64 ``[L]`` busiest rank after repair. target: float64 ``[L]`` (``inf`` never misses).
+        missed: int64 ``[M]`` layers above target. fresh_max: float64 ``[M]`` their from-scratch busiest rank.
+        min_balance: the promised fraction.
+
+    Returns:
+        int64 ``[K]`` indexes into ``missed``.
+    """
+    ok = np.ones(got.shape[0], dtype=bool)
+    ok[missed] = False
+    budget = target[ok].sum() - got[ok].sum() if ok.any() else 0.0  # slack of layers under target
+    allowed = fresh_max / min_balance
+    excess = got[missed] - allowed
+    order = np.argsort(-(excess / np.maximum(got[missed] - fresh_max, 1e-300)))  # most excess per unit regained
+    # Falling back turns a layer's excess into slack: allowed - fresh_max.
+    gain = np.where(excess > 0, excess, 0.0) + (allowed - fresh_max)
+    need = excess.sum() - budget
+    if need <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = int(np.searchsorted(np.cumsum(gain[order]), need)) + 1
+    return np.sort(order[:k])
+
+
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, then swap towards ``target``.
@@ -161,9 +194,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     missed = np.flatnonzero(got > target)
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
-        worse = got[missed] * min_balance > fresh_max
-        if worse.any():
-            take = missed[worse]
-            st.x[take] = match_ranks(fresh[worse], orig[take], node_of)
-
+        take = _fallback_layers(got, target, missed, fresh_max, min_balance)
+        if take.size:
+            st.x[missed[take]] = match_ranks(fresh[take], orig[missed[take]], node_of)
     return st.x
