@@ -47,7 +47,7 @@ def _alive(pid: int) -> bool:
 
 def _write(tmp_path, name, text):
     p = tmp_path / name
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(p)
 
 
@@ -72,17 +72,58 @@ def _write(tmp_path, name, text):
     (["--scenario", "/nonexistent/scenario.yaml"], {}, "cannot read scenario file"),
     (["--config", "{c}"], {"c": "model: {experts: 0}\n"}, "model.experts must be >= 1"),
     (["--config", "{c}"], {"c": "cluster: {transport: 3}\n"}, "cluster.transport must be str"),
+    # issue 19's list: phases, soak arguments, NaN/inf and absurd sizes, kill+join of one rank in a step,
+    # duplicate keys, binary / non-UTF-8 files (named), unwritable outputs (before the run)
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 1, action: kill, rank: 0, phase: dinner}\n"},
+     "unknown phase 'dinner'; choose one of dispatch, combine, transfer, vote, rehome, fill, between"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents:\n  - {step: 1, action: join, rank: 0, phase: vote}\n"},
+     "join takes no phase or layer"),
+    (["--soak", "0"], {}, r"--soak: expected minutes in \(0, 1440\], got '0'"),
+    (["--soak", "nan"], {}, r"--soak: expected minutes in \(0, 1440\], got 'nan'"),
+    (["--soak", "1e9"], {}, r"--soak: expected minutes in \(0, 1440\]"),
+    (["--soak", "1", "--seed", "-1"], {}, "--seed: expected a non-negative integer, got '-1'"),
+    (["--seed", "3"], {}, "--seed goes with --soak"),
+    (["--metrics-port", "70000"], {}, r"--metrics-port: expected a TCP port number in \[1, 65535\]"),
+    (["--config", "{c}"], {"c": "cluster: {timeout_s: .nan}\n"}, "cluster.timeout_s must be a finite number, got nan"),
+    (["--config", "{c}"], {"c": "cluster: {heartbeat_timeout_s: .inf}\n"},
+     "cluster.heartbeat_timeout_s must be a finite number, got inf"),
+    (["--config", "{c}"], {"c": "model: {hidden: 1000000000}\n"}, "model.hidden = 1000000000 is absurd"),
+    (["--config", "{c}"], {"c": "model: {hidden: 16384, ffn: 16384}\n"}, "model too large for a local rehearsal"),
+    (["--config", "{c}"], {"c": "cluster: {max_ranks: 5}\nscenario:\n  steps: 9\n  events:\n"
+                                "    - {step: 2, action: kill, rank: 3}\n    - {step: 5, action: kill, rank: 2}\n"
+                                "    - {step: 5, action: join, rank: 2}\n"},
+     "step 5: rank 2 has two events"),
+    (["--scenario", "{s}"], {"s": "steps: 10\nevents: []\nsteps: 40\n"},
+     r"scenario file .*s.yaml: duplicate key 'steps' \(lines 1 and 3\)"),
+    (["--scenario", "{s}"], {"s": b"steps: 10\x00\x01\x02"}, r"scenario file .*s.yaml is binary"),
+    (["--config", "{c}"], {"c": b"model: {seed: 1}  # caf\xe9\n"}, r"config file .*c.yaml is not UTF-8 text"),
+    (["--json", "/nonexistent/folder/out.json"], {}, "--json /nonexistent/folder/out.json: folder /nonexistent/folder does not exist"),
+    (["--plot", "{d}"], {}, "--plot .*: is a folder, not a file"),
+    (["--json", "{d}/x", "--plot", "{d}/x"], {}, "--json and --plot name the same file"),
+    # --ranks keeps the config's max_ranks: rank ids stay 0..4 (the message says so), not 0..2
+    (["--ranks", "3", "--config", "{c}"], {"c": "model: {experts: 8}\ncluster: {ranks: 4, max_ranks: 5}\n"
+                                                  "scenario: {steps: 5, events: [{step: 1, action: join, rank: 5}]}\n"},
+     "rank ids are 0..4"),
 ])
-def test_bad_input_is_one_line_before_anything_starts(tmp_path, args, files, match):
+def test_bad_input_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch, args, files, match):
+    """In-process (fast): the CLI's own main; nothing may start (Orchestrator.run would)."""
+    import re
+
+    from sglang_elastic.cli import main
+    from sglang_elastic.rehearsal.orchestrator import Orchestrator
+
+    def refuse(self):
+        raise AssertionError("the rehearsal started")
+
+    monkeypatch.setattr(Orchestrator, "run", refuse)
     paths = {k: _write(tmp_path, f"{k}.yaml", v) for k, v in files.items()}
-    argv = [a.format(**paths) for a in args]
-    t0 = time.monotonic()
-    p = subprocess.run(CLI + argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert p.returncode == 2, p.stderr
-    err = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(err) >= 1 and __import__("re").search(match, err[-1]), p.stderr
-    assert "step " not in p.stdout  # nothing ran
-    assert time.monotonic() - t0 < 30
+    paths["d"] = str(tmp_path)
+    argv = ["rehearse"] + [a.format(**paths) for a in args]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    err = [l for l in err.splitlines() if l.strip()]
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert "rank log" not in out  # nothing ran
 
 
 def test_scenario_parsing():

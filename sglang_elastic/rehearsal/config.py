@@ -246,7 +246,7 @@ def parse_scenario(raw: Any, ranks_per_node: int = 0) -> Scenario:
 
 def validate(cfg: RehearsalConfig) -> None:
     """Check the whole config, including a dry run of the scenario's live sets."""
-    m, c, s = cfg.model, cfg.cluster, cfg.scenario
+    m, c = cfg.model, cfg.cluster
     for name in ("layers", "experts", "top_k", "hidden", "ffn"):
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")

@@ -44,6 +44,10 @@ __all__ = ["Orchestrator", "RehearsalError", "StepRecord", "EventSource", "Scena
 log = logging.getLogger(__name__)
 
 
+# Degraded modes the ranks report as "how many now" (the others are counts of events).
+GAUGES = ("backups_uncovered", "experts_unserved")
+
+
 class RehearsalError(RuntimeError):
     """The rehearsal could not go on (a rank crashed, a step never completed...)."""
 
@@ -168,7 +172,13 @@ class Orchestrator:
         """Live ranks that keep experts: not draining, not ``exclude``."""
         return [r for r in self.st.live if r not in self.st.leaving and r not in exclude]
 
-    def _plan_rebalance(self, serving: List[int], from_scratch: bool = False) -> int:
+    def _plan_rebalance(self, serving: List[int], from_scratch: bool = False) -> Optional[int]:
+        """Publish a placement over ``serving`` from the load recorded since the last one; None (and a
+        degraded mode) when the serving ranks have fewer slots than there are experts."""
+        if len(serving) * self.S < self.E:
+            self.st.degraded_totals["too_few_slots_to_rebalance"] = \
+                self.st.degraded_totals.get("too_few_slots_to_rebalance", 0) + 1
+            return None
         mask = np.zeros(self.R, dtype=bool)
         mask[serving] = True
         load = self.window_load if self.window_load.sum() > 0 else np.ones((self.L, self.E))
@@ -193,7 +203,7 @@ class Orchestrator:
             failures=[asdict(f) for f in st.failures], joins=st.joins, lost_requests=len(st.queue),
             recovering=[asdict(f) for f in st.open_failures], requests=st.next_batch,
             events=[asdict(e) for e in st.executed], unfired=[asdict(f) for f in st.armed.values()],
-            degraded_modes=st.degraded_totals, total_s=time.time() - t_launch, steps=step,
+            degraded_modes=st.degraded_totals, recoveries=st.recovery_totals, total_s=time.time() - t_launch, steps=step,
             log_path=self.log_path)
         return self.summary
 
@@ -203,6 +213,7 @@ class Orchestrator:
         c = self.cfg.cluster
         self.membership = MembershipServer("127.0.0.1", 0, world_size=c.ranks, max_ranks=self.R,
                                            heartbeat_timeout_s=c.heartbeat_timeout_s, tick_s=0.02)
+        self.liveness = self.membership.liveness   # every death the server publishes
         self.port = self.membership.port
         self.store = torch.distributed.TCPStore("127.0.0.1", self.port, is_master=False,
                                                 timeout=datetime.timedelta(seconds=60))
@@ -257,7 +268,7 @@ class Orchestrator:
         self._play_events(ctx)
         self._adopt_deaths(ctx)
         self._release_drained(ctx)
-        plan, retried = self._plan_step(ctx)
+        plan = self._plan_step(ctx)
         rec = StepRecord(step=step, phase=self.st.phase, live=list(self.st.live), t_start=time.time(),
                          events=ctx.events)
         self.store.set(Keys.plan(step), plan.to_json())
@@ -267,7 +278,7 @@ class Orchestrator:
         results = self._collect(step, self.st.live, rec)
         all_ok = self._account(plan, results, rec)
         self._note_landed_faults(rec.events)
-        self._track_recovery(step, results, retried, all_ok, rec)
+        self._track_recovery(step, results, all_ok, rec)
         self.records.append(rec)
         self._feed_metrics(rec)
         if self.progress:
@@ -327,6 +338,7 @@ class Orchestrator:
                 if f.rank == r and f.adopted_step is None:
                     f.adopted_step = ctx.step
                     f.t_adopted = now
+                    f.in_flight = list(st.queue)   # what it interrupted: served again first, this step
             if self.metrics is not None:
                 kind = next((f.kind for f in st.open_failures if f.rank == r), "unscripted")
                 self.metrics.rank_failed({"kill": "killed", "freeze": "frozen"}.get(kind, "crashed"))
@@ -346,10 +358,10 @@ class Orchestrator:
             st.epoch += 1
             ctx.events.append(f"leave {ctx.leaving_now}")
 
-    def _plan_step(self, ctx: _Step) -> Tuple[StepPlan, set]:
+    def _plan_step(self, ctx: _Step) -> StepPlan:
         """Retried batches first, then one new batch per serving rank, round-robin."""
         st = self.st
-        todo, retried = list(st.queue), set(st.queue)
+        todo = list(st.queue)
         st.queue.clear()
         for _ in st.live:
             todo.append(st.next_batch)
@@ -365,7 +377,7 @@ class Orchestrator:
         if st.pending_target is not None:
             st.update_active = True
         st.pending_target = None
-        return plan, retried
+        return plan
 
     def _collect(self, step: int, live: List[int], rec: StepRecord) -> Dict[int, StepResult]:
         """Results of every live rank, or membership's verdict that it died."""
@@ -385,7 +397,7 @@ class Orchestrator:
             if time.monotonic() > deadline:
                 raise RehearsalError(f"step {step}: ranks {sorted(waiting)} neither answered nor were declared dead "
                                      f"within {self.step_timeout_s:.0f}s")
-            time.sleep(0.002)
+            self.liveness.wait(0.003)  # wakes at once on a death membership publishes
         rec.t_end = time.time()
         return results
 
@@ -416,9 +428,18 @@ class Orchestrator:
             self.window_load += np.asarray(res.load)
             for mode, n in res.degraded.items():
                 rec.degraded_modes[mode] = max(rec.degraded_modes.get(mode, 0), n)
+            for what, n in res.recoveries.items():
+                rec.recoveries[what] = max(rec.recoveries.get(what, 0), n)
+        for what, n in rec.recoveries.items():
+            st.recovery_totals[what] = st.recovery_totals.get(what, 0) + n
+        for mode in GAUGES:   # how many now: the worst value and the value at the end
+            n = rec.degraded_modes.get(mode, 0)
+            if n or mode in st.degraded_totals:
+                st.degraded_totals[mode] = max(st.degraded_totals.get(mode, 0), n)
+                st.degraded_totals[f"{mode}_at_end"] = n
         for mode, n in rec.degraded_modes.items():
-            st.degraded_totals[mode] = max(st.degraded_totals.get(mode, 0), n) if mode == "backups_uncovered" \
-                else st.degraded_totals.get(mode, 0) + n
+            if mode not in GAUGES:   # counts of events add up
+                st.degraded_totals[mode] = st.degraded_totals.get(mode, 0) + n
         placements = [res.placement for res in results.values() if res.placement is not None]
         if placements:
             self._commit(Placement(torch.tensor(placements[0]), self.R, self.E))
@@ -450,20 +471,22 @@ class Orchestrator:
             st.open_failures.append(FailureRecord(rank=r, kind=fired.action, phase=fired.phase, step=fired.step,
                                                   t_event=fired.t))
 
-    def _track_recovery(self, step: int, results: Dict[int, StepResult], retried: set, all_ok: bool,
-                        rec: StepRecord) -> None:
-        """Close the failures adopted before this step if every in-flight request is now served."""
+    def _track_recovery(self, step: int, results: Dict[int, StepResult], all_ok: bool, rec: StepRecord) -> None:
+        """Close each adopted failure whose in-flight requests (the batches it made us serve again)
+        are now all served correctly; one with none closes at the first step where everything was."""
         st = self.st
-        if not (all_ok and not st.queue and rec.mismatches == 0):
-            return
-        closing = [f for f in st.open_failures if f.adopted_step is not None and f.adopted_step <= step]
-        if not closing:
-            return
-        # The in-flight requests are the retried batches (served first): their outputs exist when the
-        # last of their forward passes finished (before any update chunk ran).
-        done = [p.t_done for res in results.values() for p in res.passes if p.batch in retried]
-        t_ok = max(done) if done else max((res.t_served for res in results.values()), default=rec.t_end)
-        for f in closing:
+        t_done = {p.batch: p.t_done for res in results.values() for p in res.passes if p.ok and p.mismatch == 0}
+        queued = set(st.queue)
+        for f in [f for f in st.open_failures if f.adopted_step is not None and f.adopted_step <= step]:
+            if f.in_flight:
+                if queued & set(f.in_flight) or not set(f.in_flight) <= set(t_done) | set(f.served):
+                    f.served += [b for b in f.in_flight if b in t_done and b not in f.served]
+                    continue
+                t_ok = max(t_done.get(b, 0.0) for b in f.in_flight)
+            elif all_ok and not st.queue and rec.mismatches == 0:
+                t_ok = max((res.t_served for res in results.values()), default=rec.t_end)
+            else:
+                continue
             f.interruption_s = t_ok - f.t_event
             f.recovered_step = step
             st.open_failures.remove(f)

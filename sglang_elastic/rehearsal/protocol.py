@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 __all__ = ["Keys", "InitInfo", "FaultSpec", "FaultFired", "StepPlan", "PassResult", "UpdateFigures",
            "Health", "StepResult", "FAULT_PHASES", "SERVING_PHASES", "UPDATE_PHASES"]
@@ -220,6 +220,7 @@ class StepResult(_Message):
     placement: Optional[List[List[int]]]
     dead_seen: List[int] = field(default_factory=list)
     degraded: Dict[str, int] = field(default_factory=dict)   # degraded mode -> count (this step)
+    recoveries: Dict[str, int] = field(default_factory=dict)  # collectives re-planned after a death
 
     _nested = {"update": UpdateFigures}
     _nested_lists = {"passes": PassResult}

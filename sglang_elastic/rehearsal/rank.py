@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from ..eplb import Placement, rebalance
+from ..location.backup import BackupLayout
+from ..location.updater import UpdateFailure
 from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
 from .config import RehearsalConfig
@@ -134,12 +136,12 @@ class Rank:
         version = info.placement if not joiner else int(self.store.get(Keys.COMMITTED))
         self.placement = placement_from_store(self.store, version, self.R, self.E)
         # Transport and dispatcher before joining: peers that see this rank live must find them.
-        self.transport = _with_liveness(make_transport, self.liveness, c.transport, rank, self.store)
-        self.dispatcher = _with_liveness(
-            make_dispatcher, self.liveness, c.transport, path="host", rank=rank, num_ranks=self.R,
-            num_local_experts=self.S, hidden=m.hidden, num_topk=m.top_k,
-            max_tokens_per_rank=BATCHES_PER_PASS * c.tokens_per_rank, placement=self.placement, state=self.state,
-            store=self.store, dtype=torch.float32, timeout_s=c.timeout_s, policy=c.policy, connect=False)
+        self.transport = make_transport(c.transport, rank, self.store, liveness=self.liveness)
+        self.dispatcher = make_dispatcher(
+            c.transport, path="host", rank=rank, num_ranks=self.R, num_local_experts=self.S, hidden=m.hidden,
+            num_topk=m.top_k, max_tokens_per_rank=BATCHES_PER_PASS * c.tokens_per_rank, placement=self.placement,
+            state=self.state, store=self.store, dtype=torch.float32, timeout_s=c.timeout_s, policy=c.policy,
+            connect=False, liveness=self.liveness)
         H, F = m.hidden, m.ffn
         self.w1 = torch.full((self.L, self.S, H, F), float("nan"))
         self.w2 = torch.full((self.L, self.S, F, H), float("nan"))
@@ -149,8 +151,8 @@ class Rank:
                     e = int(self.placement.phy2log[l, rank * self.S + s])
                     if e >= 0:
                         self.w1[l, s], self.w2[l, s] = self.model.expert(l, e)
-        self.member = _with_liveness(MembershipClient, self.liveness, "127.0.0.1", port, rank,
-                                     heartbeat_interval_s=c.heartbeat_timeout_s / 4)
+        self.member = MembershipClient("127.0.0.1", port, rank, heartbeat_interval_s=c.heartbeat_timeout_s / 4,
+                                       liveness=self.liveness)
         self.faults = FaultInjector(rank, self.store, lambda: self.member.incarnation)
         self.member.join(timeout=120)
         self.store.set(Keys.ready(rank), str(self.member.incarnation))
@@ -160,23 +162,46 @@ class Rank:
         self.updater = None
         self.update_load: Optional[np.ndarray] = None
         self.reported_dead: set = set()
-        self.degraded: Dict[str, int] = {}
+        self.degraded: Dict[str, int] = {}     # degraded modes of the elastic machinery (this step)
+        self.recoveries: Dict[str, int] = {}   # collectives re-planned after a peer died (this step)
+        self.abandoned: Optional[str] = None
         # Tell membership the moment the dispatcher gives up on a peer, not at the end of the step.
         self.state.add_listener(lambda ev: self._report_failures()
                                 if ev.kind == "failed" and "dispatcher" in ev.reason else None)
 
     # ------------------------------------------------------------------ weight movement
     def _new_updater(self, epoch: int, live: List[int]) -> None:
-        from ..location.updater import ExpertLocationUpdater, StoreVote
+        from ..location.updater import ExpertLocationUpdater
+        from ..membership import StoreVote
 
         c = self.cfg.cluster
-        vote = _with_liveness(StoreVote, self.liveness, self.store, self.rank, c.timeout_s + 10,
-                              prefix=f"vote/{epoch}")
+        # The vote's own timeout is for alive-but-silent voters; a dead voter ends it through Liveness.
+        vote = StoreVote(self.store, self.rank, c.timeout_s + 10, prefix=f"vote/{epoch}", liveness=self.liveness)
         self.updater = self.faults.watch_updater(_with_liveness(
             ExpertLocationUpdater, self.liveness, self.rank, self.faults.wrap_transport(self.transport),
             {"w1": self.w1, "w2": self.w2}, self.placement, live_ranks=_mask(live, self.R),
             layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size, timeout_s=c.timeout_s + 2,
             generation=epoch, vote=self.faults.wrap_vote(vote)))
+        self._fill_new_backups()
+
+    def _fill_new_backups(self) -> None:
+        """The start-up backup fill of a new updater (collective). A fresh backup store holds nothing
+        until filled: when a peer dies during the fill, the experts whose every replica died with it
+        have no backup (not a stale one); the others are filled again over the survivors."""
+        try:
+            self.updater.fill_backup()
+            return
+        except PeerFailure as exc:
+            dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+        self._count("fill_replans", kind="recoveries")
+        live = self._agreed_live_without(dead)
+        self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
+        layout = self.updater.backup_layout
+        if layout is not None:
+            present = (self.updater.placement.log2phy >= 0).any(-1)      # [L, E] a live replica exists
+            holder = layout.holder.clone()
+            holder[~present] = -1
+            self.updater.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank)
         self._collective(self.updater.fill_backup)
 
     def _agreed_live_without(self, dead: List[int]) -> List[int]:
@@ -198,7 +223,7 @@ class Rank:
 
     def _on_update_failure(self, dead: List[int]) -> Tuple[np.ndarray, Placement]:
         """The updater lost a peer mid-chunk: let membership decide, then retarget deterministically."""
-        self._count("update_replans")
+        self._count("update_replans", kind="recoveries")
         return self._retarget(self._agreed_live_without(dead))
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
@@ -209,7 +234,7 @@ class Rank:
                 return fn()
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
-                self._count("collective_replans")
+                self._count("collective_replans", kind="recoveries")
                 live = self._agreed_live_without(dead)
                 self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
                 if self.updater.target is not None and self.update_load is not None:
@@ -237,6 +262,10 @@ class Rank:
         if plan.target is not None:
             target = placement_from_store(self.store, plan.target, self.R, self.E)
             self.update_load = np.asarray(json.loads(self.store.get(Keys.load(plan.target))))
+            if (target.live_ranks.numpy() & ~self.updater.live).any():
+                # A peer died under this step's collectives after the orchestrator planned the target:
+                # re-plan it over the agreed survivors (every rank does the same).
+                target = self._retarget(np.flatnonzero(self.updater.live).tolist())[1]
             self.updater.begin(target, self._on_update_failure)
 
     def move_chunk(self, update: UpdateFigures) -> float:
@@ -244,7 +273,16 @@ class Rank:
         if self.updater.target is None or self.updater.done:
             return 0.0
         t1 = time.perf_counter()
-        rep = self.updater.step()
+        try:
+            rep = self.updater.step()
+        except UpdateFailure as exc:
+            # Weights are gone (an expert lost every replica and its backup): keep serving on what is
+            # committed (its tokens follow the degraded policy) instead of taking serving down. Every
+            # rank hits this at the same point (plans are deterministic), so all abandon together.
+            rep = None
+            self._count("updates_abandoned")
+            self.abandoned = str(exc)
+            self.updater.target = None
         pause = time.perf_counter() - t1
         if rep is not None:
             update.add(rep)
@@ -303,15 +341,18 @@ class Rank:
                 self.reported_dead.add(d)
                 self.member.report_dead(d, "dispatcher gave up on it")
 
-    def _count(self, mode: str, n: int = 1) -> None:
-        self.degraded[mode] = self.degraded.get(mode, 0) + n
+    def _count(self, mode: str, n: int = 1, kind: str = "degraded") -> None:
+        box = self.degraded if kind == "degraded" else self.recoveries
+        box[mode] = box.get(mode, 0) + n
 
     def _degraded_now(self) -> Dict[str, int]:
         """Degraded modes of the elastic machinery this step (what the report shows)."""
         out, self.degraded = dict(self.degraded), {}
+        present = (self.updater.placement.log2phy >= 0).any(-1)           # [L, E] experts still served
+        if not bool(present.all()):
+            out["experts_unserved"] = int((~present).sum())                 # their tokens: degraded policy
         layout = getattr(self.updater, "backup_layout", None)
         if layout is not None:
-            present = (self.updater.placement.log2phy >= 0).any(-1)       # [L, E] experts still served
             uncovered = int(((layout.holder < 0) & present).sum())
             if uncovered:
                 out["backups_uncovered"] = uncovered
@@ -320,6 +361,10 @@ class Rank:
             if isinstance(extra, dict):
                 for k, v in extra.items():
                     out[f"updater_{k}"] = int(v)
+        return out
+
+    def _take_recoveries(self) -> Dict[str, int]:
+        out, self.recoveries = self.recoveries, {}
         return out
 
     # ------------------------------------------------------------------ one step
@@ -345,9 +390,10 @@ class Rank:
         load = self.dispatcher.take_load()
         return StepResult(
             rank=self.rank, step=plan.step, passes=passes, load=load.tolist(), t_start=t0, t_served=t_served,
-            t_end=time.time(), update=update, update_pause=pause, update_done=self.updater.done,
+            t_end=time.time(), update=update, update_pause=pause,
+            update_done=self.updater.done or self.updater.target is None,
             placement=self.updater.placement.phy2log.tolist(), dead_seen=sorted(self.reported_dead),
-            degraded=self._degraded_now())
+            degraded=self._degraded_now(), recoveries=self._take_recoveries())
 
     def close(self, leave: bool) -> None:
         """Leave membership (planned scale-down) and release the stack."""

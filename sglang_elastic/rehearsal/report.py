@@ -81,6 +81,7 @@ def verdict(records: List[StepRecord], summary: Dict[str, Any]) -> Dict[str, Any
         unfired_faults=len(summary.get("unfired", [])),
         events=[_event_label(e) for e in summary.get("events", [])],
         degraded_modes=dict(summary.get("degraded_modes", {})),
+        recoveries=dict(summary.get("recoveries", {})),
         scale_up_s=[j.get("scale_up_s") for j in joins.values()],
         moved_mib=sum(r.bytes_moved for r in records) / MIB,
         total_s=summary.get("total_s"),
@@ -118,7 +119,7 @@ def format_report(records: List[StepRecord], summary: Dict[str, Any], title: str
               f"degraded tokens      {v['degraded_tokens']} (an expert had no live replica; "
               f"{v['degraded_mismatches']} differ from the reference)",
               f"lost requests        {v['lost_requests']} of {v['requests']}",
-              f"failover interruption {fo} (death -> first step with every in-flight token correct)",
+              f"failover interruption {fo} (fault -> the requests it interrupted served correctly)",
               f"scale-up             {su} (process start -> its experts committed)",
               f"moved                {v['moved_mib']:.1f} MiB",
               f"events executed      {'; '.join(v['events']) or '-'}"]
@@ -126,6 +127,8 @@ def format_report(records: List[StepRecord], summary: Dict[str, Any], title: str
         lines.append(f"faults not landed    {v['unfired_faults']} (their phase was never reached)")
     modes = ", ".join(f"{k} {n}" for k, n in sorted(v["degraded_modes"].items())) or "none"
     lines.append(f"degraded modes       {modes}")
+    rec = ", ".join(f"{k} {n}" for k, n in sorted(v["recoveries"].items())) or "none"
+    lines.append(f"recoveries           {rec} (collectives re-planned after a peer died)")
     if summary.get("log_path"):
         lines.append(f"rank log             {summary['log_path']} (the ranks' and libraries' own output)")
     lines.append(f"verdict              {'PASS' if passed(v) else 'FAIL'}")

@@ -33,6 +33,7 @@ class StepRecord:
     update_pause_max: float = 0.0
     events: List[str] = field(default_factory=list)
     degraded_modes: Dict[str, int] = field(default_factory=dict)
+    recoveries: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class FailureRecord:
     t_adopted: Optional[float] = None
     interruption_s: Optional[float] = None
     recovered_step: Optional[int] = None
+    in_flight: List[int] = field(default_factory=list)   # batches it interrupted (served again)
+    served: List[int] = field(default_factory=list)      # those already served correctly
 
 
 @dataclass
@@ -90,4 +93,5 @@ class RunState:
     open_failures: List[FailureRecord] = field(default_factory=list)
     failures: List[FailureRecord] = field(default_factory=list)
     degraded_totals: Dict[str, int] = field(default_factory=dict)
+    recovery_totals: Dict[str, int] = field(default_factory=dict)
     phase: str = "warm-up"
