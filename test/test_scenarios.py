@@ -86,8 +86,9 @@ def test_soak_short(tmp_path):
     s = json.loads(out.read_text())["soak"]
     assert s["passed"] and s["events_drawn"] >= 2 and s["survivors"]
     assert s["wrong"] == 0 and s["lost"] == 0 and s["unrecovered"] == 0 and not s["leaks"]
-    for r in s["survivors"]:
-        assert set(s["health_before"][r]) == {"fds", "threads", "rss_mb"}
+    for r in map(str, s["survivors"]):  # JSON keys
+        assert set(s["health_before"][r]) == {"fds", "threads", "rss_mb", "pid"}
+        assert s["health_before"][r]["pid"] == s["health_after"][r]["pid"]
     assert "soak verdict         PASS" in p.stdout
 
 

@@ -151,7 +151,7 @@ class Orchestrator:
             p = self.procs.get(r)
             if p is not None and p.is_alive():
                 try:
-                    out[r] = asdict(health_of(p.pid))
+                    out[r] = dict(asdict(health_of(p.pid)), pid=p.pid)
                 except OSError:  # it died between the check and the read
                     pass
         return out

@@ -22,6 +22,7 @@ process ends every wait on that peer.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import os
 import signal
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 
 from ..eplb import Placement, rebalance
-from ..location.backup import BackupLayout
 from ..location.updater import UpdateFailure
 from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
@@ -186,23 +186,31 @@ class Rank:
 
     def _fill_new_backups(self) -> None:
         """The start-up backup fill of a new updater (collective). A fresh backup store holds nothing
-        until filled: when a peer dies during the fill, the experts whose every replica died with it
-        have no backup (not a stale one); the others are filled again over the survivors."""
-        try:
-            self.updater.fill_backup()
-            return
-        except PeerFailure as exc:
-            dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
-        self._count("fill_replans", kind="recoveries")
-        live = self._agreed_live_without(dead)
-        self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
+        until filled, so an expert with no live replica to fill from has no backup (never a stale
+        one): before the fill, and again when a peer dies during it (the others are filled again
+        over the survivors)."""
+        for _ in range(MAX_RECOVERIES):
+            self._forget_unfillable_backups()
+            try:
+                self.updater.fill_backup()
+                return
+            except PeerFailure as exc:
+                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+            self._count("fill_replans", kind="recoveries")
+            live = self._agreed_live_without(dead)
+            self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
+        raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died during one backup fill")
+
+    def _forget_unfillable_backups(self) -> None:
         layout = self.updater.backup_layout
-        if layout is not None:
-            present = (self.updater.placement.log2phy >= 0).any(-1)      # [L, E] a live replica exists
-            holder = layout.holder.clone()
-            holder[~present] = -1
-            self.updater.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank)
-        self._collective(self.updater.fill_backup)
+        if layout is None:
+            return
+        present = (self.updater.placement.log2phy >= 0).any(-1)      # [L, E] a live replica exists
+        if bool(present.all()):
+            return
+        holder = layout.holder.clone()
+        holder[~present] = -1
+        self.updater.backup_layout = dataclasses.replace(layout, holder=holder)
 
     def _agreed_live_without(self, dead: List[int]) -> List[int]:
         """Report ``dead`` to membership and wait until the agreed view no longer has them."""

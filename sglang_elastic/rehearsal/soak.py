@@ -147,7 +147,9 @@ def soak_report(source: SoakEvents, summary: Dict[str, Any], v: Dict[str, Any]) 
         if f.get("interruption_s") is not None:
             by_kind.setdefault(f"{f['kind']} @{f['phase']}" if f.get("phase") else f["kind"], []).append(
                 f["interruption_s"])
-    survivors = sorted(set(source.baseline) & set(source.final))
+    # Survivors: the same process at both readings (a rank id may have been replaced meanwhile).
+    survivors = sorted(r for r in set(source.baseline) & set(source.final)
+                       if source.baseline[r]["pid"] == source.final[r]["pid"])
     leaks = []
     for r in survivors:
         b, a = source.baseline[r], source.final[r]
