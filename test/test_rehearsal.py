@@ -210,3 +210,46 @@ def test_sigint_stops_every_child(tmp_path):
     assert "interrupted" in rest
     time.sleep(1.0)
     assert not [k for k in seen if _alive(k)], "a rank process outlived Ctrl-C"
+
+
+def test_report_and_plot_without_processes(tmp_path):
+    """The report's units, events, degraded modes and verdict; the plot's integer live-rank ticks and
+    its verdict title (from records alone, no cluster)."""
+    pytest.importorskip("matplotlib")
+    from sglang_elastic.rehearsal import report
+    from sglang_elastic.rehearsal.tracking import StepRecord
+
+    recs = [StepRecord(step=i, phase="steady", live=[0, 1, 2] if i < 3 else [0, 1], t_start=float(i),
+                       t_end=i + 0.5, tokens=64, batches_done=2, degraded_tokens=3 * (i == 3),
+                       bytes_moved=2 ** 20 * i, latencies=[0.1]) for i in range(6)]
+    summary = dict(failures=[dict(rank=2, kind="kill", phase="combine", interruption_s=0.25)],
+                   events=[dict(step=3, action="kill", rank=2, phase="combine", armed_step=3)],
+                   degraded_modes={"backups_uncovered": 4}, recoveries={}, requests=12, lost_requests=0,
+                   log_path="/tmp/x.log")
+    text = report.format_report(recs, summary, "t")
+    assert "moved MiB" in text and "moved                15.0 MiB" in text
+    assert "events executed      step 3: kill 2 @combine" in text
+    assert "degraded modes       backups_uncovered 4" in text and "verdict              PASS" in text
+    data = report.to_json(recs, summary, {})
+    assert data["verdict"]["moved_mib"] == 15.0 and "bytes_moved" not in data["phases"][0]
+    out = tmp_path / "p.png"
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    orig = plt.Figure.savefig
+
+    def grab(fig, *a, **k):
+        seen["title"] = fig._suptitle.get_text()
+        seen["ticks"] = list(fig.axes[3].get_yticks())
+        seen["labels"] = [ax.get_ylabel() for ax in fig.axes]
+        return orig(fig, *a, **k)
+
+    plt.Figure.savefig = grab
+    try:
+        report.plot_timeline(recs, summary, out)
+    finally:
+        plt.Figure.savefig = orig
+    assert out.stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
+    assert seen["title"].startswith("sglang-elastic rehearse: PASS") and "degraded tokens 3" in seen["title"]
+    assert all(float(t).is_integer() for t in seen["ticks"])
+    assert "degraded tokens" in seen["labels"] and "live ranks" in seen["labels"]

@@ -36,7 +36,7 @@ from ..eplb import Placement, balancedness, rebalance
 from .config import Event, RehearsalConfig
 from .protocol import FaultFired, FaultSpec, InitInfo, Keys, StepPlan, StepResult
 from .rank import BATCHES_PER_PASS, health_of, rank_main
-from .tracking import ExecutedEvent, FailureRecord, RunState, StepRecord
+from .tracking import ExecutedEvent, FailureRecord, JoinRecord, RunState, StepRecord
 from .watch import ChildWatcher
 
 __all__ = ["Orchestrator", "RehearsalError", "StepRecord", "EventSource", "ScenarioEvents"]
@@ -200,7 +200,7 @@ class Orchestrator:
             p.join(timeout=20)
         st = self.st
         self.summary.update(
-            failures=[asdict(f) for f in st.failures], joins=st.joins, lost_requests=len(st.queue),
+            failures=[asdict(f) for f in st.failures], joins=[asdict(j) for j in st.joins], lost_requests=len(st.queue),
             recovering=[asdict(f) for f in st.open_failures], requests=st.next_batch,
             events=[asdict(e) for e in st.executed], unfired=[asdict(f) for f in st.armed.values()],
             degraded_modes=st.degraded_totals, recoveries=st.recovery_totals, total_s=time.time() - t_launch, steps=step,
@@ -298,7 +298,7 @@ class Orchestrator:
                 view = self._wait_members([ev.rank], timeout=180)
                 st.incarnations[ev.rank] = view.incarnations[ev.rank]
                 st.live = sorted(set(st.live) | {ev.rank})
-                st.joins[ev.rank] = dict(t_spawn=t, t_member=time.time(), step=ctx.step)
+                st.joins.append(JoinRecord(rank=ev.rank, step=ctx.step, t_spawn=t, t_member=time.time()))
                 self.store.set(Keys.start(ev.rank, view.incarnations[ev.rank]), str(ctx.step))
                 st.epoch += 1
                 st.pending_target = self._plan_rebalance(self._serving())
@@ -450,10 +450,10 @@ class Orchestrator:
         if st.update_active and results and all(res.update_done for res in results.values()):
             st.update_active = False
             st.leave_now = [r for r in st.leaving if r in st.live]
-            for j in st.joins.values():
-                if "t_filled" not in j:
-                    j["t_filled"] = time.time()
-                    j["scale_up_s"] = j["t_filled"] - j["t_spawn"]
+            for j in st.joins:
+                if j.t_filled is None:
+                    j.t_filled = time.time()
+                    j.scale_up_s = j.t_filled - j.t_spawn
         return all_ok
 
     def _note_landed_faults(self, events: List[str]) -> None:

@@ -308,15 +308,16 @@ class Rank:
 
     def forward(self, batch_ids: List[int]) -> List[PassResult]:
         """One forward pass over the concatenated tokens of ``batch_ids`` (possibly none: this rank
-        still takes part in every exchange); one result per batch."""
+        still takes part in every exchange); one result per batch. Outputs are checked against the
+        single-process reference after the pass: the check is not serving, so it is not timed."""
         c, m = self.cfg.cluster, self.cfg.model
         T = c.tokens_per_rank
         x = (torch.cat([self.model.batch(b, T) for b in batch_ids]) if batch_ids
              else torch.zeros(0, m.hidden))
         n = x.shape[0]
         lost0 = self.dispatcher.stats.lost_pairs
-        mismatch = torch.zeros(n, dtype=torch.bool)
         degraded = torch.zeros(n, dtype=torch.bool)
+        trace = []
         t0 = time.perf_counter()
         for l in range(self.L):
             h = self.model.norm(x)
@@ -327,13 +328,16 @@ class Rank:
             self.faults.at("combine", l)
             o = self.dispatcher.combine(y, out.handle)
             routed = out.handle.routed
-            ref = self.model.reference_layer(l, h, routed.logical, routed.weights, self.ref_experts[l])
-            mismatch |= ~torch.isclose(o, ref, rtol=RTOL, atol=ATOL).all(1)
+            trace.append((l, h, routed.logical, routed.weights, o))
             degraded |= routed.affected
             x = x + o
         dt = time.perf_counter() - t0
-        lost = self.dispatcher.stats.lost_pairs - lost0
         t_done = time.time()
+        lost = self.dispatcher.stats.lost_pairs - lost0
+        mismatch = torch.zeros(n, dtype=torch.bool)
+        for l, h, logical, weights, o in trace:
+            ref = self.model.reference_layer(l, h, logical, weights, self.ref_experts[l])
+            mismatch |= ~torch.isclose(o, ref, rtol=RTOL, atol=ATOL).all(1)
         ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
         res = []
         for i, b in enumerate(batch_ids):

@@ -66,7 +66,7 @@ def verdict(records: List[StepRecord], summary: Dict[str, Any]) -> Dict[str, Any
     """Headline figures: correctness, lost requests, failover interruption, scale-up time, events,
     degraded modes."""
     fails = summary.get("failures", [])
-    joins = summary.get("joins", {})
+    joins = summary.get("joins", [])
     inter = [f.get("interruption_s") for f in fails]
     return dict(
         mismatches=sum(r.mismatches for r in records),
@@ -82,7 +82,7 @@ def verdict(records: List[StepRecord], summary: Dict[str, Any]) -> Dict[str, Any
         events=[_event_label(e) for e in summary.get("events", [])],
         degraded_modes=dict(summary.get("degraded_modes", {})),
         recoveries=dict(summary.get("recoveries", {})),
-        scale_up_s=[j.get("scale_up_s") for j in joins.values()],
+        scale_up_s=[j.get("scale_up_s") for j in joins],
         moved_mib=sum(r.bytes_moved for r in records) / MIB,
         total_s=summary.get("total_s"),
     )

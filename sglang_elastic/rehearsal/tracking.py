@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 from .protocol import FaultSpec
 
-__all__ = ["StepRecord", "ExecutedEvent", "FailureRecord", "RunState"]
+__all__ = ["StepRecord", "ExecutedEvent", "FailureRecord", "JoinRecord", "RunState"]
 
 
 @dataclass
@@ -74,6 +74,18 @@ class FailureRecord:
 
 
 @dataclass
+class JoinRecord:
+    """A scale-up: from the joiner's process start to the commit of the placement that fills it."""
+
+    rank: int
+    step: int
+    t_spawn: float
+    t_member: float
+    t_filled: Optional[float] = None
+    scale_up_s: Optional[float] = None
+
+
+@dataclass
 class RunState:
     """The orchestrator's state between steps."""
 
@@ -87,7 +99,7 @@ class RunState:
     update_active: bool = False
     leaving: Dict[int, float] = field(default_factory=dict)   # rank -> drain start time
     leave_now: List[int] = field(default_factory=list)
-    joins: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    joins: List[JoinRecord] = field(default_factory=list)
     armed: Dict[int, FaultSpec] = field(default_factory=dict)
     executed: List[ExecutedEvent] = field(default_factory=list)
     open_failures: List[FailureRecord] = field(default_factory=list)
