@@ -14,7 +14,9 @@ probes, Mooncake failed transfers and probes, gloo connection errors).
 
     .venv/bin/python bench/bench_detect.py [--kinds torch,nixl,mooncake] [--feeds membership,none] [--repeat 3]
 
-Prints the median and max over repeats and survivors, in milliseconds.
+Prints the median and max over repeats and survivors, in milliseconds, and when each survivor's
+Liveness learned of the death (from the membership watch, or from the rank's own transport or
+dispatcher, whichever came first; "-" when only a peer's FAIL notice ended the wait).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
         for kind in kinds:
             for feed in feeds:
                 times = {"transfer": [], "combine": []}
+                known = {"transfer": [], "combine": []}  # kill -> the rank's Liveness knew (any source)
                 for _ in range(a.repeat):
                     res = h.run(kind, feed)
                     for phase, got in res.items():
@@ -65,19 +68,26 @@ def main(argv=None) -> int:
                             if not ok:
                                 raise SystemExit(f"bench_detect: {kind}/{feed} {phase}: unexpected {status} {payload}")
                             times[phase].append(dt * 1e3)
-                rows.append((kind, feed, times))
+                            if payload.get("known"):
+                                known[phase].append(payload["known"][0] * 1e3)
+                rows.append((kind, feed, times, known))
                 print(f"# {kind:9s} {feed:10s} transfer {statistics.median(times['transfer']):7.1f} ms  "
                       f"combine {statistics.median(times['combine']):7.1f} ms", file=sys.stderr, flush=True)
     finally:
         h.stop_forkserver()
     print(f"SIGKILL -> end of a blocked wait (ms; median / max over {a.repeat} runs x survivors; "
           "own timeouts 3600 s)\n")
-    print("| transport | feed | blocked transfer: median | max | blocked combine: median | max |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for kind, feed, t in rows:
+    print("| transport | feed | blocked transfer: median | max | Liveness knew (median) | blocked combine: median "
+          "| max | Liveness knew (median) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def med(xs) -> str:
+        return f"{statistics.median(xs):.1f}" if xs else "-"
+
+    for kind, feed, t, k in rows:
         label = "membership watch" if feed == "membership" else ("by hand" if feed == "hand" else "own detection only")
-        print(f"| {kind} | {label} | {statistics.median(t['transfer']):.1f} | {max(t['transfer']):.1f} | "
-              f"{statistics.median(t['combine']):.1f} | {max(t['combine']):.1f} |")
+        print(f"| {kind} | {label} | {med(t['transfer'])} | {max(t['transfer']):.1f} | {med(k['transfer'])} | "
+              f"{med(t['combine'])} | {max(t['combine']):.1f} | {med(k['combine'])} |")
     return 0
 
 

@@ -20,7 +20,6 @@ keys the orchestrator sets right after its kill), ``"none"`` (the transport's ow
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -60,6 +59,8 @@ def worker(kind: str, rank: int, port: int, mport: int, feed: str, out) -> None:
 
         store = torch.distributed.TCPStore(HOST, port, is_master=False, timeout=datetime.timedelta(seconds=120))
         lv = Liveness()
+        known: dict = {}  # rank -> wall time this process learned of its death
+        lv.add_listener(lambda r, reason: known.setdefault(r, (time.time(), reason)))
         stop = threading.Event()
         if feed == "membership":
             from sglang_elastic.membership import MembershipClient
@@ -90,7 +91,8 @@ def worker(kind: str, rank: int, port: int, mport: int, feed: str, out) -> None:
             t.execute(copies, timeout_s=TIMEOUT)
             out.put((rank, "transfer", "returned", None, time.time()))
         except PeerFailure as exc:
-            out.put((rank, "transfer", "peerfailure", {"rank": exc.rank, "msg": str(exc)}, time.time()))
+            out.put((rank, "transfer", "peerfailure", {"rank": exc.rank, "msg": str(exc), "known": known.get(VT)},
+                     time.time()))
         state.mark_failed([VT], reason="test: transfer victim")
         live = [r for r in range(R) if r != VT]
         store.set(f"phase2/{rank}", "1")
@@ -106,7 +108,7 @@ def worker(kind: str, rank: int, port: int, mport: int, feed: str, out) -> None:
         out.put((rank, "combine", "entered", None, time.time()))
         d.combine(y, o.handle)
         out.put((rank, "combine", "returned", {"live": state.live_ranks(), "failures": d.stats.peer_failures,
-                                                "lost": d.stats.lost_pairs}, time.time()))
+                                                "lost": d.stats.lost_pairs, "known": known.get(VC)}, time.time()))
         stop.set()
         out.put((rank, "done", "ok", None, time.time()))
     except BaseException:
@@ -117,23 +119,15 @@ def worker(kind: str, rank: int, port: int, mport: int, feed: str, out) -> None:
         os._exit(0)
 
 
-_CTX = None
-
-
-def context():
-    """Ranks fork from a forkserver with torch preloaded (spawning each costs seconds on 2 cores)."""
-    global _CTX
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "sglang_elastic.dispatch", "sglang_elastic.state",
-                                     "sglang_elastic.transport", "sglang_elastic.dispatch.host_onesided",
-                                     "_dispatch_harness"])
-    return _CTX
+PRELOAD = ["torch", "torch.distributed", "sglang_elastic.dispatch", "sglang_elastic.state", "sglang_elastic.transport",
+           "sglang_elastic.dispatch.host_onesided", "_dispatch_harness"]
 
 
 def run(kind: str, feed: str, limit_s: float = 120.0) -> dict:
     """Play both phases; returns ``{phase: {rank: (status, payload, seconds from the kill)}}``."""
-    ctx = context()
+    from _dispatch_harness import forkserver_context
+
+    ctx = forkserver_context(PRELOAD)
     store = torch.distributed.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
                                        timeout=datetime.timedelta(seconds=120))
     server = None
@@ -165,6 +159,8 @@ def run(kind: str, feed: str, limit_s: float = 120.0) -> dict:
                                  f"{[procs[r].exitcode for r in crashed]})")
         seen[(rank, phase, status)] = (payload, wall)
         if phase in results and status in ("peerfailure", "returned"):
+            if payload.get("known"):  # (seconds from the kill to this rank's Liveness knowing, who told it)
+                payload["known"] = (payload["known"][0] - kill_at[phase], payload["known"][1])
             results[phase][rank] = (status, payload, wall - kill_at[phase])
 
     def kill(phase: str, victim: int, waiters) -> None:
@@ -195,14 +191,10 @@ def run(kind: str, feed: str, limit_s: float = 120.0) -> dict:
             p.join(5)
         if server is not None:
             server.close()
-        del store
     return results
 
 
 def stop_forkserver() -> None:
-    if _CTX is not None:
-        from multiprocessing import forkserver
+    from _dispatch_harness import stop_forkserver as stop
 
-        stop = getattr(forkserver._forkserver, "_stop", None)
-        if stop is not None:
-            stop()
+    stop()

@@ -2,8 +2,9 @@
 single-process reference of one MoE layer (same routing decisions, same combine order)."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import socket
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +12,30 @@ import torch
 from sglang_elastic.dispatch import layout
 from sglang_elastic.dispatch.routing import RoutingTable, route
 from sglang_elastic.eplb import Placement
+
+
+_CTXS: dict = {}
+
+
+def forkserver_context(preload: Sequence[str]):
+    """A forkserver context with ``preload`` imported once (spawning each rank costs seconds on 2 cores)."""
+    key = tuple(preload)
+    if key not in _CTXS:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+        _CTXS[key] = ctx
+    return _CTXS[key]
+
+
+def stop_forkserver() -> None:
+    """Stop the forkserver (at the end of a test module), if one was started."""
+    if _CTXS:
+        from multiprocessing import forkserver
+
+        stop = getattr(forkserver._forkserver, "_stop", None)
+        if stop is not None:
+            stop()
+        _CTXS.clear()
 
 
 def free_port() -> int:

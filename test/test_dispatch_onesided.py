@@ -13,7 +13,6 @@ leaves with ``os._exit``; the TCPStore is served by the test process, as the orc
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -26,7 +25,8 @@ import torch
 
 from sglang_elastic.state import ElasticEPState
 
-from _dispatch_harness import free_port, random_inputs, reference_layer, replicated_placement, run_local_experts
+from _dispatch_harness import (forkserver_context, free_port, random_inputs, reference_layer, replicated_placement,
+                               run_local_experts, stop_forkserver)
 
 KINDS = ("nixl", "mooncake")
 L, E, S, HID, K, M = 2, 8, 6, 32, 3, 24
@@ -148,28 +148,16 @@ def _worker(kind, rank, port, R, cases, out, role="rank"):
         os._exit(0)
 
 
-_CTX = None
-
-
 def _ctx():
     """Ranks fork from a forkserver with torch preloaded (spawning each one costs seconds on 2 cores)."""
-    global _CTX
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "sglang_elastic.dispatch", "sglang_elastic.state",
-                                     "sglang_elastic.dispatch.host_onesided", "_dispatch_harness"])
-    return _CTX
+    return forkserver_context(["torch", "torch.distributed", "sglang_elastic.dispatch", "sglang_elastic.state",
+                               "sglang_elastic.dispatch.host_onesided", "_dispatch_harness"])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_forkserver():
     yield
-    if _CTX is not None:
-        from multiprocessing import forkserver
-
-        stop = getattr(forkserver._forkserver, "_stop", None)
-        if stop is not None:
-            stop()
+    stop_forkserver()
 
 
 def _run(kind, R, cases, timeout=90):

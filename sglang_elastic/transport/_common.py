@@ -372,6 +372,18 @@ class BaseTransport(Transport):
         self._eid_count[h] = n
         return f"{h}.{n}"
 
+    def _begin(self, copies: Sequence[Copy], timeout_s: float):
+        """Validate ``copies``; returns ``(plan, local snapshots)`` when this rank must exchange with
+        peers, None when it is done already (not a participant, or the only one: local copies applied)."""
+        plan = self._plan(copies, timeout_s)
+        if plan is None:
+            return None
+        snaps = self._snapshot_local(plan)
+        if len(plan.participants) == 1:
+            self._apply_local(snaps)
+            return None
+        return plan, snaps
+
     # ------------------------------------------------------------------ local copies
     def _snapshot_local(self, plan: Plan) -> List[Tuple[Copy, torch.Tensor]]:
         """Copies of the local copies' source rows, taken before anything is written."""

@@ -148,13 +148,10 @@ class OneSidedTransport(BaseTransport):
 
     # ---------------------------------------------------------------- execute
     def execute(self, copies, timeout_s: float) -> None:
-        plan = self._plan(copies, timeout_s)
-        if plan is None:
+        begun = self._begin(copies, timeout_s)
+        if begun is None:
             return
-        snaps = self._snapshot_local(plan)
-        if len(plan.participants) == 1:
-            self._apply_local(snaps)
-            return
+        plan, snaps = begun
         start = time.monotonic()
         deadline = start + float(timeout_s)
         final_deadline = deadline + slack_s(timeout_s)

@@ -81,13 +81,10 @@ class TorchTransport(BaseTransport):
 
     # ------------------------------------------------------------------ execute
     def execute(self, copies, timeout_s: float) -> None:
-        plan = self._plan(copies, timeout_s)
-        if plan is None:
+        begun = self._begin(copies, timeout_s)
+        if begun is None:
             return
-        snaps = self._snapshot_local(plan)
-        if len(plan.participants) == 1:
-            self._apply_local(snaps)
-            return
+        plan, snaps = begun
         g = self._group
         if g is None or g.broken or any(r not in g.index for r in plan.participants):
             raise RuntimeError(f"rank {self.rank}: the {self.kind} transport needs set_peers() after a failure "
