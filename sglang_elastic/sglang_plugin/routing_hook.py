@@ -75,6 +75,7 @@ class SGLangRouting:
         self.live = live_mask
         self.token_offset = int(token_offset)
         self.table = torch.full((L, E, self.x_cap), -1, dtype=torch.int64, device=live_mask.device)
+        self.layers = list(self.table.unbind(0))  # per-layer views made once: no per-call indexing
         self._meta = meta
         self._warned = False
         self._version = -1
@@ -97,11 +98,12 @@ class SGLangRouting:
         """Logical ``topk_ids [T, K]`` -> live physical slots (same shape and dtype), one launch."""
         if self._version != context.get().placement_version:  # the plugin's updater patched rows in place
             self.refresh(self._meta)
-        ids = topk_ids if topk_ids.dim() == 2 else topk_ids.reshape(-1, topk_ids.shape[-1])
-        out = torch.empty_like(ids)
-        kernels.map_mask_record(ids, self.table[layer], self.live, self.slots_per_rank, self.token_offset, None,
-                                out=out, dropped_id=DROPPED_ID)
-        return out.view(topk_ids.shape)
+        if topk_ids.dim() != 2:
+            return self.map(topk_ids.reshape(-1, topk_ids.shape[-1]), layer).view(topk_ids.shape)
+        out = torch.empty_like(topk_ids)
+        kernels.map_mask_record(topk_ids, self.layers[layer], self.live, self.slots_per_rank, self.token_offset,
+                                None, out=out, dropped_id=DROPPED_ID)
+        return out
 
 
 _lock = threading.Lock()
