@@ -87,6 +87,21 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
 
         return set_layer_id_after_init
 
+    def topk_map():
+        from .routing_hook import topk_ids_logical_to_physical
+
+        return topk_ids_logical_to_physical
+
+    def topk_layer():
+        from .routing_hook import tag_layer_after_init_new
+
+        return tag_layer_after_init_new
+
+    def topk_refresh():
+        from .routing_hook import refresh_after_update
+
+        return refresh_after_update
+
     def cli():
         from .options import after_add_cli_args
 
@@ -104,6 +119,9 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
         ("sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher", nixl, "REPLACE"),
         ("sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher", mooncake, "REPLACE"),
         ("sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__", layer_id, "AFTER"),
+        ("sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical", topk_map, "REPLACE"),
+        ("sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new", topk_layer, "AFTER"),
+        ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", topk_refresh, "AFTER"),
         ("sglang.srt.server_args.ServerArgs.add_cli_args", cli, "AFTER"),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", env, "AFTER"),
     ]
