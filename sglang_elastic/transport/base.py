@@ -3,8 +3,9 @@
 Every backend (``torch``, ``nixl``, ``mooncake``) implements :class:`Transport`. Ranks register the
 tensors they expose (viewed as ``[rows, -1]``), agree on the live set with :meth:`Transport.set_peers`,
 and run a list of :class:`Copy` collectively with :meth:`Transport.execute`. A dead or frozen peer
-surfaces as :class:`PeerFailure` within ``timeout_s`` plus a small bounded slack; after it the
-survivors call ``set_peers`` with the new live set and carry on.
+surfaces as :class:`PeerFailure` within ``timeout_s`` plus a small bounded slack, and a peer known
+dead in the process's :class:`~sglang_elastic.transport.Liveness` at the next poll of any wait;
+after it the survivors call ``set_peers`` with the new live set and carry on.
 
 Semantics of one ``execute`` (all backends):
 
@@ -94,8 +95,10 @@ class Transport(ABC):
     def execute(self, copies: Sequence[Copy], timeout_s: float) -> None:
         """Run ``copies``, collectively over the ranks appearing in them (each calls with the same
         list). Ranks not appearing return at once. Raises ``ValueError`` before any communication
-        for bad input, :class:`PeerFailure` within ``timeout_s + slack_s(timeout_s)`` when a peer
-        involved dies or freezes."""
+        for bad input; :class:`PeerFailure` within one poll when a participant it still waits for is
+        known dead in the process's :class:`~sglang_elastic.transport.Liveness` (``liveness=`` of
+        :func:`~sglang_elastic.transport.make_transport`), else within
+        ``timeout_s + slack_s(timeout_s)`` when a peer involved dies or freezes."""
 
     @abstractmethod
     def close(self) -> None:
