@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .routing import _pow2
+
 __all__ = ["after_combine"]
 
 
@@ -69,10 +71,6 @@ def _after_combine_kernel(out_ptr, phys_ptr, w_ptr, aff_ptr, flag_ptr, conn_ptr,
         tl.atomic_add(cum_ptr + 3, nl)
         tl.atomic_add(cum_ptr + 2, nl + tl.sum(n_out, axis=0).to(tl.int64))
         tl.atomic_add(cum_ptr + 0, tl.sum(fresh.to(tl.int32), axis=0).to(tl.int64))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def after_combine(out: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, affected: torch.Tensor,

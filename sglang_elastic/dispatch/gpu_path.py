@@ -17,16 +17,17 @@ replays included, without a rebuild.
 """
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from .base import DispatchStats
+from .base import Dispatcher, DispatchStats
 from ._kernels import kernels
 from .routing import Routed
 
-__all__ = ["GPUPathMixin", "KERNEL_BACKENDS", "DROPPED_ID", "check_gpu_device"]
+__all__ = ["GPUPathMixin", "KERNEL_BACKENDS", "DROPPED_ID", "check_gpu_device", "prepare_gpu_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,23 @@ def check_gpu_device(device: torch.device, what: str) -> None:
     if device.type != "cuda":
         raise ValueError(f"the {what} dispatcher runs on the GPU: pass device='cuda' (got {device}); "
                          "use path='host' for CPU tokens")
+
+
+# Whether the Dispatcher base takes liveness= itself (else the GPU dispatchers keep it to themselves).
+_BASE_TAKES_LIVENESS = "liveness" in inspect.signature(Dispatcher.__init__).parameters
+
+
+def prepare_gpu_kwargs(kw: Dict[str, Any], what: str, check: Callable[[torch.device, str], None]) -> Any:
+    """The GPU dispatchers' shared constructor preamble, in place on ``kw``: ``check(device, what)``,
+    the CUDA device pinned to the current index, bf16 by default; returns ``liveness=`` (or None)."""
+    device = torch.device(kw.get("device", "cuda"))
+    check(device, what)
+    liveness = kw.get("liveness") if _BASE_TAKES_LIVENESS else kw.pop("liveness", None)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    kw["device"] = device
+    kw.setdefault("dtype", torch.bfloat16)
+    return liveness
 
 
 def _triton_usable(device: torch.device) -> bool:

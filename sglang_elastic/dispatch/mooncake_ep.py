@@ -35,7 +35,6 @@ fake ``Buffer``) are tested here.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .base import DispatchHandle, DispatchOutput, Dispatcher
-from .gpu_path import GPUPathMixin
+from .gpu_path import GPUPathMixin, prepare_gpu_kwargs
 from .gpu_path import check_gpu_device as _check_gpu_device
 
 __all__ = ["MooncakeEPDispatcher", "import_mooncake_ep", "MOONCAKE_EP_INSTALL_HINT", "MAX_TOKENS_PER_RANK"]
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 MOONCAKE_EP_INSTALL_HINT = ("the mooncake GPU dispatcher needs Mooncake EP, which ships only in the CUDA wheels: "
                             "pip install mooncake-transfer-engine (CUDA 12) or mooncake-transfer-engine-cuda13 "
                             "(CUDA 13); mooncake-transfer-engine-non-cuda has no EP kernels")
-_BASE_TAKES_LIVENESS = "liveness" in inspect.signature(Dispatcher.__init__).parameters
 # Mooncake EP's low-latency kernels count tokens per (rank pair) against a tag of 1024 (SGLang asserts it).
 MAX_TOKENS_PER_RANK = 1024
 
@@ -108,13 +106,7 @@ class MooncakeEPDispatcher(GPUPathMixin, Dispatcher):
     def __init__(self, *, group=None, num_ep_buffer_bytes: Optional[int] = None, timeout_us: Optional[int] = None,
                  kernel_backend: str = "auto", **kw) -> None:
         buffer_cls = import_mooncake_ep()
-        device = torch.device(kw.get("device", "cuda"))
-        _check_gpu_device(device, "mooncake")
-        liveness = kw.get("liveness") if _BASE_TAKES_LIVENESS else kw.pop("liveness", None)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        kw["device"] = device
-        kw.setdefault("dtype", torch.bfloat16)
+        liveness = prepare_gpu_kwargs(kw, "mooncake", _check_gpu_device)
         super().__init__(**kw)
         if self.dtype != torch.bfloat16:
             raise ValueError(f"Mooncake EP dispatches bfloat16 tokens (use_fp8 for fp8), got dtype {self.dtype}")

@@ -43,14 +43,13 @@ the Mooncake EP dispatcher (:mod:`.mooncake_ep`); the kernels are in :mod:`sglan
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .base import DispatchHandle, DispatchOutput, Dispatcher
-from .gpu_path import KERNEL_BACKENDS, GPUPathMixin
+from .gpu_path import KERNEL_BACKENDS, GPUPathMixin, prepare_gpu_kwargs
 from .gpu_path import check_gpu_device as _check_gpu_device
 from .nixl_ep_buffer import LOCK, acquire_buffer, device_ctx, release_buffers
 
@@ -61,8 +60,6 @@ log = logging.getLogger(__name__)
 
 NIXL_EP_INSTALL_HINT = ("the nixl GPU dispatcher needs nixl_ep, which ships inside the NIXL CUDA wheels: "
                         "pip install nixl-cu12 (CUDA 12) or nixl-cu13 (CUDA 13), plus the matching nixl")
-# Whether the Dispatcher base takes liveness= itself (else the GPU dispatchers keep it to themselves).
-_BASE_TAKES_LIVENESS = "liveness" in inspect.signature(Dispatcher.__init__).parameters
 
 
 def import_nixl_ep():
@@ -103,13 +100,7 @@ class NixlEPDispatcher(GPUPathMixin, Dispatcher):
     def __init__(self, *, store=None, connect: bool = True, num_rdma_bytes: Optional[int] = None,
                  kernel_backend: str = "auto", **kw) -> None:
         nixl_ep = import_nixl_ep()
-        device = torch.device(kw.get("device", "cuda"))
-        _check_gpu_device(device, "nixl")
-        liveness = kw.get("liveness") if _BASE_TAKES_LIVENESS else kw.pop("liveness", None)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        kw["device"] = device
-        kw.setdefault("dtype", torch.bfloat16)
+        liveness = prepare_gpu_kwargs(kw, "nixl", _check_gpu_device)
         super().__init__(**kw)
         if self.dtype != torch.bfloat16:
             raise ValueError(f"nixl_ep dispatches bfloat16 tokens (use_fp8 for fp8), got dtype {self.dtype}")
