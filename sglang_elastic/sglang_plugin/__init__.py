@@ -17,6 +17,8 @@ What is replaced or hooked (see ``docs/sglang.md``):
 ``sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__``          AFTER: layer id -> ours
 ``sglang.srt.server_args.ServerArgs.add_cli_args``                          AFTER: our flags
 ``sglang.srt.server_args.ServerArgs.from_cli_args``                         AFTER: flags -> env
+``sglang.srt.entrypoints.http_server._setup_and_run_http_server``           BEFORE: drain routes
+``sglang.srt.managers.scheduler.Scheduler.__init__``                        AFTER: drain RPC step
 ==========================================================================  ======================
 
 Version gate: only :data:`SUPPORTED_SGLANG_VERSIONS` get hooks; any other version logs one warning
@@ -55,7 +57,8 @@ def registered_targets() -> List[str]:
 
 def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
     """(target, loader of the hook object, hook type name). Loaders import lazily, each on its own, so
-    a hook whose module cannot load here (say, SGLang's dispatchers without torchvision) skips alone."""
+    a hook whose module cannot load here (say, SGLang's dispatchers without torchvision) skips alone;
+    a loader returning None means "not in this process"."""
 
     def algorithm():
         from .eplb import rebalance_experts
@@ -112,6 +115,20 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
 
         return after_from_cli_args
 
+    def drain_routes():
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            return None  # SGLang's HTTP server runs in the launcher only: no need to import it elsewhere
+        from .drain_sglang import before_http_server
+
+        return before_http_server
+
+    def drain_steps():
+        from .drain_sglang import after_scheduler_init
+
+        return after_scheduler_init
+
     return [
         ("sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts", algorithm, "REPLACE"),
         ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater", updater, "REPLACE"),
@@ -124,6 +141,8 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
         ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", topk_refresh, "AFTER"),
         ("sglang.srt.server_args.ServerArgs.add_cli_args", cli, "AFTER"),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", env, "AFTER"),
+        ("sglang.srt.entrypoints.http_server._setup_and_run_http_server", drain_routes, "BEFORE"),
+        ("sglang.srt.managers.scheduler.Scheduler.__init__", drain_steps, "AFTER"),
     ]
 
 
@@ -150,6 +169,8 @@ def register() -> None:
             hook = load()
         except Exception as exc:  # e.g. SGLang's dispatcher modules need torchvision
             log.warning("sglang_elastic: not hooking %s: %s: %s", target, type(exc).__name__, exc)
+            continue
+        if hook is None:
             continue
         HookRegistry.register(target, hook, HookType[kind])
         ctx.registered.append(target)

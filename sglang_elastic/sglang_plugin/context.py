@@ -15,7 +15,8 @@ over the plugin:
 * ``scale_listeners``: objects told about SGLang's ``on_scale`` (weakly held);
 * ``metrics``: the ``sglang_elastic_*`` Prometheus series (created on first use, after SGLang has
   set ``PROMETHEUS_MULTIPROC_DIR``);
-* ``registered`` / ``hooks_queued``: what :func:`sglang_elastic.sglang_plugin.register` did.
+* ``registered`` / ``hooks_queued``: what :func:`sglang_elastic.sglang_plugin.register` did;
+* ``scheduler_drain``: this scheduler's side of a drain (``drain.SchedulerDrain``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class PluginContext:
     liveness: Liveness = field(default_factory=Liveness)
     scale_listeners: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
     failover_since: Optional[float] = None  # time.monotonic() of the death the next update repairs
+    scheduler_drain: Any = None  # this scheduler's drain.SchedulerDrain, made on the first drain step
     _options: Optional[_options.PluginOptions] = None
     _metrics: Optional["ElasticMetrics"] = None
 

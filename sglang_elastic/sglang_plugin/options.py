@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -40,6 +41,8 @@ class PluginOptions:
         elastic_backup_store: keep one host-memory copy of every expert on another rank.
         elastic_dispatch_path: ``gpu`` (NIXL-EP / Mooncake EP kernels) or ``host`` (agents).
         elastic_dispatch_timeout: seconds a dispatch/combine waits for a silent peer.
+        run_dir: folder the schedulers publish the elastic state and drain progress to, for the HTTP
+            process (not a flag: the launcher makes one per server, ``SGLANG_ELASTIC_RUN_DIR``).
     """
 
     eplb_balance_tolerance: Optional[float] = None
@@ -50,6 +53,7 @@ class PluginOptions:
     elastic_backup_store: bool = True
     elastic_dispatch_path: str = "gpu"
     elastic_dispatch_timeout: float = 5.0
+    run_dir: Optional[str] = None
 
 
 def _nonneg_float(text: str) -> float:
@@ -167,6 +171,9 @@ def current() -> PluginOptions:
         text = os.environ.get(env_name(f.name))
         if text is None or text == "":
             continue
+        if f.name not in FLAGS:  # set by the launcher, not by a flag
+            kw[f.name] = text
+            continue
         flag, conv, extra = FLAGS[f.name]
         try:
             v = conv(text)
@@ -191,6 +198,8 @@ def after_from_cli_args(result: Any, *args: Any) -> None:
     ns = next((a for a in args if isinstance(a, argparse.Namespace)), None)
     if ns is not None:
         export_from_namespace(ns)
+        if not os.environ.get(env_name("run_dir")):
+            os.environ[env_name("run_dir")] = tempfile.mkdtemp(prefix="sglang-elastic-")
         from . import context  # lazily: context imports this module
 
         context.get().reload_options()

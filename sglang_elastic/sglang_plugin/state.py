@@ -180,6 +180,19 @@ def _on_event(event: Optional[ElasticEPEvent]) -> None:
             m.rank_failed(reason_label(event.reason), len(event.ranks))
 
     ctx.record(update)
+    _publish_view()
+
+
+def _publish_view() -> None:
+    """EP rank 0 publishes the cluster view for the drain routes (the HTTP process reads it)."""
+    if _this_rank() != 0 or not context.get().options.run_dir:
+        return
+    from .drain_sglang import publish_cluster_view
+
+    try:
+        publish_cluster_view()
+    except OSError as exc:  # the run folder went away: drain requests answer 503, serving goes on
+        log.warning("sglang_elastic: cannot publish the elastic EP state: %s", exc)
 
 
 def _this_rank() -> int:
