@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -27,7 +29,7 @@ from .base import Dispatcher, DispatchStats
 from ._kernels import kernels
 from .routing import Routed
 
-__all__ = ["GPUPathMixin", "KERNEL_BACKENDS", "DROPPED_ID", "check_gpu_device", "prepare_gpu_kwargs"]
+__all__ = ["GPUPathMixin", "KERNEL_BACKENDS", "DROPPED_ID", "check_gpu_device", "prepare_gpu_kwargs", "link_liveness"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,31 @@ def prepare_gpu_kwargs(kw: Dict[str, Any], what: str, check: Callable[[torch.dev
     kw["device"] = device
     kw.setdefault("dtype", torch.bfloat16)
     return liveness
+
+
+_link_lock = threading.Lock()
+_LINKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Liveness -> WeakSet of states
+
+
+def link_liveness(liveness: Any, state: Any) -> None:
+    """Record ``liveness``'s deaths in ``state`` (``mark_failed``), once per pair whatever the number of
+    dispatchers (SGLang builds one per MoE layer); both are held weakly. The state then reaches the
+    device: ``active_ranks`` in place, and nixl_ep's mask through :meth:`.nixl_ep_buffer.SharedBuffer.watch`."""
+    if liveness is None:
+        return
+    with _link_lock:
+        states = _LINKED.setdefault(liveness, weakref.WeakSet())
+        if state in states:
+            return
+        states.add(state)
+    ref = weakref.ref(state)
+
+    def on_death(rank: int, reason: str) -> None:
+        st = ref()
+        if st is not None and 0 <= int(rank) < st.ep_size and st.is_alive(rank):
+            st.mark_failed([int(rank)], reason=f"liveness: {reason}")
+
+    liveness.add_listener(on_death)
 
 
 def _triton_usable(device: torch.device) -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .base import DispatchHandle, DispatchOutput, Dispatcher
-from .gpu_path import GPUPathMixin, prepare_gpu_kwargs
+from .gpu_path import GPUPathMixin, link_liveness, prepare_gpu_kwargs
 from .gpu_path import check_gpu_device as _check_gpu_device
 
 __all__ = ["MooncakeEPDispatcher", "import_mooncake_ep", "MOONCAKE_EP_INSTALL_HINT", "MAX_TOKENS_PER_RANK"]
@@ -129,14 +129,8 @@ class MooncakeEPDispatcher(GPUPathMixin, Dispatcher):
         if num_ep_buffer_bytes is None:
             num_ep_buffer_bytes = buffer_cls.get_ep_buffer_size_hint(self.max_tokens_per_rank, self.hidden, R, R * S)
         self.buffer = _acquire_buffer(buffer_cls, group, int(num_ep_buffer_bytes))
-        if liveness is not None:
-            liveness.add_listener(self._on_death)
+        link_liveness(liveness, self.state)
         self._first_call = True
-
-    def _on_death(self, rank: int, reason: str) -> None:
-        """Liveness listener: record the death in the state, which clears ``active_ranks`` on the device."""
-        if 0 <= rank < self.num_ranks and self.state.is_alive(rank):
-            self.state.mark_failed([rank], reason=f"liveness: {reason}")
 
     def _timeout(self) -> int:
         return -1 if self._first_call else self.timeout_us

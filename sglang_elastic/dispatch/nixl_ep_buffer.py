@@ -65,6 +65,9 @@ class SharedBuffer:
         Idempotent per state (SGLang builds one dispatcher per layer over one buffer). Listeners
         hold this buffer weakly and run on the thread that recorded the death.
         """
+        from .gpu_path import link_liveness
+
+        link_liveness(liveness, state)
         with LOCK:
             if state in self.watched:
                 return
@@ -77,15 +80,6 @@ class SharedBuffer:
                 sh.mask_dead(event.ranks, event.reason)
 
         state.add_listener(on_event)
-        if liveness is not None:
-            state_ref = weakref.ref(state)
-
-            def on_death(rank, reason) -> None:
-                st = state_ref()
-                if st is not None and st.is_alive(rank):
-                    st.mark_failed([rank], reason=f"liveness: {reason}")
-
-            liveness.add_listener(on_death)
 
 
 LOCK = threading.RLock()
