@@ -61,7 +61,7 @@ def import_mooncake_ep():
     try:
         mod = importlib.import_module("mooncake.mooncake_ep_buffer")
         importlib.import_module("mooncake.ep")  # the compiled EP extension; absent from the non-CUDA wheel
-    except Exception as exc:
+    except Exception as exc:  # ImportError, or a CUDA extension that fails to load: both mean "not usable"
         raise ImportError(f"{MOONCAKE_EP_INSTALL_HINT} (import failed: {exc})") from exc
     return mod.Buffer
 

@@ -132,7 +132,7 @@ def _grow(nixl_ep, sh: SharedBuffer, device: torch.device, need: int) -> None:
     except RuntimeError as exc:  # nixl_ep 1.4: "Multiple calls to update_memory_buffers are not supported"
         log.info("rank %d: re-creating the nixl_ep buffer at %d bytes (%s)", rank, need, exc)
         peers = sorted(sh.peers)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the old buffer is dropped either way; a new one replaces it
             sh.buffer.destroy()
         sh.buffer = _new_buffer(nixl_ep, device, rank, R, S, need, sh.timeout_ms, sh.store)
         sh.peers = set()
@@ -150,6 +150,6 @@ def release_buffers() -> None:
     """
     with LOCK:
         for sh in list(_BUFFERS.values()):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # best effort: the process is giving the buffers up
                 sh.buffer.destroy()
         _BUFFERS.clear()
