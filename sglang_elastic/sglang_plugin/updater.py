@@ -84,16 +84,19 @@ class LayerwiseBridge:
         backup: keep the host-memory backup store.
         timeout_s: transfer timeout before a silent peer counts as failed.
         vote: optional agreement hook for our updater (e.g. :class:`~sglang_elastic.location.updater.StoreVote`).
+        liveness: the process's :class:`~sglang_elastic.transport.Liveness` (the plugin context's),
+            so a death known anywhere in the process ends the layer updaters' waits.
     """
 
     def __init__(self, rank: int, make_transport: TransportFactory, *, backup: bool = True,
-                 timeout_s: float = 30.0, vote=None) -> None:
+                 timeout_s: float = 30.0, vote=None, liveness=None) -> None:
         self.rank = int(rank)
         self._make_transport = make_transport
         self.transport = None
         self.backup = backup
         self.timeout_s = timeout_s
         self.vote = vote
+        self.liveness = liveness
         self.updaters: Dict[int, ExpertLocationUpdater] = {}
         self.live: Optional[np.ndarray] = None
         self._staging: Dict[Tuple, torch.Tensor] = {}
@@ -190,7 +193,7 @@ class LayerwiseBridge:
             weights = {_weight_name(l, i): t.unsqueeze(0) for i, t in enumerate(weights_of_layer[l])}
             upd = ExpertLocationUpdater(self.rank, self.transport, weights, current, live, layers_per_chunk=1,
                                         ranks_per_node=ranks_per_node, backup=self.backup,
-                                        timeout_s=self.timeout_s, vote=self.vote)
+                                        timeout_s=self.timeout_s, vote=self.vote, liveness=self.liveness)
             self._share_staging(upd, weights)
             self.updaters[l] = upd
         restored = sum(upd.fill_backup() for upd in self.updaters.values())
@@ -246,7 +249,7 @@ class LayerwiseBridge:
     def _move_layer(self, upd: ExpertLocationUpdater, layer: int, target: Placement, summary: UpdateSummary) -> None:
         def on_failure(dead: List[int]):
             for d in dead:
-                context.get().liveness.mark_dead(d, "updater PeerFailure")
+                (self.liveness or context.get().liveness).mark_dead(d, "updater PeerFailure")
             mgr = _OurManager.instance()
             if mgr is not None:
                 mgr.mark_failed([d for d in dead if mgr.is_alive(d)], reason="updater PeerFailure")
@@ -290,7 +293,8 @@ def _default_transport(rank: int, device: torch.device):
     if store is None:
         raise RuntimeError("sglang_elastic's expert-weight transport needs SGLang's global TCPStore "
                            "(set by init_distributed_environment)")
-    return make_transport(_transport_kind(context.get().options), rank, store, device=device)
+    ctx = context.get()
+    return make_transport(_transport_kind(ctx.options), rank, store, device=device, liveness=ctx.liveness)
 
 
 class ElasticExpertLocationUpdater:
@@ -319,7 +323,7 @@ class ElasticExpertLocationUpdater:
         opts = ctx.options
         if self._bridge is None or self._bridge.rank != rank:
             self._bridge = LayerwiseBridge(rank, type(self).transport_factory, backup=opts.elastic_backup_store,
-                                           timeout_s=opts.elastic_transfer_timeout)
+                                           timeout_s=opts.elastic_transfer_timeout, liveness=ctx.liveness)
         R = old.ep_size
         rpn = R // nnodes if nnodes > 1 and not use_flat_topology and R % nnodes == 0 else None
         missing, applied, summary = self._bridge.update(
