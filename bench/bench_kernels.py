@@ -35,7 +35,8 @@ default 128,512,4096): the SGLang path's routing for one MoE layer per step, old
 
 ``graph us`` is GPU time per step under CUDA-graph replay (a graph of 20 steps, median over
 ``--reps`` replays / 20); ``host us`` the median host time to issue one step eagerly (GPU kept busy).
-``live`` checks that every routed pair of the new path sits on a live rank and serves its logical
+``post us`` is the after-combine launch both paths make per step (nothing lost: it only reads the
+slots), under graph replay. ``live`` checks that every routed pair of the new path sits on a live rank and serves its logical
 expert (or is -2 exactly when the expert has no live replica), and that the new ids equal the torch
 reference of the rule bit for bit.
 """
@@ -283,7 +284,7 @@ def hot_path(device: torch.device, timer: "Timer", g: torch.Generator) -> int:
     print(f"# hot path: SGLang top-k -> dispatcher routing for one MoE layer; E={E} top-{Kk} on {R} x {S} slots "
           f"(rank {R - 1} dead); ids int32 as SGLang's")
     head = (f"{'T':>6} {'old graph us':>12} {'new graph us':>12} {'old host us':>11} {'new host us':>11} "
-            f"{'gpu x':>6} {'host x':>6} {'live':>5}")
+            f"{'gpu x':>6} {'host x':>6} {'live':>5} {'post us':>7}")
     print(head)
     print("-" * len(head))
     bad = 0
@@ -308,12 +309,21 @@ def hot_path(device: torch.device, timer: "Timer", g: torch.Generator) -> int:
         bad += not ok
         _, host_old = timer(old)
         _, host_new = timer(new)
+        # The after-combine launch both paths make (nothing lost: its programs exit after the slots).
+        y = torch.randn(T, ARGS.hidden, generator=g).to(torch.bfloat16).to(device)
+        no_aff = torch.zeros(T, dtype=torch.bool, device=device)
+        flags = torch.zeros(R, dtype=torch.int32, device=device)
+        survivors = torch.where(out == -2, torch.full_like(out, -1), out)
+
+        def post():
+            K.after_combine(y, survivors, w, no_aff, flags, True, R, S, cum, dropped_id=-2)
+
         if device.type == "cuda":
-            g_old, g_new = _graph_us(old, ARGS.reps), _graph_us(new, ARGS.reps)
+            g_old, g_new, g_post = _graph_us(old, ARGS.reps), _graph_us(new, ARGS.reps), _graph_us(post, ARGS.reps)
         else:
-            g_old = g_new = float("nan")
+            g_old = g_new = g_post = float("nan")
         print(f"{T:>6} {g_old:>12.1f} {g_new:>12.1f} {host_old:>11.0f} {host_new:>11.0f} {g_old / g_new:>5.2f}x "
-              f"{host_old / host_new:>5.2f}x {'yes' if ok else 'NO':>5}")
+              f"{host_old / host_new:>5.2f}x {'yes' if ok else 'NO':>5} {g_post:>7.1f}")
     return bad
 
 
