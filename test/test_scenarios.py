@@ -30,7 +30,9 @@ def _short(tmp_path: Path, name: str, transport: str) -> Path:
     """The scenario with a narrow model (the short CI form)."""
     d = yaml.safe_load((SCENARIO_DIR / f"{name}.yaml").read_text())
     d.setdefault("model", {}).update(hidden=64, ffn=64)
-    d.setdefault("cluster", {})["transport"] = transport
+    d.setdefault("cluster", {}).update(transport=transport, tokens_per_rank=16)
+    sc = d["scenario"]
+    sc["steps"] = min(sc["steps"], max(e["step"] for e in sc["events"]) + 6)   # room to recover
     out = tmp_path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(d))
     return out

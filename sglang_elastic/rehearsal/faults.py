@@ -91,9 +91,9 @@ class FaultInjector:
         """The transport to give the updater: ``execute`` becomes a transfer/rehome/fill point."""
         return _TransportProxy(transport, self._on_execute)
 
-    def wrap_vote(self, vote: Any) -> Any:
+    def wrap_vote(self, vote: Any, on_result: Optional[Callable[[Any], None]] = None) -> Any:
         """The vote to give the updater: entering it is a ``vote`` point; inside ``step`` the copies
-        after the chunk's vote are backup re-homing."""
+        after the chunk's vote are backup re-homing. ``on_result(outcome)`` sees every outcome."""
         if vote is None:
             return None
 
@@ -103,6 +103,8 @@ class FaultInjector:
             out = vote(*args, **kwargs)
             if self._where == "transfer":
                 self._where = "rehome"
+            if on_result is not None:
+                on_result(out)
             return out
 
         return voting

@@ -160,6 +160,7 @@ class Rank:
         self.draining: List[int] = []
         self.epoch = -1
         self.updater = None
+        self._trusted_layout = None
         self.update_load: Optional[np.ndarray] = None
         self.reported_dead: set = set()
         self.degraded: Dict[str, int] = {}     # degraded modes of the elastic machinery (this step)
@@ -181,8 +182,28 @@ class Rank:
             ExpertLocationUpdater, self.liveness, self.rank, self.faults.wrap_transport(self.transport),
             {"w1": self.w1, "w2": self.w2}, self.placement, live_ranks=_mask(live, self.R),
             layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size, timeout_s=c.timeout_s + 2,
-            generation=epoch, vote=self.faults.wrap_vote(vote)))
+            generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote)))
+        self._trusted_layout = None
         self._fill_new_backups()
+
+    def _on_vote(self, outcome: Tuple[List[int], bool]) -> None:
+        """Every live rank agreed that a set of copies landed: the backup layout now is filled."""
+        dead, all_ok = outcome
+        if not dead and all_ok and self.updater is not None:
+            self._trusted_layout = self.updater.backup_layout
+
+    def _distrust_unfilled_backups(self) -> None:
+        """A peer died under backup copies: the pairs whose holder changed since the last agreed copies
+        were never filled. Mark them absent (never restore from an unfilled row)."""
+        layout, good = self.updater.backup_layout, self._trusted_layout
+        if layout is None or good is None or layout is good:
+            return
+        changed = (layout.holder != good.holder) | (layout.row != good.row)
+        if bool(changed.any()):
+            holder = layout.holder.clone()
+            holder[changed] = -1
+            self.updater.backup_layout = dataclasses.replace(layout, holder=holder)
+            self._count("backups_unfilled", int(changed.sum()))
 
     def _fill_new_backups(self) -> None:
         """The start-up backup fill of a new updater (collective). A fresh backup store holds nothing
@@ -232,6 +253,7 @@ class Rank:
     def _on_update_failure(self, dead: List[int]) -> Tuple[np.ndarray, Placement]:
         """The updater lost a peer mid-chunk: let membership decide, then retarget deterministically."""
         self._count("update_replans", kind="recoveries")
+        self._distrust_unfilled_backups()
         return self._retarget(self._agreed_live_without(dead))
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
@@ -243,6 +265,7 @@ class Rank:
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
                 self._count("collective_replans", kind="recoveries")
+                self._distrust_unfilled_backups()
                 live = self._agreed_live_without(dead)
                 self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
                 if self.updater.target is not None and self.update_load is not None:
