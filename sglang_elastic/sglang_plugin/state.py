@@ -49,7 +49,7 @@ def _notify_scale(from_ep_size: int, to_ep_size: int) -> None:
     for obj in list(context.get().scale_listeners):
         try:
             obj.on_scale(from_ep_size, to_ep_size)
-        except Exception:
+        except Exception:  # one listener's failure must not keep the others (or the scale) from proceeding
             log.exception("sglang_elastic: on_scale(%d, %d) failed in %r", from_ep_size, to_ep_size, obj)
 
 
@@ -60,7 +60,7 @@ def _sglang_device() -> torch.device:
 
         if is_cuda():
             return torch.device("cuda")
-    except Exception:
+    except Exception:  # SGLang's platform probe failing here only means "not CUDA": fall back to torch's
         pass
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

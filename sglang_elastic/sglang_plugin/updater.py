@@ -278,7 +278,7 @@ def _transport_kind(opts: options.PluginOptions) -> str:
         from sglang.srt.runtime_context import get_exec
 
         backend = get_exec().moe.elastic_ep_backend
-    except Exception:
+    except Exception:  # no runtime context published (a tool, a test): no elastic backend to follow
         backend = None
     return backend if backend in ("nixl", "mooncake") else "torch"
 
