@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..transport import Group, Liveness, PairWaiter, PeerFailure, PeerWatch, form_group, is_timeout, store_wait
+from ..transport import Group, Liveness, PairWaiter, PeerDirectory, PeerFailure, PeerWatch, form_group, is_timeout
 from ..transport.groups import td
 from .base import Exchange, HostDispatcher
 
@@ -39,8 +39,9 @@ class TorchExchange(Exchange):
         self.liveness = self.watch.liveness
         self.connect_timeout_s = float(connect_timeout_s)
         self.ns = ns
-        self.incarnation = int(store.add(f"{ns}/inc/{rank}", 1))
-        store.set(f"{ns}/cur/{rank}", str(self.incarnation))
+        self.directory = PeerDirectory(store, ns, rank, self.liveness)
+        self.incarnation = self.directory.incarnation
+        self.directory.publish({})
         self.group: Optional[Group] = None
         self._view = None
         # A gloo wait that times out closes every pair of the context, not just the silent peer's:
@@ -50,14 +51,13 @@ class TorchExchange(Exchange):
     def set_peers(self, ranks: Sequence[int]) -> None:
         ranks = sorted({int(r) for r in ranks} | {self.rank})
         deadline = time.monotonic() + self.connect_timeout_s
-        missing = [r for r in ranks if not store_wait(self.store, f"{self.ns}/cur/{r}", deadline, liveness=self.liveness,
-                                                      ranks=(r,), what="waiting for a torch dispatcher")]
-        if missing:
-            raise PeerFailure(missing[0], f"rank(s) {missing} never created a torch dispatcher")
         # A rank that restarts must create its dispatcher before it is announced live, so the
         # incarnation read here is the one that will join the group.
-        view = tuple((r, self.incarnation if r == self.rank else int(self.store.get(f"{self.ns}/cur/{r}")))
-                     for r in ranks)
+        incs = {r: self.incarnation if r == self.rank else self.directory.current(r, deadline) for r in ranks}
+        missing = [r for r, inc in incs.items() if inc is None]
+        if missing:
+            raise PeerFailure(missing[0], f"rank(s) {missing} never created a torch dispatcher")
+        view = tuple((r, incs[r]) for r in ranks)
         if view == self._view and self.group is not None and not self.broken:
             return
         self._drop()

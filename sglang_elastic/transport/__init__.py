@@ -18,7 +18,8 @@ so that connection set-up, registration and failure detection exist once:
 * :func:`form_group` / :class:`Group` / :class:`PairWaiter` / :class:`NcclWork` (standalone
   torch.distributed groups over a live set, waits that watch for deaths),
 * :class:`PeerWatch` (the failure knowledge of one endpoint: the process's :class:`Liveness` plus
-  the endpoint's own probes) and :func:`store_wait` (a store key, or PeerFailure if its writer died).
+  the endpoint's own probes), :class:`PeerDirectory` (incarnations and metadata in the store) and
+  :func:`store_wait` (a store key, or PeerFailure if its writer died).
 
 Failure contract: every blocking wait on peers consults the process's :class:`Liveness` (passed as
 ``liveness=``) on every poll and ends with :class:`PeerFailure` naming a rank known dead; what an
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import Dict
 
 from .base import Copy, PeerFailure, Transport, slack_s
+from .directory import PeerDirectory
 from .groups import Group, NcclWork, PairWaiter, form_group, is_timeout
 from .liveness import Liveness
 from .mooncake_endpoint import MooncakeEndpoint, MooncakeOp, import_mooncake
@@ -40,7 +42,7 @@ from .watch import PeerUnreachable, PeerWatch, WatchedWait
 __all__ = ["Copy", "Liveness", "PeerFailure", "Transport", "make_transport", "KINDS", "slack_s",
            "NixlEndpoint", "import_nixl", "make_agent", "memory_kind", "MooncakeEndpoint", "MooncakeOp",
            "import_mooncake", "Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "PeerWatch",
-           "WatchedWait", "PeerUnreachable", "store_wait"]
+           "WatchedWait", "PeerUnreachable", "store_wait", "PeerDirectory"]
 
 KINDS = ("torch", "nixl", "mooncake")
 

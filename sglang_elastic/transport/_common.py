@@ -1,18 +1,15 @@
 """What every backend shares: local registrations, metadata in the store, incarnations, the live
 peer set, and validation of a copy list into this rank's part of it.
 
-Store layout (``ns = transport/<kind>``):
-
-* ``ns/<rank>/inc``: counter; each new transport object of ``rank`` takes the next value as its
-  incarnation, so a restarted rank is told apart from its dead predecessor.
-* ``ns/<rank>/<inc>/meta``: pickled metadata of that incarnation (registered tensors and what the
-  backend needs to reach it), republished on every ``register``.
+Incarnations and metadata live in the store under ``ns = transport/<kind>`` through a
+:class:`~sglang_elastic.transport.directory.PeerDirectory` (``ns/<rank>/inc``, ``ns/<rank>/cur``,
+``ns/<rank>/<inc>/meta``: the registered tensors and what the backend needs to reach this rank,
+republished on every ``register``).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -20,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from .base import Copy, PeerFailure, Transport
+from .directory import PeerDirectory
 from .liveness import Liveness
-from .store import store_wait
 from .watch import PeerWatch
 
 log = logging.getLogger("sglang_elastic.transport")
@@ -115,8 +112,9 @@ class BaseTransport(Transport):
         self.liveness = self.watch.liveness
         self.watch.incarnation_of = lambda r: self._peer_inc.get(r)
         try:
-            self.incarnation = int(store.add(f"{self.ns}/{self.rank}/inc", 1))
-        except Exception as exc:  # unreachable store, closed connection...
+            self.directory = PeerDirectory(store, self.ns, self.rank, self.liveness)
+            self.incarnation = self.directory.incarnation
+        except Exception as exc:  # noqa: BLE001 - unreachable store, closed connection...: re-raised with context
             raise RuntimeError(f"transport {self.kind!r}: the store is not usable: {exc}") from exc
         self._locals: Dict[str, Local] = {}
         self._version = 0
@@ -127,9 +125,6 @@ class BaseTransport(Transport):
         self._closed = False
 
     # ------------------------------------------------------------------ metadata
-    def _meta_key(self, rank: int, inc: int) -> str:
-        return f"{self.ns}/{rank}/{inc}/meta"
-
     def _backend_meta(self) -> dict:
         return {}
 
@@ -138,33 +133,26 @@ class BaseTransport(Transport):
         meta = {"rank": self.rank, "inc": self.incarnation, "version": self._version,
                 "tensors": {n: l.info() for n, l in self._locals.items()}}
         meta.update(self._backend_meta())
-        self.store.set(self._meta_key(self.rank, self.incarnation), pickle.dumps(meta))
+        self.directory.publish(meta)
 
     def _fetch_meta(self, rank: int, inc: int, deadline: float) -> dict:
-        key = self._meta_key(rank, inc)
-        if not store_wait(self.store, key, deadline, liveness=self.liveness, ranks=(rank,),
-                          what=f"{self.kind} transport metadata of rank {rank}"):
+        meta = self.directory.meta(rank, inc, deadline)
+        if meta is None:
             raise PeerFailure(rank, f"rank {rank} (incarnation {inc}) published no transport metadata in time")
-        return pickle.loads(self.store.get(key))
+        return meta
 
     def _current_inc(self, rank: int, deadline: float) -> int:
-        key = f"{self.ns}/{rank}/inc"
-        delay = 0.002
-        while True:
-            inc = int(self.store.add(key, 0))
-            if inc > 0:
-                return inc
-            self.liveness.check((rank,), what=f"waiting for rank {rank}'s {self.kind} transport")
-            if time.monotonic() >= deadline:
-                raise PeerFailure(rank, f"rank {rank} never created a {self.kind!r} transport")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        inc = self.directory.current(rank, deadline)
+        if inc is None:
+            raise PeerFailure(rank, f"rank {rank} never created a {self.kind!r} transport")
+        return inc
 
     def _refresh_meta(self, rank: int) -> dict:
         """Re-read a peer's metadata (newer registrations); calls the backend's update hook."""
         inc = self._peer_inc[rank]
-        raw = self.store.get(self._meta_key(rank, inc))
-        meta = pickle.loads(raw)
+        meta = self.directory.meta(rank, inc)
+        if meta is None:
+            raise KeyError(f"rank {rank} (incarnation {inc}) has no metadata in the store")
         old = self._peer_meta.get(rank)
         if old is None or meta["version"] != old["version"]:
             self._peer_meta[rank] = meta

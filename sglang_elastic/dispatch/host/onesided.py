@@ -42,8 +42,9 @@ peer is gone; Mooncake: ``send_probe`` in a helper thread), and a killed peer al
 at once, so a killed peer is given up on in well under a second (a failed write or probe is
 recorded in the Liveness as its death); a frozen one at the deadline.
 
-Membership. Metadata (agent / session, buffer address, layout) is published in the store under
-``<ns>/<rank>/<incarnation>/meta`` and ``<ns>/<rank>/cur`` names the current incarnation.
+Membership. Metadata (agent / session, buffer address, layout) is published in the store through a
+:class:`~sglang_elastic.transport.PeerDirectory` (``<ns>/<rank>/<incarnation>/meta``;
+``<ns>/<rank>/cur`` names the current incarnation).
 ``set_peers`` connects new peers and forgets departed ones (``add_remote_agent`` /
 ``remove_remote_agent``); nothing else is rebuilt, on any rank, and a peer that appears in a call
 before ``set_peers`` named it is connected on the fly. A rank that comes back must be a new
@@ -52,13 +53,12 @@ incarnation (a new dispatcher): message numbers restart with a connection.
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...transport import Liveness, PeerFailure, PeerWatch, store_wait
+from ...transport import Liveness, PeerDirectory, PeerFailure, PeerWatch
 from ...transport.watch import PROBE_EVERY_S
 from ..base import _HDR, _PHASE, PHASE_DISPATCH, Exchange
 
@@ -147,7 +147,8 @@ class OneSidedExchange(Exchange):
                                                (self.recv_off[p] + self.rows_area[p]) // 8)
                        for p in self.widths}
         # ---- peers
-        self.incarnation = int(store.add(f"{self.ns}/{self.rank}/inc", 1))
+        self.directory = PeerDirectory(store, self.ns, self.rank, self.liveness)
+        self.incarnation = self.directory.incarnation
         self._peer_inc: Dict[int, int] = {}
         self._peer_meta: Dict[int, dict] = {}
         self._sent: Dict[Tuple[int, int], int] = {}   # (peer, phase) -> messages sent since connect
@@ -162,28 +163,22 @@ class OneSidedExchange(Exchange):
     def _publish(self, extra: dict) -> None:
         meta = {"rank": self.rank, "inc": self.incarnation, "base": self.base, "nbytes": self.nbytes,
                 "layout": self._layout(), **extra}
-        self.store.set(f"{self.ns}/{self.rank}/{self.incarnation}/meta", pickle.dumps(meta))
-        self.store.set(f"{self.ns}/{self.rank}/cur", str(self.incarnation))
+        self.directory.publish(meta)
 
     def _connect(self, peer: int, deadline: float, wait: bool) -> bool:
         """Connect ``peer``'s current incarnation (if not already); False if it has none (yet).
         ``wait=False`` (inside a call): a connected peer is taken as is, without asking the store."""
         if not wait and peer in self._peer_inc:
             return True
-        key = f"{self.ns}/{peer}/cur"
-        what = f"waiting for rank {peer}'s {self.kind} dispatcher"
-        if not (store_wait(self.store, key, deadline, liveness=self.liveness, ranks=(peer,), what=what) if wait
-                else self.store.check([key])):
+        inc = self.directory.current(peer, deadline if wait else None)
+        if inc is None:
             return False
-        inc = int(self.store.get(key))
         if self._peer_inc.get(peer) == inc:
             return True
         self._disconnect(peer)
-        mkey = f"{self.ns}/{peer}/{inc}/meta"
-        if not (store_wait(self.store, mkey, deadline, liveness=self.liveness, ranks=(peer,), what=what) if wait
-                else self.store.check([mkey])):
+        meta = self.directory.meta(peer, inc, deadline if wait else None)
+        if meta is None:
             return False
-        meta = pickle.loads(self.store.get(mkey))
         if meta["layout"] != self._layout():
             raise ValueError(f"rank {peer}'s {self.kind} dispatcher has layout {meta['layout']}, this rank "
                              f"{self._layout()}: every rank needs the same num_ranks, hidden, dtype, num_topk, "
