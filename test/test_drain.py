@@ -182,3 +182,14 @@ def test_scheduler_steps_are_idempotent_and_ordered():
         sd.step("a", [2], k)
         assert sd.step("a", [2], k).phase in ("moving", "done")  # a retried step changes nothing
     assert p.phase == "done" and sim.state.live_ranks() == [0, 1, 3]
+
+
+def test_state_larger_than_the_placement():
+    """SGLang's state may have room for --max-ep-size ranks; the drain works on the placement's ranks."""
+    sim = SimCluster()
+    big = ElasticEPState(6, torch.device("cpu"))
+    sd = SchedulerDrain(big, sim.p2l, sim.apply_chunk, E, num_ranks=R)
+    v = sd.view()
+    assert (v.ep_size, v.live, v.slots_per_rank) == (R, (0, 1, 2, 3), S)
+    with pytest.raises(DrainError, match=r"rank 5 is not an EP rank: ranks are 0..3"):
+        sd.step("a", [5], 0)

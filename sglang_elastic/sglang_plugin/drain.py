@@ -163,15 +163,19 @@ class SchedulerDrain:
         get_load: ``() -> [L, E]`` load of the last rebalance, or None.
         layers_per_step: layers moved per step (serving runs between steps).
         on_progress: called with the progress after every step (the status writer).
+        num_ranks: EP ranks of the placement (default: the state's size; SGLang's state may be larger,
+            up to ``--max-ep-size``, than the placement in force).
     """
 
     def __init__(self, state: Any, get_p2l: Callable[[], torch.Tensor],
                  apply_chunk: Callable[[Placement, List[int]], None], num_logical: int, *,
                  get_load: Callable[[], Optional[torch.Tensor]] = lambda: None, layers_per_step: int = 1,
-                 on_progress: Callable[[DrainProgress], None] = lambda p: None) -> None:
+                 on_progress: Callable[[DrainProgress], None] = lambda p: None,
+                 num_ranks: Optional[int] = None) -> None:
         self.state, self.get_p2l, self.apply_chunk = state, get_p2l, apply_chunk
         self.num_logical, self.get_load, self.layers_per_step = num_logical, get_load, max(1, layers_per_step)
         self.on_progress = on_progress
+        self.num_ranks = int(num_ranks) if num_ranks is not None else state.ep_size
         self.progress: Optional[DrainProgress] = None
         self._target: Optional[Placement] = None
         self._chunks: List[List[int]] = []
@@ -179,8 +183,9 @@ class SchedulerDrain:
 
     def view(self) -> ClusterView:
         p2l = self.get_p2l()
-        R = self.state.ep_size
-        return ClusterView(R, tuple(self.state.live_ranks()), p2l.shape[1] // R, self.num_logical, self.state.epoch)
+        R = self.num_ranks
+        live = tuple(r for r in self.state.live_ranks() if r < R)
+        return ClusterView(R, live, p2l.shape[1] // R, self.num_logical, self.state.epoch)
 
     def step(self, drain_id: str, ranks: Sequence[int], step: int) -> DrainProgress:
         """Run step ``step`` of drain ``drain_id`` (0: plan; 1..n: move a chunk; n+1: mask).
@@ -224,11 +229,11 @@ class SchedulerDrain:
         todo = check_drain(ranks, self.view())
         p = DrainProgress(drain_id, todo)
         self._steps_done = 0
-        live = self.state.active_ranks_cpu.numpy().astype(bool)[: self.state.ep_size].copy()
+        live = self.state.active_ranks_cpu.numpy().astype(bool)[: self.num_ranks].copy()
         if todo:
             target = plan_drain(p2l, live, todo, self.num_logical, self.get_load())
             tgt, _, _ = target.to_sglang()
-            keep = Placement.from_sglang(p2l, self.state.ep_size, self.num_logical, live)
+            keep = Placement.from_sglang(p2l, self.num_ranks, self.num_logical, live)
             p.moved_slots = int(((target.phy2log != keep.phy2log) & (target.phy2log >= 0)).sum())
             changed = (tgt != p2l).any(1).nonzero().flatten().tolist()
             self._target = target

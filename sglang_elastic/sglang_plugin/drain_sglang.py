@@ -192,7 +192,7 @@ def _scheduler_drain(scheduler: Any) -> SchedulerDrain:
 
     sd = SchedulerDrain(state, lambda: get_global_expert_location_metadata().physical_to_logical_map_cpu,
                         partial(_apply_chunk, scheduler), meta.num_logical_experts,
-                        get_load=lambda: ctx.last_load, on_progress=on_progress)
+                        get_load=lambda: ctx.last_load, on_progress=on_progress, num_ranks=meta.ep_size)
     return sd
 
 
@@ -209,8 +209,8 @@ def cluster_view() -> Optional[ClusterView]:
         meta = None
     if state is None or meta is None:
         return None
-    R = state.ep_size
-    return ClusterView(R, tuple(state.live_ranks()), meta.physical_to_logical_map_cpu.shape[1] // R,
+    R = meta.ep_size  # the placement's ranks (the state may be larger: --max-ep-size)
+    return ClusterView(R, tuple(r for r in state.live_ranks() if r < R), meta.physical_to_logical_map_cpu.shape[1] // R,
                        meta.num_logical_experts, state.epoch)
 
 
