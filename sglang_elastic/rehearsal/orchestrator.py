@@ -449,7 +449,11 @@ class Orchestrator:
                 rec.balancedness = balancedness(load_now, self.committed)
         if st.update_active and results and all(res.update_done for res in results.values()):
             st.update_active = False
-            st.leave_now = [r for r in st.leaving if r in st.live]
+            per_rank = (self.committed.phy2log.view(self.L, self.R, self.S) >= 0).any(-1).any(0)   # [R]
+            st.leave_now = [r for r in st.leaving if r in st.live and not bool(per_rank[r])]
+            if len(st.leave_now) < len([r for r in st.leaving if r in st.live]):
+                # A re-plan after a death kept a draining rank's experts: drain it again.
+                st.pending_target = self._plan_rebalance(self._serving())
             for j in st.joins:
                 if j.t_filled is None:
                     j.t_filled = time.time()

@@ -166,6 +166,7 @@ class Rank:
         self.degraded: Dict[str, int] = {}     # degraded modes of the elastic machinery (this step)
         self.recoveries: Dict[str, int] = {}   # collectives re-planned after a peer died (this step)
         self.abandoned: Optional[str] = None
+        self._stats_seen: Dict[Tuple[int, str], int] = {}
         # Tell membership the moment the dispatcher gives up on a peer, not at the end of the step.
         self.state.add_listener(lambda ev: self._report_failures()
                                 if ev.kind == "failed" and "dispatcher" in ev.reason else None)
@@ -244,8 +245,10 @@ class Rank:
         return sorted(view.live)
 
     def _retarget(self, live: List[int]) -> Tuple[np.ndarray, Placement]:
-        """The in-flight update's target re-planned over ``live`` (drained ranks stay drained)."""
-        serving = _mask([r for r in live if r not in self.draining], self.R)
+        """The in-flight update's target re-planned over ``live``. A rank being drained keeps slots in
+        it (the updater validates a re-plan against every live rank); the orchestrator's next target
+        drains it again, and it leaves only once it holds nothing."""
+        serving = _mask(live, self.R)
         target = rebalance(self.update_load, self.R, self.S, live_ranks=serving, ranks_per_node=self.cfg.cluster.node_size,
                            current=self.updater.placement)
         return _mask(live, self.R), target
@@ -391,11 +394,15 @@ class Rank:
             uncovered = int(((layout.holder < 0) & present).sum())
             if uncovered:
                 out["backups_uncovered"] = uncovered
-        for name in ("degraded", "degraded_counts"):
-            extra = getattr(self.updater, name, None)
-            if isinstance(extra, dict):
-                for k, v in extra.items():
-                    out[f"updater_{k}"] = int(v)
+        # The updater's own counts (backup rows that ran out): cumulative, so report what is new.
+        stats = getattr(self.updater, "stats", None) or {}
+        for k, v in stats.items():
+            if k == "backups_uncovered":
+                continue  # a gauge, counted above (with the backups this rank found unfilled)
+            new = int(v) - self._stats_seen.get((id(self.updater), k), 0)
+            self._stats_seen[(id(self.updater), k)] = int(v)
+            if new > 0:
+                out[k] = new
         return out
 
     def _take_recoveries(self) -> Dict[str, int]:
