@@ -100,6 +100,9 @@ class _ElasticEPDispatcher(BaseDispatcher):
                                                params_dtype, opts)
         self.inner = make_inner(self.kind, self.path, **self.inner_kwargs, **self._backend_kwargs(group))
         self._ids_routed: Optional[bool] = None  # decided on the first dispatch (SGLang's runtime is up then)
+        # Build the routing hook's device tables now, at model construction, not in a first step that
+        # a CUDA graph might be capturing (None when SGLang's metadata or our state is not there yet).
+        routing_hook.routing()
         self._peers_dirty = False
         self._pending: Optional[Any] = None
         add_scale_listener(self)
