@@ -40,7 +40,7 @@ from ..eplb.placement import Placement
 from . import context
 
 __all__ = ["SGLangRouting", "routing", "topk_ids_logical_to_physical", "tag_layer_after_init_new",
-           "refresh_after_update", "maps_layers", "MAPPED_ALGORITHMS", "TARGET"]
+           "refresh_after_update", "on_placement_change", "maps_layers", "MAPPED_ALGORITHMS", "TARGET"]
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +202,12 @@ def refresh_after_update(result, meta, *args, **kwargs) -> None:
     r = getattr(context.get(), "routing", None)
     if r is not None and meta is r._meta:
         r.refresh(meta)
+
+
+def on_placement_change() -> None:
+    """Rewrite the tables now, from the metadata they were built on. For whoever patches SGLang's
+    metadata in place outside ``ExpertLocationMetadata.update`` (the plugin's updater, when it bumps
+    the placement version): CUDA-graph replays run no Python, so they see the change only once this ran."""
+    r = getattr(context.get(), "routing", None)
+    if r is not None:
+        r.refresh(r._meta)
