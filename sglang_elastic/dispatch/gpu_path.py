@@ -195,7 +195,10 @@ class GPUPathMixin:
         return Routed(r.phys, r.logical, r.weights, r.affected, r.stats), ids
 
     def _passthrough(self, topk_ids, topk_weights) -> Tuple[Routed, torch.Tensor]:
-        """Pre-routed ids: no launch unless a dtype must change (SGLang's are int32 ids, float32 weights)."""
+        """Pre-routed ids: no launch unless a dtype must change (SGLang's are int32 ids, float32 weights).
+
+        The ids are physical slots; ``Routed.logical`` carries them too (the logical experts stay
+        with the caller), and ``DispatchOutput.topk_ids`` keeps the caller's dtype."""
         ids = topk_ids if topk_ids.dtype == self._idx_dtype else topk_ids.to(self._idx_dtype)
         w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
         T = ids.shape[0]
