@@ -342,7 +342,7 @@ class BaseTransport(Transport):
         while True:
             try:
                 self._refresh_meta(rank)
-            except Exception:  # the store is reachable but the key vanished: treat as missing
+            except (KeyError, RuntimeError):  # the key vanished, or a store hiccup: treat as missing for now
                 pass
             info = self._tensor_info(rank, name)
             if info is not None or time.monotonic() >= deadline:

@@ -171,15 +171,19 @@ class MooncakeEndpoint:
 
     def contact(self, ops: Sequence[Tuple[int, Req]], deadline: float) -> None:
         """First contact ahead of time: post each ``(rank, request)`` (a few harmless bytes) to a
-        session not contacted yet and wait for them until ``deadline`` (a frozen peer is left)."""
-        posted = [self.post("write", r, [req]) for r, req in ops if self._sessions[r] not in self._contacted]
-        for op in posted:
-            if op.thread is not None:
-                op.thread.join(max(0.0, deadline - time.monotonic()))
-                if op.thread.is_alive():
-                    continue
-            while self.state(op) == "PROC" and time.monotonic() < deadline:
-                time.sleep(1e-3)
+        session not contacted yet and wait for them until ``deadline`` (a frozen peer is left, and
+        so is a peer known dead in the Liveness)."""
+        lv = self.watch.liveness
+        posted = [(r, self.post("write", r, [req])) for r, req in ops
+                  if self._sessions[r] not in self._contacted and not lv.is_dead(r)]
+        for r, op in posted:
+            while time.monotonic() < deadline and not lv.is_dead(r):
+                if op.thread is not None and op.thread.is_alive():
+                    op.thread.join(0.01)  # the segment handshake blocks on a frozen peer
+                elif self.state(op) == "PROC":
+                    time.sleep(1e-3)
+                else:
+                    break
 
     # ---------------------------------------------------------------- transfers
     def post(self, kind: str, rank: int, reqs: Sequence[Req], then: Optional[List[Req]] = None) -> MooncakeOp:
