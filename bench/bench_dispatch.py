@@ -56,22 +56,9 @@ sys.path.insert(0, str(ROOT))
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_k, _v)
 
-import importlib.util  # noqa: E402
-
 import torch  # noqa: E402
 
-if importlib.util.find_spec("sglang_elastic.kernels") is None:
-    # Source checkout without `pip install -e .`: kernels/ is the subpackage sglang_elastic.kernels
-    # (setup.py's package_dir), which routing imports.
-    import sglang_elastic  # noqa: E402
-
-    _spec = importlib.util.spec_from_file_location("sglang_elastic.kernels", ROOT / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["sglang_elastic.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-    sglang_elastic.kernels = _mod
-
+# (sglang_elastic.dispatch loads kernels/ itself when the checkout is used without `pip install -e .`.)
 R = 2
 
 
