@@ -138,12 +138,12 @@ def routing(meta=None) -> Optional[SGLangRouting]:
     with _lock:
         r = getattr(ctx, "routing", None)
         if r is None:
-            r = SGLangRouting(meta, live, _token_offset(live))
+            r = SGLangRouting(meta, live, _token_offset())
             ctx.routing = r  # the plugin context carries it (see the report: a declared field is asked for)
     return r
 
 
-def _token_offset(live: torch.Tensor) -> int:
+def _token_offset() -> int:
     """``ep_rank * 1024``: distinct per rank (each rank routes only its own tokens), fixed per process."""
     try:
         from sglang.srt.runtime_context import get_parallel
