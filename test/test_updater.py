@@ -62,9 +62,12 @@ def placements(seed: int):
 
 
 def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, victim: int, mode: str,
-           out) -> None:
+           out, opts=None) -> None:
     """One rank: build transport + updater, move p0 -> p1, check weights; `victim` is SIGKILLed
-    (mode "kill") or frozen with SIGSTOP (mode "stop") in the middle of the update."""
+    (mode "kill") or frozen with SIGSTOP (mode "stop") in the middle of the update. ``opts``:
+    ``knowledge`` (one Liveness fed by membership, given to transport, updater and vote, whose own
+    timeouts are an hour: only knowledge can end their waits), ``backup_rows``."""
+    opts = opts or {}
     try:
         from sglang_elastic.location.updater import ExpertLocationUpdater, StoreVote
         from sglang_elastic.membership import MembershipClient
@@ -72,8 +75,11 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         from sglang_elastic.transport import make_transport
 
         # Membership through the orchestrator's store; the state manager follows it.
+        from sglang_elastic.transport import Liveness
+
+        lv = Liveness()
         state = ElasticEPStateManager.init(ep_size=R)
-        member = MembershipClient("127.0.0.1", mport, rank, heartbeat_interval_s=0.5)
+        member = MembershipClient("127.0.0.1", mport, rank, heartbeat_interval_s=0.5, liveness=lv)
         member.bind_state(state)
         member.join()
         member.wait_for_epoch(lambda v: len(v.live) == R, timeout=60)
@@ -82,13 +88,17 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
                                            timeout=datetime.timedelta(seconds=30))
         epochs = []  # failure events this rank handled
-        transport = make_transport(kind, rank, store)
+        knowledge = opts.get("knowledge", False)
+        timeout = 3600.0 if knowledge else TIMEOUT
+        transport = make_transport(kind, rank, store, **({"liveness": lv} if knowledge else {}))
         transport.set_peers(list(range(R)))
         load, p0, p1 = placements(seed)
         w = weights_for(p0, rank)
         upd = ExpertLocationUpdater(rank, transport, {"w": w}, p0, layers_per_chunk=chunk,
-                                    timeout_s=TIMEOUT, vote=StoreVote(store, rank, TIMEOUT + 5),
-                                    canary=True, checksum=lambda l, e: float(expert_value(l, e).sum()))
+                                    timeout_s=timeout, vote=StoreVote(store, rank, timeout + 5),
+                                    canary=True, checksum=lambda l, e: float(expert_value(l, e).sum()),
+                                    backup_rows=opts.get("backup_rows"),
+                                    **({"liveness": lv} if knowledge else {}))
         upd.fill_backup()
 
         def on_failure(dead):
@@ -111,24 +121,26 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         bad = wrong_slots(w, upd.placement, rank)
         out.put((rank, "ok", dict(bad=bad, epoch=state.membership_epoch - epoch0, dead_seen=epochs,
                                   live=state.live_ranks(), restored=restored, final=upd.placement.phy2log.tolist(),
-                                  target=upd.target.phy2log.tolist())))
+                                  target=upd.target.phy2log.tolist(), stats=dict(upd.stats),
+                                  dead_known=sorted(lv.dead()))))
         transport.close()
         member.close()
     except Exception:
         out.put((rank, "error", traceback.format_exc()))
 
 
-def run_cluster(kind: str, chunk: int, seed: int, victim: int = -1, mode: str = "kill"):
+def run_cluster(kind: str, chunk: int, seed: int, victim: int = -1, mode: str = "kill", opts=None,
+                heartbeat_timeout_s: float = 4.0):
     ctx = mp.get_context("spawn")
     port = free_port()
     master = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=30))
     from sglang_elastic.membership import MembershipServer
 
-    membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=4.0)
+    membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=heartbeat_timeout_s)
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(kind, r, port, membership.port, chunk, seed, victim, mode, out))
-             for r in range(R)]
+    procs = [ctx.Process(target=worker, args=(kind, r, port, membership.port, chunk, seed, victim, mode, out),
+                         kwargs=dict(opts=opts)) for r in range(R)]
     for p in procs:
         p.start()
     try:
@@ -347,3 +359,23 @@ def test_rank_dies_and_a_fresh_process_rejoins_with_its_experts(kind):
                 p.kill()
         membership.close()
         del master
+
+
+@pytest.mark.parametrize("kind", ["torch"])
+def test_death_mid_update_ends_by_knowledge_and_backups_degrade(kind):
+    """Transfers, votes and the membership heartbeat all have an hour's timeout, so only knowledge
+    (the killed process's connection closing, pushed to every survivor's Liveness) can end the
+    survivors' waits before the test's limit. The backup rows are too few to re-home every backup
+    after the loss: the survivors cover what they can, count the rest and finish the update."""
+    victim = 2
+    results = run_cluster(kind, chunk=1, seed=7, victim=victim, opts=dict(knowledge=True, backup_rows=13),
+                          heartbeat_timeout_s=3600.0)
+    assert sorted(results) == [r for r in range(R) if r != victim]
+    finals = {tuple(map(tuple, r["final"])) for r in results.values()}
+    assert len(finals) == 1, "every survivor committed the same placement"
+    for rank, r in results.items():
+        assert r["bad"] == [], f"rank {rank} holds wrong weights at {r['bad']}"
+        assert r["final"] == r["target"]
+        assert r["dead_seen"] == [[victim]] and r["dead_known"] == [victim], r
+        assert r["stats"]["backups_uncovered"] > 0 and r["stats"]["backup_shortfalls"] > 0, r["stats"]
+    assert sum(r["restored"] for r in results.values()) > 0, "orphans came back from the backup store"

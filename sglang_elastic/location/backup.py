@@ -32,11 +32,14 @@ class BackupLayout:
         row: int64 ``[L, E]`` row in the holder's backup tensor.
         rows_per_rank: capacity each rank allocates (the same on every rank, so layouts can change
             without reallocating).
+        uncovered: (layer, expert) pairs left without a backup because every live rank's rows were
+            full (``assign_backups(..., degrade=True)``); 0 when every expert has one.
     """
 
     holder: torch.Tensor
     row: torch.Tensor
     rows_per_rank: int
+    uncovered: int = 0
 
     def bytes_per_rank(self, bytes_per_expert: int) -> int:
         """Host memory each rank spends on backups."""
@@ -53,6 +56,7 @@ def assign_backups(
     ranks_per_node: Optional[int] = None,
     previous: Optional[BackupLayout] = None,
     rows_per_rank: Optional[int] = None,
+    degrade: bool = False,
 ) -> BackupLayout:
     """Choose a backup holder for every (layer, expert).
 
@@ -61,7 +65,12 @@ def assign_backups(
     holds no replica of the expert, on a node holding none (with ``ranks_per_node``), with the fewest
     backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / (live - k)) + E`` with
     ``k = max(1, live // 8)``: room to re-home the backups of ``k`` dead ranks without reallocating.
-    A :class:`ValueError` says so when it runs out.
+
+    When the rows run out (more ranks died than the spare room covers), a :class:`ValueError` says
+    so; with ``degrade=True`` (what a serving rank asks for: backups are insurance, never a reason to
+    stop serving) the most exposed experts are covered first -- those with a single live replica,
+    then two, ...; those with none come last, as no live replica can fill them -- and the rest are
+    left without a backup (``holder == -1``), counted in :attr:`BackupLayout.uncovered`.
     """
     L, E, R = placement.num_layers, placement.num_logical_experts, placement.num_ranks
     live = as_live_mask(live_ranks, R) if live_ranks is not None else placement.live_ranks.numpy()
@@ -94,6 +103,11 @@ def assign_backups(
         np.add.at(used, ph[keep], 1)
         taken[ph[keep], pr[keep]] = True
     todo = np.argwhere(holder < 0)
+    if degrade and len(todo) > int(np.maximum(cap - used[live], 0).sum()):
+        replicas = holds[:, live, :].sum(1)  # [L, E] live replicas per expert
+        exposed = replicas[todo[:, 0], todo[:, 1]]
+        todo = todo[np.argsort(np.where(exposed > 0, exposed, np.iinfo(np.int64).max), kind="stable")]
+    uncovered = 0
     # Cost per candidate rank: dead >> serves it >> same node serves it >> load. Rows are few
     # thousand at most (L * E), and each step is a vector op over ranks.
     for l, e in todo:
@@ -102,6 +116,9 @@ def assign_backups(
         cost[~live | (used >= cap)] = np.inf
         r = int(cost.argmin())
         if not np.isfinite(cost[r]):
+            if degrade:
+                uncovered += 1
+                continue
             raise ValueError(
                 f"backup store full: {cap} rows per rank cannot hold a backup of every expert on {n_live} live ranks"
             )
@@ -109,4 +126,4 @@ def assign_backups(
         holder[l, e], row[l, e] = r, free
         taken[r, free] = True
         used[r] += 1
-    return BackupLayout(torch.from_numpy(holder), torch.from_numpy(row), cap)
+    return BackupLayout(torch.from_numpy(holder), torch.from_numpy(row), cap, uncovered)

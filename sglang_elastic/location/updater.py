@@ -12,6 +12,17 @@ between chunks. Per chunk:
    ``on_failure`` hook gives the new live set and target placement, the backup layout is re-homed,
    and the chunk is planned again from survivors and backups.
 
+Every wait learns of deaths from the process's :class:`~sglang_elastic.transport.Liveness`
+(``liveness=``, lent to the vote; transports consult the one they were built with): a death during
+a chunk, a vote, backup filling or re-homing, or a joiner's fill ends the wait at once with
+:class:`PeerFailure` naming the rank, never by a timeout. Shortfalls degrade instead of stopping a
+serving rank: when the backup rows cannot hold a backup of every expert after losses, the most
+exposed experts are covered first and the rest counted (:attr:`ExpertLocationUpdater.stats`).
+
+Structure (kept so that a background mover can reuse it): :meth:`ExpertLocationUpdater.begin`
+plans the layers to change, :meth:`ExpertLocationUpdater._move_chunk` plans and moves one chunk
+into staging, then commits it; :meth:`ExpertLocationUpdater._execute` runs copies and the vote.
+
 Every rank runs the same updater with the same placements; plans are deterministic, so all ranks
 agree on the copies without talking about them.
 """
@@ -25,7 +36,9 @@ import numpy as np
 import torch
 
 from ..eplb.placement import Placement, as_live_mask
+from ..membership.agreement import StoreVote  # re-exported: the vote lived here before
 from ..transport.base import Copy, PeerFailure, Transport
+from ..transport.liveness import Liveness
 from .backup import BackupLayout, assign_backups, backup_tensor_name
 from .plan import plan_transfers
 
@@ -37,34 +50,6 @@ log = logging.getLogger(__name__)
 def staging_name(weight_name: str) -> str:
     """Name of the staging buffer registered for ``weight_name``."""
     return f"staging/{weight_name}"
-
-
-class StoreVote:
-    """Agreement on a chunk's outcome through a store served outside the ranks.
-
-    Each live rank posts ``ok`` or the ranks it suspects; every rank then waits for every live rank's
-    post. A rank that posts nothing within ``timeout_s`` is dead; a rank that posted is alive, even if
-    a neighbour suspected it (a frozen peer makes timeouts cascade, so suspicions are not proof).
-    All ranks return the same ``(dead, all_ok)``. Without this, a rank that never talked to the dead
-    peer would commit a chunk its neighbours abandon.
-    """
-
-    def __init__(self, store, rank: int, timeout_s: float, prefix: str = "sgle/update") -> None:
-        self.store, self.rank, self.timeout_s, self.prefix = store, rank, timeout_s, prefix
-
-    def __call__(self, seq: str, live: List[int], failed: List[int]) -> Tuple[List[int], bool]:
-        import datetime
-
-        key = f"{self.prefix}/{seq}"
-        self.store.set(f"{key}/{self.rank}", ",".join(map(str, failed)) if failed else "ok")
-        dead, all_ok = [], True
-        for r in live:
-            try:
-                self.store.wait([f"{key}/{r}"], datetime.timedelta(seconds=self.timeout_s))
-                all_ok &= self.store.get(f"{key}/{r}").decode() == "ok"
-            except Exception:  # the store says: no post within the timeout
-                dead.append(r)
-        return dead, all_ok and not dead
 
 
 class _Transient(RuntimeError):
@@ -104,12 +89,22 @@ class ExpertLocationUpdater:
         layers_per_chunk: layers moved and committed per :meth:`step` (``>= 1``).
         ranks_per_node: prefer same-node sources, spread backups over nodes.
         backup: keep a backup store (host memory) for orphan restores.
+        backup_rows: rows each rank allocates for backups (default: enough for every expert plus the
+            re-homing room of :func:`~sglang_elastic.location.backup.assign_backups`); fewer rows
+            cover the most exposed experts and count the rest in :attr:`stats`.
         canary: after each chunk, check every slot's checksum against the expected expert's.
         checksum: ``(layer, expert) -> float`` reference checksums for the canary (required with it).
         timeout_s: per-chunk transfer timeout before a silent peer counts as failed.
         vote: agreement hook ``vote(key, live_ranks, suspected) -> (dead, all_ok)`` (e.g.
-            :class:`StoreVote`); required when ranks can fail, so that all survivors abandon the same chunk.
+            :class:`~sglang_elastic.membership.StoreVote`); required when ranks can fail, so that all
+            survivors abandon the same chunk. A vote with a ``liveness`` attribute set to ``None`` is
+            lent this updater's.
         generation: membership generation this updater starts in (see :meth:`set_live`).
+        liveness: the process's :class:`~sglang_elastic.transport.Liveness` (default: a private one).
+
+    Attributes:
+        stats: ``backups_uncovered`` (experts without a backup now, because the backup rows ran
+            out), ``backup_shortfalls`` (re-homings that could not cover every expert).
     """
 
     def __init__(
@@ -123,11 +118,13 @@ class ExpertLocationUpdater:
         layers_per_chunk: int = 1,
         ranks_per_node: Optional[int] = None,
         backup: bool = True,
+        backup_rows: Optional[int] = None,
         canary: bool = False,
         checksum: Optional[Callable[[int, int], float]] = None,
         timeout_s: float = 10.0,
         vote: Optional[Callable[[str, List[int], List[int]], Tuple[List[int], bool]]] = None,
         generation: int = 0,
+        liveness: Optional[Liveness] = None,
     ) -> None:
         if not isinstance(layers_per_chunk, int) or isinstance(layers_per_chunk, bool) or layers_per_chunk < 1:
             raise ValueError(f"layers_per_chunk must be an integer >= 1, got {layers_per_chunk!r}")
@@ -137,6 +134,9 @@ class ExpertLocationUpdater:
         for name, t in weights.items():
             if t.dim() < 2 or t.shape[0] != L or t.shape[1] != S:
                 raise ValueError(f"weights[{name!r}] has shape {tuple(t.shape)}, expected [{L}, {S}, ...]")
+        if backup_rows is not None and (not isinstance(backup_rows, int) or isinstance(backup_rows, bool)
+                                        or backup_rows < 1):
+            raise ValueError(f"backup_rows must be an integer >= 1, got {backup_rows!r}")
         if canary and checksum is None:
             raise ValueError("canary mode needs a checksum(layer, expert) reference")
         self.rank = rank
@@ -151,8 +151,12 @@ class ExpertLocationUpdater:
         self.canary = canary
         self.checksum = checksum
         self.timeout_s = timeout_s
+        self.liveness = liveness if liveness is not None else Liveness()
+        if vote is not None and getattr(vote, "liveness", False) is None:
+            vote.liveness = self.liveness
         self.vote = vote
         self.generation = generation
+        self.stats: Dict[str, int] = {"backups_uncovered": 0, "backup_shortfalls": 0}
         self._seq = 0
         self.target: Optional[Placement] = None
         self._pending: List[int] = []
@@ -167,7 +171,9 @@ class ExpertLocationUpdater:
         self.backup_layout: Optional[BackupLayout] = None
         self._backup: Dict[str, torch.Tensor] = {}
         if backup:
-            self.backup_layout = assign_backups(current, self.live, ranks_per_node)
+            self.backup_layout = assign_backups(current, self.live, ranks_per_node, rows_per_rank=backup_rows,
+                                                degrade=True)
+            self._count_uncovered(self.backup_layout)
             cap = self.backup_layout.rows_per_rank
             for name, t in weights.items():
                 buf = torch.empty((cap,) + tuple(t.shape[2:]), dtype=t.dtype, device="cpu")
@@ -183,6 +189,11 @@ class ExpertLocationUpdater:
     def backup_bytes(self) -> int:
         """Host memory this rank spends on the backup store."""
         return sum(b.numel() * b.element_size() for b in self._backup.values())
+
+    @property
+    def degraded(self) -> bool:
+        """True while some expert has no backup because the backup rows ran out."""
+        return self.stats["backups_uncovered"] > 0
 
     # ---------------------------------------------------------------- backup
     def fill_backup(self, layers: Optional[Sequence[int]] = None) -> int:
@@ -298,10 +309,7 @@ class ExpertLocationUpdater:
         phy.view(phy.shape[0], self.placement.num_ranks, -1)[:, torch.from_numpy(~live)] = -1
         self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
         if self.backup_layout is not None:
-            prev = self.backup_layout
-            self.backup_layout = assign_backups(self.placement, live, self.ranks_per_node,
-                                                previous=prev, rows_per_rank=prev.rows_per_rank)
-            self._refill_rehomed(prev)
+            self._rehome()
         if self.target is not None:
             changed = (self.target.phy2log != self.placement.phy2log).any(1)
             self._pending = torch.nonzero(changed).flatten().tolist()
@@ -318,28 +326,51 @@ class ExpertLocationUpdater:
         """Fill backups whose holder changed from live replicas (collective). A backup with no live
         replica to copy from is lost: its holder becomes ``-1`` so a restore fails loudly."""
         layout = self.backup_layout
-        copies, lost = self._backup_copies((layout.holder != prev.holder).nonzero().tolist())
+        moved = ((layout.holder != prev.holder) & (layout.holder >= 0)).nonzero().tolist()
+        copies, lost = self._backup_copies(moved)
         if lost:
             holder = layout.holder.clone()
             for l, e in lost:
                 holder[l, e] = -1
-            self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank)
+            self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank, layout.uncovered)
         self._execute(copies)
+
+    def _rehome(self) -> None:
+        """Re-home backups for the committed placement and live set: off dead ranks and off the ranks
+        that now serve their expert (collective). Never raises for lack of rows: degrades."""
+        prev = self.backup_layout
+        layout = assign_backups(self.placement, self.live, self.ranks_per_node, previous=prev,
+                                rows_per_rank=prev.rows_per_rank, degrade=True)
+        self._count_uncovered(layout)
+        self.backup_layout = layout
+        self._refill_rehomed(prev)
+
+    def _count_uncovered(self, layout: BackupLayout) -> None:
+        """Record (and warn once per change) how many experts the backup rows could not cover."""
+        if layout.uncovered:
+            if layout.uncovered != self.stats["backups_uncovered"]:
+                log.warning("rank %d: backup store full (%d rows per rank, %d live ranks): %d experts have no "
+                            "backup; the most exposed (fewest live replicas) are covered, serving goes on",
+                            self.rank, layout.rows_per_rank, int(self.live.sum()), layout.uncovered)
+            self.stats["backup_shortfalls"] += 1
+        self.stats["backups_uncovered"] = layout.uncovered
 
     def _rehome_after_commit(self) -> None:
         """Keep every backup off the ranks that now serve its expert (collective)."""
-        prev = self.backup_layout
-        self.backup_layout = assign_backups(self.placement, self.live, self.ranks_per_node,
-                                            previous=prev, rows_per_rank=prev.rows_per_rank)
-        self._refill_rehomed(prev)
+        self._rehome()
 
     def _execute(self, copies: List[Copy]) -> None:
         """Run ``copies``; with a vote, every live rank learns the same outcome."""
         failed: List[int] = []
-        try:
-            self.transport.execute(copies, self.timeout_s)
-        except PeerFailure as exc:
-            failed = list(exc.ranks)
+        involved = {c.src for c in copies} | {c.dst for c in copies}
+        known = sorted(r for r in involved if self.liveness.is_dead(r))
+        if known:  # a copy from or to a rank known dead cannot succeed: skip straight to the vote
+            failed = known
+        else:
+            try:
+                self.transport.execute(copies, self.timeout_s)
+            except PeerFailure as exc:
+                failed = list(exc.ranks)
         if self.vote is None:
             if failed:
                 raise PeerFailure(failed[0], ranks=failed)

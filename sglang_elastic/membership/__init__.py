@@ -5,12 +5,12 @@
 * :mod:`.client` — :class:`MembershipClient`, a rank's side, which also feeds the process's
   :class:`~sglang_elastic.transport.Liveness`;
 * :mod:`.watch` — the per-rank TCP connection whose end tells the server a process died;
-* :mod:`.agreement` — :class:`StoreVote` and :func:`store_wait`: agreements and waits between ranks
-  through a store, each ending at once when a rank it waits for is known dead.
+* :mod:`.agreement` — :class:`StoreVote`: agreement between ranks through a store, ending at once
+  when a voter is known dead (a plain key wait: :func:`sglang_elastic.transport.store_wait`).
 
 See ``docs/elastic-state.md``.
 """
-from .agreement import StoreVote, store_wait
+from .agreement import StoreVote
 from .client import MembershipClient
 from .server import MembershipServer
 from .view import DEFAULT_NAMESPACE, MembershipChange, MembershipError, MembershipTimeout, MembershipView
@@ -24,5 +24,4 @@ __all__ = [
     "MembershipTimeout",
     "MembershipView",
     "StoreVote",
-    "store_wait",
 ]

@@ -1,20 +1,21 @@
-"""Agreements and waits between ranks through a store served outside them, ended by knowledge.
+"""Agreement between ranks through a store served outside them, ended by knowledge.
 
-Every wait here polls the store and, between polls, consults the process's
+The vote polls the store and, between polls, consults the process's
 :class:`~sglang_elastic.transport.Liveness`: when a rank it waits for is known dead (the membership
 client pushes deaths within milliseconds of a kill), the wait ends at once with
 :class:`~sglang_elastic.transport.PeerFailure` naming it. Timeouts remain only for ranks that are
-alive but silent (frozen, partitioned).
+alive but silent (frozen, partitioned). A plain wait for a store key with the same contract is
+:func:`sglang_elastic.transport.store_wait`.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
 
-__all__ = ["StoreVote", "store_wait"]
+__all__ = ["StoreVote"]
 
 _POLL_MIN_S = 0.0005  # first polls are tight: posts of healthy ranks land within a millisecond or two
 _POLL_MAX_S = 0.01    # then back off, so several ranks polling one store cost little
@@ -24,38 +25,6 @@ _DEAD = "dead:"       # prefix of a verdict written in place of a voter's post
 def _sleep(liveness: Liveness, delay: float, version: int) -> None:
     """Sleep ``delay`` seconds, or less when the liveness learns of a death."""
     liveness.wait(delay, since_version=version)
-
-
-def store_wait(store, keys: Sequence[str], timeout_s: float, *, liveness: Optional[Liveness] = None,
-               ranks: Iterable[int] = (), what: str = "store wait") -> None:
-    """Wait until every key of ``keys`` exists in ``store``.
-
-    Args:
-        store: a ``torch.distributed.Store`` (served outside the ranks).
-        keys: keys that ``ranks`` will set.
-        timeout_s: bound for alive-but-silent writers.
-        liveness: this process's :class:`Liveness` (none: only the timeout ends the wait).
-        ranks: the ranks whose posts the wait depends on.
-        what: names the wait in error messages.
-
-    Raises:
-        PeerFailure: one of ``ranks`` is known dead before every key exists (names it).
-        TimeoutError: ``timeout_s`` passed first.
-    """
-    keys, ranks = list(keys), [int(r) for r in ranks]
-    lv = liveness if liveness is not None else Liveness()
-    deadline = time.monotonic() + float(timeout_s)
-    delay = _POLL_MIN_S
-    while True:
-        version = lv.version
-        if store.check(keys):
-            return
-        lv.check(ranks, what=what)
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: keys {keys[:4]}{'...' if len(keys) > 4 else ''} not set within "
-                               f"{timeout_s:g} s")
-        _sleep(lv, min(delay, max(0.0, deadline - time.monotonic())), version)
-        delay = min(delay * 2, _POLL_MAX_S)
 
 
 class StoreVote:
@@ -111,7 +80,9 @@ class StoreVote:
                 pending = []
                 break
             if self.store.check(keys[:1]):  # progress in order: the first pending voter posted
-                posts[pending[0]] = self.store.get(keys[0]).decode()
+                posts[pending[0]] = v = self.store.get(keys[0]).decode()
+                if v.startswith(_DEAD):  # another rank's verdict: it is dead for everyone
+                    return [pending[0]], False
                 pending.pop(0)
                 delay = _POLL_MIN_S
                 continue
