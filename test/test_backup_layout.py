@@ -66,3 +66,22 @@ def test_backup_store_full_is_a_clear_error():
     p = rebalance(w, 4, 8)
     with pytest.raises(ValueError, match="backup store full"):
         assign_backups(p, None, rows_per_rank=2)
+
+
+def test_backup_shortfall_degrades_covering_the_most_exposed_experts_first():
+    """Too few rows (ranks died): a serving rank's layout covers experts with the fewest live
+    replicas first, leaves the rest without a backup and counts them, instead of raising."""
+    w = synthetic_load("hot", 2, 16, seed=3)
+    p = rebalance(w, 4, 8)
+    live = np.array([True, True, True, False])
+    layout = assign_backups(p, live, rows_per_rank=3, degrade=True)
+    holder = layout.holder.numpy()
+    x = p.by_rank().numpy()
+    replicas = np.array([[sum(int((x[l, r] == e).sum()) for r in range(4) if live[r]) for e in range(16)]
+                         for l in range(2)])
+    covered, bare = holder >= 0, holder < 0
+    assert layout.uncovered == int(bare.sum()) > 0 and covered.sum() == 3 * 3
+    assert live[holder[covered]].all()
+    exposed = np.where(replicas > 0, replicas, 10 ** 6)  # experts with no live replica come last
+    assert exposed[covered].max() <= exposed[bare].min()
+    assert (replicas[covered] == 1).any()
