@@ -26,8 +26,8 @@ from .repair import from_current
 __all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE"]
 
 # Defaults of min_balance: (after a failure or scale event, periodic rebalance with the same live set).
-DEFAULT_MIN_BALANCE = (0.99, 0.998)
-# Our from-scratch placement lands this close above max_load_bound (measured on the bench shapes).
+DEFAULT_MIN_BALANCE = (0.99, 1.0)
+# Our from-scratch placement lands about this close above max_load_bound (measured on the bench shapes).
 _SCRATCH_SLACK = 5e-4
 
 
@@ -88,8 +88,8 @@ def elasticity_aware(
         min_balance: the trade-off: at least this fraction of the balancedness a from-scratch placement
             reaches, with the least movement. ``1.0`` asks for from-scratch balance; ``0.99`` keeps more
             experts in place for up to ~1 % less balance. Default: ``0.99`` when the live set changed
-            since ``current`` (failover or scaling: restore service with few transfers), ``0.998``
-            otherwise (periodic rebalance).
+            since ``current`` (failover or scaling: restore service with few transfers), ``1.0``
+            otherwise (a periodic rebalance exists to balance: from-scratch balance, least movement).
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
         max_swaps: cap on repair swaps per layer (default ``2 * live ranks + 4 * slots_per_rank + 16``).
