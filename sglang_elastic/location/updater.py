@@ -268,9 +268,14 @@ class ExpertLocationUpdater:
                 self.transport.set_peers(np.flatnonzero(self.live).tolist())  # rebuild what broke
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
-                report.failed_ranks.extend(dead)
-                report.replans += 1
-                self._handle_failure(dead)
+                while True:
+                    report.failed_ranks.extend(r for r in dead if r not in report.failed_ranks)
+                    report.replans += 1
+                    try:
+                        self._handle_failure(dead)
+                        break
+                    except PeerFailure as again:  # another death while re-homing after the first
+                        dead = sorted(set(dead) | set(getattr(again, "ranks", None) or [again.rank]))
                 # The target may have changed: recompute which layers of the chunk still need work.
                 chunk = [l for l in chunk if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
         self._pending = [l for l in self._pending if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
@@ -328,12 +333,18 @@ class ExpertLocationUpdater:
         layout = self.backup_layout
         moved = ((layout.holder != prev.holder) & (layout.holder >= 0)).nonzero().tolist()
         copies, lost = self._backup_copies(moved)
-        if lost:
-            holder = layout.holder.clone()
-            for l, e in lost:
+        holder = layout.holder.clone()
+        for l, e in lost:
+            holder[l, e] = -1
+        self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank, layout.uncovered)
+        try:
+            self._execute(copies)
+        except (PeerFailure, _Transient):
+            # Every rank abandons this refill (the vote agreed): none of the moved backups holds a
+            # valid copy, so unassign them all; the next re-homing assigns and fills them again.
+            for l, e in moved:
                 holder[l, e] = -1
-            self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank, layout.uncovered)
-        self._execute(copies)
+            raise
 
     def _rehome(self) -> None:
         """Re-home backups for the committed placement and live set: off dead ranks and off the ranks
