@@ -323,7 +323,9 @@ class MembershipClient:
                         self._learn(MembershipView.from_json(self._op("get", key)))
             self._learn(view)
             self._seen_epoch = view.epoch
-        self._on_new_view(view)
+            # still under the lock: a concurrent caller that finds this epoch already seen must not
+            # return (from current()) before the view is applied
+            self._on_new_view(view)
 
     def _learn(self, view: MembershipView) -> None:
         for c in view.changes:
