@@ -32,7 +32,7 @@ def _short(tmp_path: Path, name: str, transport: str) -> Path:
     d.setdefault("model", {}).update(hidden=64, ffn=64)
     d.setdefault("cluster", {}).update(transport=transport, tokens_per_rank=16)
     sc = d["scenario"]
-    sc["steps"] = min(sc["steps"], max(e["step"] for e in sc["events"]) + 6)   # room to recover
+    sc["steps"] = min(sc["steps"], max(e["step"] for e in sc["events"]) + 8)   # room to recover
     out = tmp_path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(d))
     return out

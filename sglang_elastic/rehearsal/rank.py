@@ -96,17 +96,6 @@ def placement_from_store(store, version: int, num_ranks: int, num_experts: int) 
     return Placement(torch.tensor(json.loads(store.get(Keys.placement(version)))), num_ranks, num_experts)
 
 
-def _with_liveness(make: Callable[..., Any], liveness: Liveness, *args: Any, **kw: Any) -> Any:
-    """``make(*args, liveness=liveness, **kw)``; components that do not take a Liveness yet are built
-    without it (they then learn of deaths only by themselves)."""
-    try:
-        return make(*args, liveness=liveness, **kw)
-    except TypeError as exc:
-        if "liveness" not in str(exc):
-            raise
-        return make(*args, **kw)
-
-
 def _mask(ranks: List[int], n: int) -> np.ndarray:
     m = np.zeros(n, dtype=bool)
     m[list(ranks)] = True
@@ -179,11 +168,11 @@ class Rank:
         c = self.cfg.cluster
         # The vote's own timeout is for alive-but-silent voters; a dead voter ends it through Liveness.
         vote = StoreVote(self.store, self.rank, c.timeout_s + 10, prefix=f"vote/{epoch}", liveness=self.liveness)
-        self.updater = self.faults.watch_updater(_with_liveness(
-            ExpertLocationUpdater, self.liveness, self.rank, self.faults.wrap_transport(self.transport),
-            {"w1": self.w1, "w2": self.w2}, self.placement, live_ranks=_mask(live, self.R),
-            layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size, timeout_s=c.timeout_s + 2,
-            generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote)))
+        self.updater = self.faults.watch_updater(ExpertLocationUpdater(
+            self.rank, self.faults.wrap_transport(self.transport), {"w1": self.w1, "w2": self.w2}, self.placement,
+            live_ranks=_mask(live, self.R), layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size,
+            timeout_s=c.timeout_s + 2, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
+            liveness=self.liveness))
         self._trusted_layout = None
         self._fill_new_backups()
 
@@ -266,14 +255,31 @@ class Rank:
             try:
                 return fn()
             except PeerFailure as exc:
-                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
-                self._count("collective_replans", kind="recoveries")
-                self._distrust_unfilled_backups()
-                live = self._agreed_live_without(dead)
-                self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
-                if self.updater.target is not None and self.update_load is not None:
-                    self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+                self._recover(exc, "collective_replans")
         raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
+
+    def _recover(self, exc: PeerFailure, what: str) -> None:
+        """A peer died under an updater collective: agree on the survivors, adopt them (re-homing the
+        dead one's backups) and re-plan the in-flight update over them."""
+        dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+        self._count(what, kind="recoveries")
+        self._distrust_unfilled_backups()
+        live = self._agreed_live_without(dead)
+        self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
+        if self.updater.target is not None and self.update_load is not None:
+            self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+
+    def _connect_peers(self, live: List[int]) -> None:
+        """Point the transport at ``live``, leaving out peers known dead meanwhile (a death after the
+        plan was made): the updater's next collective makes the survivors agree on it."""
+        skip = set(self.liveness.dead())
+        for _ in range(MAX_RECOVERIES):
+            try:
+                self.transport.set_peers([r for r in live if r not in skip])
+                return
+            except PeerFailure as exc:
+                skip |= set(getattr(exc, "ranks", None) or [exc.rank])
+        raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting to {live}")
 
     def adopt_update_membership(self, plan: StepPlan, changed: bool) -> None:
         """Adopt the live set for weight movement (collective) and start the plan's target, if any.
@@ -284,7 +290,7 @@ class Rank:
         self.draining = list(plan.draining)
         if changed:
             joined = set(live) - set(self.live) or (self.updater is None)
-            self.transport.set_peers(live)
+            self._connect_peers(live)
             if joined:
                 if self.updater is not None:
                     self.placement = self.updater.placement
@@ -310,18 +316,24 @@ class Rank:
         try:
             rep = self.updater.step()
         except UpdateFailure as exc:
-            # Weights are gone (an expert lost every replica and its backup): keep serving on what is
-            # committed (its tokens follow the degraded policy) instead of taking serving down. Every
-            # rank hits this at the same point (plans are deterministic), so all abandon together.
             rep = None
-            self._count("updates_abandoned")
-            self.abandoned = str(exc)
-            self.updater.target = None
+            self._abandon(exc)
+        except PeerFailure as exc:  # a second death while the updater handled a first one
+            rep = None
+            self._recover(exc, "update_replans")
         pause = time.perf_counter() - t1
         if rep is not None:
             update.add(rep)
         self.dispatcher.set_placement(self.updater.placement)
         return pause
+
+    def _abandon(self, exc: UpdateFailure) -> None:
+        """Weights are gone (an expert lost every replica and its backup): keep serving on what is
+        committed (its tokens follow the degraded policy) instead of taking serving down. Every rank
+        hits this at the same point (plans are deterministic), so all abandon together."""
+        self._count("updates_abandoned")
+        self.abandoned = str(exc)
+        self.updater.target = None
 
     # ------------------------------------------------------------------ serving
     def adopt_serving_membership(self, plan: StepPlan) -> bool:
@@ -329,7 +341,15 @@ class Rank:
         if plan.epoch == self.epoch:
             return False
         self.state.apply_membership(sorted(plan.live), plan.epoch)
-        self.dispatcher.set_peers(sorted(plan.live))
+        live = sorted(plan.live)
+        for _ in range(MAX_RECOVERIES):
+            try:
+                self.dispatcher.set_peers(live)
+                break
+            except PeerFailure as exc:  # died after the plan was made: mask it, serve the others
+                dead = set(getattr(exc, "ranks", None) or [exc.rank])
+                self.state.mark_failed(sorted(dead), reason="dispatcher set_peers")
+                live = [r for r in live if r not in dead]
         return True
 
     def forward(self, batch_ids: List[int]) -> List[PassResult]:
@@ -418,8 +438,11 @@ class Rank:
         if plan.update_all:  # stop-the-world recovery: the whole update before serving
             self.adopt_update_membership(plan, changed)
             changed, plan = False, StepPlan.from_dict(dict(plan.to_dict(), target=None))
-            for rep in self.updater.run():
-                update.add(rep)
+            try:
+                for rep in self.updater.run():
+                    update.add(rep)
+            except UpdateFailure as exc:
+                self._abandon(exc)
             self.dispatcher.set_placement(self.updater.placement)
         mine, per = plan.batches_of(self.rank), plan.batches_per_pass
         passes: List[PassResult] = []
