@@ -242,15 +242,76 @@ def main(workdir: str) -> None:
     assert (rt.table.data_ptr(), rt.live.data_ptr()) == (table_ptr, live_ptr)  # no rebuild: graph-safe
     ok("death: nixl_ep mask at once, live replicas next step, -2 pairs renormalised and counted")
 
-    # ---- an EPLB update: tables rewritten in place (what a replayed CUDA graph reads)
+    # ---- degraded tokens: counted on the device per call, moved to the metric only when flushed
+    from prometheus_client import CollectorRegistry
+
+    from sglang_elastic.metrics import ElasticMetrics
+
+    ctx = context.get()
+    ctx._metrics = ElasticMetrics(CollectorRegistry())
+
+    def degraded_metric() -> float:
+        return ctx._metrics.registry.get_sample_value("sglang_elastic_degraded_tokens_total") or 0.0
+
+    assert d in set(ctx.dispatchers)
+    n = int((ids == -2).any(1).sum())
+    assert n >= 1 and degraded_metric() == 0.0  # nothing fed per pass (no host sync in dispatch/combine)
+    assert ctx.flush_degraded_tokens() == n and degraded_metric() == n
+    assert ctx.flush_degraded_tokens() == 0 and degraded_metric() == n  # read-and-reset
+    ids2, _ = step()  # one more degraded step: the updater below flushes it
+    n2 = int((ids2 == -2).any(1).sum())
+    ok(f"degraded tokens: {n} flushed on demand, none per pass")
+
+    # ---- an update through the plugin's updater: the device tables hold the APPLIED placement when it
+    # returns, before any later call: what a replayed CUDA graph (no Python) reads
+    import numpy as np
+    from sglang.srt.eplb.expert_location import set_global_expert_location_metadata
+
+    from sglang_elastic.sglang_plugin.updater import ElasticExpertLocationUpdater, UpdateSummary
+
     state.mark_joined([1])
-    new_p2l = torch.tensor([[5, 1, 2, 3, 0, 1, 4, 0], [1, 0, 3, 2, 1, 0, 5, 4]])
-    meta.physical_to_logical_map_cpu.copy_(new_p2l)
-    context.get().bump_placement_version()
+    set_global_expert_location_metadata(meta, allow_overwrite=True)
+    applied_p2l = torch.tensor([[5, 1, 2, 3, 0, 1, 4, 0]])  # what the bridge applied to layer 0 (a repair)
+
+    class AppliedBridge:
+        """Our bridge with the weight movement done: it reports layer 0 applied differently from asked."""
+        rank, live = 0, np.array([True, True])
+
+        def update(self, weights, old_p2l, new_p2l, layer_ids, num_logical, rpn):
+            return {}, {0: Placement(applied_p2l, R, E)}, UpdateSummary(layers=list(layer_ids))
+
+    upd = ElasticExpertLocationUpdater()
+    upd._bridge = AppliedBridge()
+    version = ctx.placement_version
+    assert upd.update({}, metadata(p2l, R, E), [0, 1], nnodes=1, rank=0) == {}
+    assert ctx.placement_version == version + 1
+    assert torch.equal(meta.physical_to_logical_map_cpu[0], applied_p2l[0])
+
+    def replay(l2p_layer):
+        """The launch a captured graph replays (the tables and the mask as they are now), against the rule."""
+        out = torch.empty_like(logical)
+        kernels.map_mask_record(logical, rt.layers[layer], rt.live, rt.slots_per_rank, rt.token_offset, None,
+                                out=out, dropped_id=-2)
+        ref = kernels.reference.map_mask_record_reference(logical, l2p_layer, state.active_ranks, S, rt.token_offset)
+        return out, torch.where((logical >= 0) & (ref < 0), torch.full_like(ref, -2), ref)
+
+    got, exp = replay(Placement(applied_p2l, R, E).log2phy[0])
+    assert torch.equal(got, exp)
+    assert not torch.equal(exp, replay(Placement(p2l[:1], R, E).log2phy[0])[1])  # the change is visible
+    assert (rt.table.data_ptr(), rt.live.data_ptr()) == (table_ptr, live_ptr)
+    assert degraded_metric() == n + n2  # the update flushed the step degraded before it
+    ok("updater: applied placement in the device tables at once, degraded tokens flushed")
+
+    # ---- SGLang installs a NEW metadata object (its scale path): a bump follows the object in force
+    new_p2l = torch.tensor([[1, 0, 2, 3, 5, 1, 4, 0], [1, 0, 3, 2, 1, 0, 5, 4]])
+    set_global_expert_location_metadata(metadata(new_p2l, R, E), allow_overwrite=True)
+    ctx.bump_placement_version()
+    got, exp = replay(Placement(new_p2l, R, E).log2phy[layer])
+    assert torch.equal(got, exp) and rt.table.data_ptr() == table_ptr
     phys = topk_mod.topk_ids_logical_to_physical(logical, info)
-    l2p = Placement(new_p2l, R, E).log2phy[layer]
-    assert torch.equal(phys.long(), want(state.active_ranks)) and rt.table.data_ptr() == table_ptr
-    ok("placement change: tables refreshed in place")
+    assert torch.equal(phys.long(), exp)
+    set_global_expert_location_metadata(None, allow_overwrite=True)
+    ok("new metadata object: tables follow it in place")
 
 
 if __name__ == "__main__":

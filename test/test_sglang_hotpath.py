@@ -29,4 +29,4 @@ def test_hot_path_in_sglang(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
     names = [line.split(" ", 2)[1] for line in out.splitlines() if line.startswith("CHECK ")]
-    assert names == ["hooks", "rule", "one", "profiler:", "death:", "placement"], out[-4000:]
+    assert names == ["hooks", "rule", "one", "profiler:", "death:", "degraded", "updater:", "new"], out[-4000:]

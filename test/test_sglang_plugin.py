@@ -92,3 +92,29 @@ def test_plugin_package_imports_without_sglang():
     code = "import sys, sglang_elastic.sglang_plugin as p; assert 'sglang' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_degraded_tokens_flush_counts_each_layer_once():
+    """The flush adds, per MoE layer, its adapters' counts (two-batch-overlap halves), takes the most any
+    layer saw (a token degraded in many layers counts once), and reads each adapter's counter once."""
+    from prometheus_client import CollectorRegistry
+
+    from sglang_elastic.metrics import ElasticMetrics
+    from sglang_elastic.sglang_plugin.context import PluginContext
+
+    class Adapter:
+        def __init__(self, layer_id, counts):
+            self.layer_id, self.counts = layer_id, list(counts)
+
+        def take_degraded_tokens(self):
+            return self.counts.pop(0) if self.counts else 0
+
+    ctx = PluginContext()
+    ctx._metrics = ElasticMetrics(CollectorRegistry())
+    adapters = [Adapter(0, [3, 1]), Adapter(0, [4]), Adapter(1, [6, 2]), Adapter(None, [5])]
+    for a in adapters:
+        ctx.dispatchers.add(a)
+    assert ctx.flush_degraded_tokens() == 7  # layer 0: 3 + 4; layer 1: 6; no layer id: 5
+    assert ctx.flush_degraded_tokens() == 2
+    assert ctx.flush_degraded_tokens() == 0
+    assert ctx._metrics.registry.get_sample_value("sglang_elastic_degraded_tokens_total") == 9

@@ -8,18 +8,29 @@ function also rebinds every module that imported it by name.
 
 What is replaced or hooked (see ``docs/sglang.md``):
 
-==========================================================================  ======================
-``sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts``      REPLACE: our algorithm
-``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater``           REPLACE: our updater
-``sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager``                  REPLACE: our state
-``sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher``            REPLACE: our dispatcher
-``sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher``    REPLACE: our dispatcher
-``sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__``          AFTER: layer id -> ours
-``sglang.srt.server_args.ServerArgs.add_cli_args``                          AFTER: our flags
-``sglang.srt.server_args.ServerArgs.from_cli_args``                         AFTER: flags -> env
-``sglang.srt.entrypoints.http_server._setup_and_run_http_server``           BEFORE: drain routes
-``sglang.srt.managers.scheduler.Scheduler.__init__``                        AFTER: drain RPC step
-==========================================================================  ======================
+=======================================================================================  ==========================
+``sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts``                   REPLACE: our algorithm
+``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater``                        REPLACE: our updater
+``sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager``                               REPLACE: our state
+``sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher``                         REPLACE: our dispatcher
+``sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher``                 REPLACE: our dispatcher
+``sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__``                       AFTER: adapters' layer id
+``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``                REPLACE: the routing rule
+``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new``         AFTER: info's layer id
+``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``                        AFTER: routing tables
+``sglang.srt.server_args.ServerArgs.add_cli_args``                                       AFTER: our flags
+``sglang.srt.server_args.ServerArgs.from_cli_args``                                      AFTER: flags -> env
+``sglang.srt.entrypoints.http_server._setup_and_run_http_server``                        BEFORE: drain routes
+``sglang.srt.managers.scheduler.Scheduler.__init__``                                     AFTER: drain RPC step
+=======================================================================================  ==========================
+
+The three routing hooks (:mod:`.routing_hook`) run our routing rule where SGLang's top-k maps logical
+experts to physical slots: one launch per MoE layer per step, tables on the device rewritten in place
+after every placement change. The ``FusedMoE.__init__`` hook gives each dispatcher adapter its layer
+id, which groups the adapters' degraded-token counts per layer
+(:meth:`.context.PluginContext.flush_degraded_tokens`). The two drain hooks add ``POST
+/elastic_ep/drain`` and ``GET /elastic_ep/status`` (HTTP process) and the drain's step as an RPC of
+every scheduler (:mod:`.drain_sglang`).
 
 Version gate: only :data:`SUPPORTED_SGLANG_VERSIONS` get hooks; any other version logs one warning
 and nothing is applied. ``SGLANG_PLUGINS`` filtering is SGLang's own (it never calls us when our
@@ -167,7 +178,8 @@ def register() -> None:
     for target, load, kind in _hooks():
         try:
             hook = load()
-        except Exception as exc:  # e.g. SGLang's dispatcher modules need torchvision
+        except Exception as exc:  # any import-time failure (e.g. SGLang's dispatcher modules
+            # need torchvision) is safe to swallow: that target alone keeps SGLang's implementation, logged
             log.warning("sglang_elastic: not hooking %s: %s: %s", target, type(exc).__name__, exc)
             continue
         if hook is None:

@@ -8,8 +8,13 @@ over the plugin:
   one reader of ``SGLANG_ELASTIC_*``) the first time something needs them;
 * ``last_load``: the ``[layers, E]`` load of the last rebalance (written by the EPLB drop-in, read by
   the updater bridge when it repairs a target over the survivors of a mid-update death);
-* ``placement_version``: bumped when SGLang's expert-location metadata changes in place, so the
-  dispatcher adapters rebuild their replica tables;
+* ``placement_version``: bumped (:meth:`PluginContext.bump_placement_version`, the one place) when
+  SGLang's expert-location metadata changes in place; the bump rewrites the routing hook's device
+  tables at once, since CUDA-graph replays run no Python that could notice later;
+* ``routing``: the routing hook's device tables (:class:`.routing_hook.SGLangRouting`), built once
+  per process by :func:`.routing_hook.routing`;
+* ``dispatchers``: this process's dispatcher adapters (weakly held), whose device-side degraded
+  counters :meth:`PluginContext.flush_degraded_tokens` reads between forward passes;
 * ``liveness``: the process's :class:`~sglang_elastic.transport.Liveness` (deaths the state learns
   of are recorded there; waits consult it);
 * ``scale_listeners``: objects told about SGLang's ``on_scale`` (weakly held);
@@ -24,7 +29,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -33,10 +38,17 @@ from . import options as _options
 
 if TYPE_CHECKING:
     from ..metrics import ElasticMetrics
+    from .routing_hook import SGLangRouting
 
-__all__ = ["PluginContext", "get", "reset"]
+__all__ = ["PluginContext", "get", "reset", "NOT_PUBLISHED"]
 
 log = logging.getLogger(__name__)
+
+#: What reading SGLang's runtime context raises where nothing was published (tools, tests, a process
+#: SGLang did not set up): ``ValueError``/``RuntimeError``/``AttributeError`` from
+#: ``sglang.srt.runtime_context``, ``ImportError`` where SGLang's modules cannot load. Catch these,
+#: not ``Exception``, around such reads: anything else is a bug that must surface.
+NOT_PUBLISHED = (ImportError, AttributeError, ValueError, RuntimeError)
 
 
 @dataclass
@@ -51,6 +63,8 @@ class PluginContext:
     scale_listeners: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
     failover_since: Optional[float] = None  # time.monotonic() of the death the next update repairs
     scheduler_drain: Any = None  # this scheduler's drain.SchedulerDrain, made on the first drain step
+    routing: Optional["SGLangRouting"] = None  # the routing hook's device tables (routing_hook.routing())
+    dispatchers: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # dispatcher adapters
     _options: Optional[_options.PluginOptions] = None
     _metrics: Optional["ElasticMetrics"] = None
 
@@ -83,8 +97,33 @@ class PluginContext:
             log.debug("sglang_elastic: metric not recorded: %s", exc)
 
     def bump_placement_version(self) -> None:
-        """Record that SGLang's expert-location metadata changed in place."""
+        """Record that SGLang's expert-location metadata changed in place, and rewrite the routing hook's
+        device tables now (the next step, CUDA-graph replay included, routes on the new placement)."""
         self.placement_version += 1
+        if self.routing is not None:
+            from . import routing_hook
+
+            routing_hook.on_placement_change(self)
+
+    def flush_degraded_tokens(self) -> int:
+        """Move the dispatcher adapters' degraded-token counts (kept on the device) into
+        ``sglang_elastic_degraded_tokens_total``; returns the tokens added.
+
+        Reads device counters: a host sync. Call it between forward passes (the updater does, once
+        per update chunk), never per pass, and only from the thread that runs the forward passes (a
+        sync elsewhere could hit a CUDA graph being captured). Counts are summed over a layer's
+        adapters (two with two-batch overlap) and the most any one MoE layer saw is added: a token
+        degraded in several layers counts once there, so the series is a lower bound of distinct
+        degraded tokens (summed over ranks, each rank counting its own tokens).
+        """
+        per_layer: Dict[Any, int] = {}
+        for d in list(self.dispatchers):
+            key = d.layer_id if d.layer_id is not None else id(d)
+            per_layer[key] = per_layer.get(key, 0) + d.take_degraded_tokens()
+        n = max(per_layer.values(), default=0)
+        if n:
+            self.record(lambda m: m.add_degraded_tokens(n))
+        return n
 
     def add_scale_listener(self, obj: Any) -> None:
         """Have ``obj.on_scale(from_ep_size, to_ep_size)`` called when SGLang admits ranks (weakly held)."""

@@ -34,7 +34,7 @@ from sglang.srt.layers.moe.utils import DeepEPMode
 
 from ..eplb.placement import Placement
 from ..state import ElasticEPStateManager as _OurManager
-from . import options, routing_hook
+from . import context, options, routing_hook
 from .state import add_scale_listener
 
 __all__ = ["ElasticNixlEPDispatcher", "ElasticMooncakeEPDispatcher", "make_inner", "set_layer_id_after_init"]
@@ -62,7 +62,7 @@ def _parallel_max_ep_size() -> Optional[int]:
         from sglang.srt.runtime_context import get_parallel
 
         return get_parallel().max_ep_size
-    except Exception:  # runtime not published (tools, tests)
+    except context.NOT_PUBLISHED:  # runtime not published (tools, tests)
         return None
 
 
@@ -71,7 +71,7 @@ def _global_tcp_store():
         from sglang.srt.runtime_context import get_resources
 
         return get_resources().tcp_store
-    except Exception:  # runtime not published (tools, tests): the GPU dispatcher then names what it needs
+    except context.NOT_PUBLISHED:  # runtime not published (tools, tests): the GPU dispatcher then names what it needs
         return None
 
 
@@ -93,8 +93,9 @@ class _ElasticEPDispatcher(BaseDispatcher):
         if not (num_experts and num_local_experts and hidden_size):
             raise ValueError("num_experts, num_local_experts and hidden_size are required")
         self.group, self.deepep_mode = group, deepep_mode
-        self.layer_id: Optional[int] = None  # set by the FusedMoE.__init__ hook
-        opts = options.current()
+        self.layer_id: Optional[int] = None  # set by the FusedMoE.__init__ hook (groups degraded-token counts)
+        ctx = context.get()
+        opts = ctx.options
         self.path = opts.elastic_dispatch_path
         self.inner_kwargs = self._inner_kwargs(group, router_topk, num_experts, num_local_experts, hidden_size,
                                                params_dtype, opts)
@@ -105,7 +106,9 @@ class _ElasticEPDispatcher(BaseDispatcher):
         routing_hook.routing()
         self._peers_dirty = False
         self._pending: Optional[Any] = None
+        self._degraded_taken = 0  # the inner dispatcher's affected-token count at the last take
         add_scale_listener(self)
+        ctx.dispatchers.add(self)
 
     # ------------------------------------------------------------------ construction
     def _inner_kwargs(self, group, router_topk: int, num_experts: int, num_local_experts: int, hidden_size: int,
@@ -170,6 +173,15 @@ class _ElasticEPDispatcher(BaseDispatcher):
             raise RuntimeError("combine_b() without combine_a()")
         return out
 
+    # ------------------------------------------------------------------ metrics
+    def take_degraded_tokens(self) -> int:
+        """Tokens whose pairs this adapter's calls dropped or renormalised (an expert with no live replica,
+        a peer lost mid-call) since the last take. Reads the inner dispatcher's device counters, a host
+        sync: for :meth:`.context.PluginContext.flush_degraded_tokens` between forward passes only."""
+        now = int(self.inner.stats.affected_tokens)
+        n, self._degraded_taken = now - self._degraded_taken, now
+        return max(n, 0)
+
     # ------------------------------------------------------------------ elasticity
     def on_scale(self, from_ep_size: int, to_ep_size: int) -> None:
         """SGLang admitted ranks: connect them on the next dispatch (every rank dispatches together)."""
@@ -197,7 +209,7 @@ def _record_low_latency(masked_m: torch.Tensor) -> None:
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
 
         get_global_expert_distribution_recorder().on_deepep_dispatch_low_latency(masked_m)
-    except Exception:  # no recorder outside a server
+    except context.NOT_PUBLISHED:  # no runtime (so no recorder) outside a server
         pass
 
 
@@ -228,7 +240,8 @@ class ElasticMooncakeEPDispatcher(_ElasticEPDispatcher):
 
 
 def set_layer_id_after_init(result, moe_layer, *args, **kwargs) -> None:
-    """AFTER hook on ``FusedMoE.__init__``: tell our dispatcher adapters which layer they serve."""
+    """AFTER hook on ``FusedMoE.__init__``: tell our dispatcher adapters which layer they serve (the
+    degraded-token count adds a layer's adapters, two with two-batch overlap, before taking the max)."""
     d = getattr(moe_layer, "dispatcher", None)
     for inner in getattr(d, "_inners", None) or [d]:
         if isinstance(inner, _ElasticEPDispatcher):

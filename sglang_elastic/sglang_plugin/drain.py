@@ -145,7 +145,9 @@ def plan_drain(p2l: torch.Tensor, live: np.ndarray, leaving: Sequence[int], num_
     R = live.shape[0]
     stay = live.copy()
     stay[list(leaving)] = False
-    current = Placement.from_sglang(p2l, R, num_logical, stay).phy2log
+    # The placement in force over the ranks live NOW: the algorithm places on ``stay`` only, and sees
+    # the live set change (its failover/scale trade-off, few transfers, not a periodic rebalance's).
+    current = Placement.from_sglang(p2l, R, num_logical, live).phy2log
     w = torch.ones(p2l.shape[0], num_logical, dtype=torch.float64) if load is None else load.to(torch.float64)
     return rebalance(w, R, p2l.shape[1] // R, live_ranks=stay, current=current, ranks_per_node=ranks_per_node)
 

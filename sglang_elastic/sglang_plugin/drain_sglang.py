@@ -205,7 +205,7 @@ def cluster_view() -> Optional[ClusterView]:
     state = ElasticEPStateManager.instance()
     try:
         meta = get_global_expert_location_metadata()
-    except Exception:  # no runtime context published in this process (a tool, a test)
+    except context.NOT_PUBLISHED:  # no runtime context published in this process (a tool, a test)
         meta = None
     if state is None or meta is None:
         return None

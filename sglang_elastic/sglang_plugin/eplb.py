@@ -59,7 +59,7 @@ def current_placement(num_layers: int, num_physical: int, num_ranks: int, num_lo
         from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
         meta = get_global_expert_location_metadata()
-    except Exception:  # no runtime context published in this process
+    except context.NOT_PUBLISHED:  # no runtime context published in this process
         return None
     if meta is None:
         return None

@@ -16,6 +16,13 @@ the token dispatcher sends them. Three hooks make that step ours:
   solver) and processes without our elastic state keep SGLang's own mapping;
 * AFTER ``ExpertLocationMetadata.update``: the per-layer tables are rewritten in place.
 
+The plugin's updater (drains included) also bumps the placement version
+(:meth:`.context.PluginContext.bump_placement_version`), which calls :func:`on_placement_change`:
+the tables are rewritten from SGLang's global metadata right there, never lazily in a later step
+(a CUDA-graph replay runs no Python that could notice). Following the global object, not the one
+the tables were built from, keeps them right after SGLang installs a new metadata object (the
+scale path's ``set_global_expert_location_metadata``; slots per rank stay the same there).
+
 SGLang's recorder counts the ids we return, so the load it records is the load the live replicas
 really get. Our dispatcher adapter then passes these ids straight to the EP kernels (no second
 routing pass): one routing launch per MoE layer per step.
@@ -78,12 +85,15 @@ class SGLangRouting:
         self.layers = list(self.table.unbind(0))  # per-layer views made once: no per-call indexing
         self._meta = meta
         self._warned = False
-        self._version = -1
         self.refresh(meta)
 
     def refresh(self, meta) -> None:
         """Rewrite the tables in place from ``meta`` (after an EPLB update; rare, so a host copy is fine)."""
         full = _table(meta)
+        if full.shape[:2] != self.table.shape[:2]:
+            raise ValueError(f"expert-location metadata of {full.shape[0]} layers x {full.shape[1]} experts cannot "
+                             f"refresh routing tables of {self.table.shape[0]} x {self.table.shape[1]}")
+        self.slots_per_rank = int(meta.physical_to_logical_map_cpu.shape[1]) // int(meta.ep_size)
         X = full.shape[2]
         if X > self.x_cap and not self._warned:
             self._warned = True
@@ -92,12 +102,9 @@ class SGLangRouting:
         fresh[..., :min(X, self.x_cap)] = full[..., :self.x_cap]
         self.table.copy_(fresh)
         self._meta = meta
-        self._version = context.get().placement_version
 
     def map(self, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """Logical ``topk_ids [T, K]`` -> live physical slots (same shape and dtype), one launch."""
-        if self._version != context.get().placement_version:  # the plugin's updater patched rows in place
-            self.refresh(self._meta)
         if topk_ids.dim() != 2:
             return self.map(topk_ids.reshape(-1, topk_ids.shape[-1]), layer).view(topk_ids.shape)
         out = torch.empty_like(topk_ids)
@@ -120,27 +127,29 @@ def routing(meta=None) -> Optional[SGLangRouting]:
     """This process's :class:`SGLangRouting` (built on first use from SGLang's global metadata and our
     state; ``None`` when either is missing: then SGLang's own mapping runs)."""
     ctx = context.get()
-    r = getattr(ctx, "routing", None)
-    if r is not None:
-        return r
+    if ctx.routing is not None:
+        return ctx.routing
     live = _state_live_mask()
     if live is None:
         return None
     if meta is None:
-        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
-
-        try:
-            meta = get_global_expert_location_metadata()
-        except (AttributeError, ValueError, RuntimeError):  # no runtime published (tools, tests)
-            return None
+        meta = _global_meta()
     if meta is None:
         return None
     with _lock:
-        r = getattr(ctx, "routing", None)
-        if r is None:
-            r = SGLangRouting(meta, live, _token_offset())
-            ctx.routing = r  # the plugin context carries it (see the report: a declared field is asked for)
-    return r
+        if ctx.routing is None:
+            ctx.routing = SGLangRouting(meta, live, _token_offset())
+    return ctx.routing
+
+
+def _global_meta():
+    """SGLang's expert-location metadata in force, or None where no runtime published it."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        return get_global_expert_location_metadata()
+    except context.NOT_PUBLISHED:
+        return None
 
 
 def _token_offset() -> int:
@@ -149,7 +158,7 @@ def _token_offset() -> int:
         from sglang.srt.runtime_context import get_parallel
 
         return int(get_parallel().moe_ep_rank) * 1024
-    except Exception:  # no runtime published (tools, tests): any fixed offset keeps the rule valid
+    except context.NOT_PUBLISHED:  # no runtime published (tools, tests): any fixed offset keeps the rule valid
         return 0
 
 
@@ -162,7 +171,7 @@ def maps_layers() -> bool:
         from sglang.srt.runtime_context import get_exec
 
         algo = get_exec().moe.ep_dispatch_algorithm
-    except Exception:  # no runtime published: SGLang maps nothing either
+    except context.NOT_PUBLISHED:  # no runtime published: SGLang maps nothing either
         return False
     return algo in MAPPED_ALGORITHMS and _state_live_mask() is not None
 
@@ -198,16 +207,20 @@ def tag_layer_after_init_new(result, cls, layer_id, *args, **kwargs) -> None:
 
 
 def refresh_after_update(result, meta, *args, **kwargs) -> None:
-    """AFTER hook on ``ExpertLocationMetadata.update``: rewrite our tables in place from the new map."""
-    r = getattr(context.get(), "routing", None)
-    if r is not None and meta is r._meta:
+    """AFTER hook on ``ExpertLocationMetadata.update``: rewrite our tables in place from the new map
+    (when ``meta`` is the metadata in force or the one the tables follow)."""
+    r = context.get().routing
+    if r is not None and (meta is r._meta or meta is _global_meta()):
         r.refresh(meta)
 
 
-def on_placement_change() -> None:
-    """Rewrite the tables now, from the metadata they were built on. For whoever patches SGLang's
-    metadata in place outside ``ExpertLocationMetadata.update`` (the plugin's updater, when it bumps
-    the placement version): CUDA-graph replays run no Python, so they see the change only once this ran."""
-    r = getattr(context.get(), "routing", None)
+def on_placement_change(ctx: "context.PluginContext | None" = None) -> None:
+    """Rewrite the tables now from SGLang's metadata in force (else the one they were built on).
+
+    Called by :meth:`.context.PluginContext.bump_placement_version`, the one place that records an
+    in-place change of SGLang's metadata (the plugin's updater, drains included): CUDA-graph replays
+    run no Python, so they see a change only once this ran."""
+    r = (ctx or context.get()).routing
     if r is not None:
-        r.refresh(r._meta)
+        meta = _global_meta()
+        r.refresh(r._meta if meta is None else meta)

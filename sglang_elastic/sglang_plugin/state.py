@@ -60,7 +60,7 @@ def _sglang_device() -> torch.device:
 
         if is_cuda():
             return torch.device("cuda")
-    except Exception:  # SGLang's platform probe failing here only means "not CUDA": fall back to torch's
+    except context.NOT_PUBLISHED:  # SGLang's platform probe failing here only means "not CUDA": fall back to torch's
         pass
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -89,7 +89,7 @@ class SGLangElasticEPStateManager(_OurManager):
 
             moe, par = get_exec().moe, get_parallel()
             backend = moe.elastic_ep_backend
-        except Exception:  # nothing published (tests, tools): read the record itself
+        except context.NOT_PUBLISHED:  # nothing published (tests, tools): read the record itself
             return _OurManager.init(server_args)
         if backend is None:
             return None

@@ -278,7 +278,7 @@ def _transport_kind(opts: options.PluginOptions) -> str:
         from sglang.srt.runtime_context import get_exec
 
         backend = get_exec().moe.elastic_ep_backend
-    except Exception:  # no runtime context published (a tool, a test): no elastic backend to follow
+    except context.NOT_PUBLISHED:  # no runtime context published (a tool, a test): no elastic backend to follow
         backend = None
     return backend if backend in ("nixl", "mooncake") else "torch"
 
@@ -333,8 +333,9 @@ class ElasticExpertLocationUpdater:
         for layer, placement in applied.items():
             _patch_metadata_row(new_expert_location_metadata, layer, placement, rank)
         old.update(new_expert_location_metadata, update_layer_ids=update_layer_ids)
-        bump_placement_version()
+        bump_placement_version()  # rewrites the routing hook's device tables now (graph replays run no Python)
         _record(ctx, summary, reporter=rank == min(np.flatnonzero(self._bridge.live).tolist(), default=rank))
+        ctx.flush_degraded_tokens()  # between forward passes, on the scheduler thread: the one host sync for it
         log.info("[sglang_elastic] updater rank %d: %s", rank, summary.line())
         return missing
 
