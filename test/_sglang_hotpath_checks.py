@@ -198,8 +198,6 @@ def main(workdir: str) -> None:
     # ---- under torch.profiler: adapter dispatch + combine issue exactly the inner dispatcher's ops
     from torch.profiler import ProfilerActivity, profile
 
-    scale = torch.arange(1, S + 1, dtype=torch.float32).view(S, 1, 1)
-
     def ops(fn):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()

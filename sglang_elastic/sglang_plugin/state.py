@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def placement_version() -> int:
-    """Counter of in-place changes to SGLang's expert-location metadata made through the plugin
-    (dispatcher adapters rebuild their replica tables when it moves)."""
+    """Counter of in-place changes to SGLang's expert-location metadata made through the plugin (each
+    bump rewrites the routing hook's device tables at once)."""
     return context.get().placement_version
 
 
 def bump_placement_version() -> None:
-    """Record that SGLang's expert-location metadata changed in place."""
+    """Record that SGLang's expert-location metadata changed in place (see
+    :meth:`.context.PluginContext.bump_placement_version`: the routing tables follow at once)."""
     context.get().bump_placement_version()
 
 
