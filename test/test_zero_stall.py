@@ -1,0 +1,210 @@
+"""BackgroundUpdater (zero-stall rebalancing) over real transports: 4 processes on 127.0.0.1.
+
+Each rank runs lockstep steps (a store barrier stands for the forward pass's token exchange) and calls
+``step()`` at every boundary while chunks move in the background. After EVERY boundary each rank
+checks that every slot holds, bit for bit, the expert its committed placement names (so no token
+could be routed to a slot whose new weights are not committed), and every rank reports its
+placement per step: all ranks commit the same chunk at the same boundary. One rank is SIGKILLed while
+a background chunk is moving: survivors re-plan from live sources and backups and finish exactly.
+Staging is freed once the update is complete.
+"""
+import datetime
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_elastic.eplb import Placement, rebalance
+from sglang_elastic.eplb.synthetic import drift, synthetic_load
+
+L, E, R, S, D = 4, 12, 4, 5, 16  # layers, experts, ranks, slots per rank, floats per expert
+MAX_STEPS = 60
+
+
+def expert_value(layer: int, expert: int) -> torch.Tensor:
+    return torch.arange(D, dtype=torch.float64) + 1000.0 * (layer * E + expert)
+
+
+def weights_for(placement: Placement, rank: int) -> torch.Tensor:
+    w = torch.full((L, S, D), float("nan"), dtype=torch.float64)
+    for l in range(L):
+        for s in range(S):
+            e = int(placement.phy2log[l, rank * S + s])
+            if e >= 0:
+                w[l, s] = expert_value(l, e)
+    return w
+
+
+def wrong_slots(w: torch.Tensor, placement: Placement, rank: int) -> list:
+    return [(l, s) for l in range(L) for s in range(S)
+            if (e := int(placement.phy2log[l, rank * S + s])) >= 0 and not torch.equal(w[l, s], expert_value(l, e))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def placements(seed: int):
+    w0 = synthetic_load("lognormal1", L, E, seed=seed)
+    p0 = rebalance(w0, R, S)
+    p1 = rebalance(drift(w0, 0.4, seed=seed + 1), R, S, current=p0, balance_tolerance=0.0)
+    return w0, p0, p1
+
+
+def barrier(store, lv, step: int, rank: int, live: list, value: str) -> dict:
+    """The forward pass's exchange, emulated: every live rank posts, everyone reads every post; a
+    rank known dead is left out (its death ends the wait, as in the dispatcher)."""
+    store.set(f"pass/{step}/{rank}", value)
+    deadline = time.monotonic() + 60
+    got = {}
+    while True:
+        for r in live:
+            if r not in got and store.check([f"pass/{step}/{r}"]):
+                got[r] = store.get(f"pass/{step}/{r}").decode()
+        if all(r in got or lv.is_dead(r) for r in live):
+            return got
+        assert time.monotonic() < deadline, f"barrier {step} timed out"
+        lv.wait(0.002)
+
+
+def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int, out) -> None:
+    try:
+        from sglang_elastic.location.background import BackgroundUpdater
+        from sglang_elastic.membership import MembershipClient, StoreVote
+        from sglang_elastic.transport import Liveness, make_transport
+
+        lv = Liveness()
+        member = MembershipClient("127.0.0.1", mport, rank, heartbeat_interval_s=0.5, liveness=lv)
+        member.join()
+        member.wait_for_epoch(lambda v: len(v.live) == R, timeout=60)
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+        transport = make_transport("torch", rank, store, liveness=lv)
+        transport.set_peers(list(range(R)))
+        load, p0, p1 = placements(seed)
+        w = weights_for(p0, rank)
+        # Hour-long timeouts: only knowledge (the Liveness) can end a wait on the dead rank.
+        upd = BackgroundUpdater(rank, transport, {"w": w}, p0, live_ranks=np.ones(R, dtype=bool), timeout_s=3600,
+                                vote=StoreVote(store, rank, 3600), liveness=lv, depth=depth, store=store)
+        upd.fill_backup()
+        failures = []
+
+        def on_failure(dead):
+            failures.append(sorted(dead))
+            for d in dead:
+                member.report_dead(d, "updater PeerFailure")
+            view = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
+            live = np.zeros(R, dtype=bool)
+            live[list(view.live)] = True
+            return live, rebalance(load, R, S, live_ranks=live, current=p1)
+
+        upd.begin(p1, on_failure)
+        peak = upd.staging_bytes()
+        live = list(range(R))
+        history, bad, commits = [], [], 0
+        for step in range(MAX_STEPS):
+            if rank == victim and step == 1:  # a background chunk is moving now
+                os.kill(os.getpid(), signal.SIGKILL)
+            if upd.done:
+                break
+            # The forward pass of this step: serves on the committed placement (the thread moves bytes).
+            barrier(store, lv, step, rank, live, "x")
+            rep = upd.step()
+            commits += rep is not None and not rep.failed_ranks
+            bad += [(step,) + b for b in wrong_slots(w, upd.placement, rank)]
+            history.append(upd.placement.phy2log.tolist())
+            live = np.flatnonzero(upd.live).tolist()
+        upd.close()
+        out.put((rank, "ok", dict(bad=bad, history=history, final=upd.placement.phy2log.tolist(),
+                                  target=upd.target.phy2log.tolist(), done=upd.done, peak=peak,
+                                  staging_after=upd.staging_bytes(), failures=failures, commits=commits,
+                                  expected_peak=depth * S * D * 8)))
+        transport.close()
+        member.close()
+    except Exception:
+        out.put((rank, "error", traceback.format_exc()))
+
+
+def run_cluster(seed: int, victim: int = -1, depth: int = 2) -> dict:
+    from sglang_elastic.membership import MembershipServer
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    master = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=30))
+    membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=4.0)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, port, membership.port, seed, victim, depth, q)) for r in range(R)]
+    for p in procs:
+        p.start()
+    try:
+        results = {}
+        while len(results) < R - (victim >= 0):
+            rank, status, payload = q.get(timeout=120)
+            assert status == "ok", f"rank {rank} failed:\n{payload}"
+            results[rank] = payload
+        return results
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        membership.close()
+        del master
+
+
+def _same_on_every_rank(results: dict) -> None:
+    histories = [r["history"] for r in results.values()]
+    n = min(len(h) for h in histories)
+    for step in range(n):
+        assert len({str(h[step]) for h in histories}) == 1, f"ranks disagree on the placement after step {step}"
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_background_update_commits_together_and_weights_are_exact_at_every_step(depth):
+    _, p0, p1 = placements(seed=3)
+    results = run_cluster(seed=3, depth=depth)
+    _same_on_every_rank(results)
+    changed = int((p0.phy2log != p1.phy2log).any(1).sum())
+    for rank, r in results.items():
+        assert r["bad"] == [], f"rank {rank}: a slot held weights other than its committed expert: {r['bad']}"
+        assert r["done"] and r["final"] == r["target"] == p1.phy2log.tolist()
+        assert r["commits"] == changed, "one commit per changed layer (1-layer chunks)"
+        assert r["peak"] == r["expected_peak"], "staging is depth chunks"
+        assert r["staging_after"] == 0, "staging is freed after the update"
+        assert r["failures"] == []
+
+
+def test_kill_during_a_background_chunk_replans_from_survivors():
+    victim = 2
+    results = run_cluster(seed=7, victim=victim)
+    assert sorted(results) == [r for r in range(R) if r != victim]
+    _same_on_every_rank(results)
+    for rank, r in results.items():
+        assert r["bad"] == [], f"rank {rank}: a slot held weights other than its committed expert: {r['bad']}"
+        assert r["done"] and r["final"] == r["target"]
+        assert r["failures"] == [[victim]], "one failure event naming the victim on every survivor"
+        final = np.array(r["final"]).reshape(L, R, S)
+        assert (final[:, victim] == -1).all(), "no slot left on the dead rank"
+        assert r["staging_after"] == 0
+
+
+def test_bad_depth_is_a_clear_error():
+    from sglang_elastic.location.background import BackgroundUpdater
+
+    class NoTransport:
+        def register(self, *a):
+            pass
+
+    _, p0, _ = placements(seed=1)
+    with pytest.raises(ValueError, match="depth must be 1 or 2, got 3"):
+        BackgroundUpdater(0, NoTransport(), {"w": weights_for(p0, 0)}, p0, depth=3, backup=False)
+    with pytest.raises(ValueError, match="background mode needs a store"):
+        BackgroundUpdater(0, NoTransport(), {"w": weights_for(p0, 0)}, p0, backup=False)
