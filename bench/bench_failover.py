@@ -55,7 +55,8 @@ def soak(minutes: float, seed: int, transport: Optional[str], log: str) -> Dict[
     """A soak on the default config; its report (soak.soak_report)."""
     from sglang_elastic.rehearsal.soak import SoakEvents, soak_report
 
-    cfg = load_config(DEFAULT_CONFIG, overrides={"transport": transport})
+    # A frozen rank is given up on after 0.5 s by its peers (heartbeats: 1 s), as in freeze_replace.yaml.
+    cfg = load_config(DEFAULT_CONFIG, overrides={"transport": transport, "timeout_s": 0.5, "heartbeat_timeout_s": 1.0})
     src = SoakEvents(cfg, minutes, seed)
     orch = Orchestrator(cfg, log_path=log, source=src)
     src.bind(orch)

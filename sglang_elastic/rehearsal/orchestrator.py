@@ -361,6 +361,9 @@ class Orchestrator:
     def _plan_step(self, ctx: _Step) -> StepPlan:
         """Retried batches first, then one new batch per serving rank, round-robin."""
         st = self.st
+        if not st.live:
+            raise RehearsalError(f"step {ctx.step}: membership declared every rank dead (frozen or overloaded "
+                                 f"past heartbeat_timeout_s = {self.cfg.cluster.heartbeat_timeout_s:g} s?)")
         todo = list(st.queue)
         st.queue.clear()
         for _ in st.live:

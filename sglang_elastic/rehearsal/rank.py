@@ -237,6 +237,9 @@ class Rank:
         """The in-flight update's target re-planned over ``live``. A rank being drained keeps slots in
         it (the updater validates a re-plan against every live rank); the orchestrator's next target
         drains it again, and it leaves only once it holds nothing."""
+        if len(live) * self.S < self.E:
+            # Too few slots for every expert: no target exists. Serve degraded on what is committed.
+            raise UpdateFailure(f"{len(live)} live ranks x {self.S} slots cannot hold {self.E} experts")
         serving = _mask(live, self.R)
         target = rebalance(self.update_load, self.R, self.S, live_ranks=serving, ranks_per_node=self.cfg.cluster.node_size,
                            current=self.updater.placement)
@@ -267,7 +270,10 @@ class Rank:
         live = self._agreed_live_without(dead)
         self._collective(lambda: self.updater.set_live(_mask(live, self.R)))
         if self.updater.target is not None and self.update_load is not None:
-            self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+            try:
+                self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+            except UpdateFailure as exc:
+                self._abandon(exc)
 
     def _connect_peers(self, live: List[int]) -> None:
         """Point the transport at ``live``, leaving out peers known dead meanwhile (a death after the
@@ -305,7 +311,11 @@ class Rank:
             if (target.live_ranks.numpy() & ~self.updater.live).any():
                 # A peer died under this step's collectives after the orchestrator planned the target:
                 # re-plan it over the agreed survivors (every rank does the same).
-                target = self._retarget(np.flatnonzero(self.updater.live).tolist())[1]
+                try:
+                    target = self._retarget(np.flatnonzero(self.updater.live).tolist())[1]
+                except UpdateFailure as exc:
+                    self._abandon(exc)
+                    return
             self.updater.begin(target, self._on_update_failure)
 
     def move_chunk(self, update: UpdateFigures) -> float:
