@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from ..eplb import Placement, balancedness, rebalance
-from .config import Event, RehearsalConfig
+from .config import RehearsalConfig
 from .protocol import FaultFired, FaultSpec, InitInfo, Keys, StepPlan, StepResult
 from .rank import BATCHES_PER_PASS, health_of, rank_main
+from .events import EventSource, ScenarioEvents
 from .tracking import ExecutedEvent, FailureRecord, JoinRecord, RunState, StepRecord
 from .watch import ChildWatcher
 
@@ -50,29 +51,6 @@ GAUGES = ("backups_uncovered", "experts_unserved")
 
 class RehearsalError(RuntimeError):
     """The rehearsal could not go on (a rank crashed, a step never completed...)."""
-
-
-class EventSource:
-    """Where a run's events come from: :class:`ScenarioEvents`, or the soak's random generator."""
-
-    def events(self, step: int, st: RunState) -> List[Event]:
-        raise NotImplementedError
-
-    def finished(self, step: int, st: RunState) -> bool:
-        raise NotImplementedError
-
-
-class ScenarioEvents(EventSource):
-    """The config's scenario: its events at their steps, ``steps`` steps."""
-
-    def __init__(self, cfg: RehearsalConfig) -> None:
-        self.scenario = cfg.scenario
-
-    def events(self, step: int, st: RunState) -> List[Event]:
-        return self.scenario.at(step)
-
-    def finished(self, step: int, st: RunState) -> bool:
-        return step >= self.scenario.steps
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""The weight-movement side of a rehearsal rank: its layerwise updater, backups, and recovery when a
+peer dies under one of the updater's collectives (copies, vote, backup fill, re-homing).
+
+Every recovery follows one rule: report the dead peer to membership, wait for the agreed view, adopt
+it (which re-homes the dead one's backups) and re-plan the in-flight update over the survivors. Every
+rank computes the same plans from the same agreed facts, so they need not talk about them. What can
+no longer be done (weights lost with every replica and backup, too few slots) is abandoned and
+counted as a degraded mode: serving goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, List, Tuple
+
+import numpy as np
+
+from ..eplb import Placement, rebalance
+from ..location.updater import UpdateFailure
+from ..transport.base import PeerFailure
+from .protocol import Keys, StepPlan, UpdateFigures
+
+__all__ = ["UpdaterSide", "MAX_RECOVERIES", "live_mask", "placement_from_store"]
+
+# Recoveries of one collective before the rank gives up (each needs a new death to be agreed).
+MAX_RECOVERIES = 8
+
+
+def live_mask(ranks: List[int], n: int) -> np.ndarray:
+    """Bool ``[n]`` mask of ``ranks``."""
+    m = np.zeros(n, dtype=bool)
+    m[list(ranks)] = True
+    return m
+
+
+def placement_from_store(store, version: int, num_ranks: int, num_experts: int) -> Placement:
+    import torch
+
+    return Placement(torch.tensor(json.loads(store.get(Keys.placement(version)))), num_ranks, num_experts)
+
+
+class UpdaterSide:
+    """Mixin of :class:`~.rank.Rank` (uses its ``rank, cfg, R, S, E, store, transport, dispatcher,
+    liveness, member, state, faults, w1, w2, placement, live, epoch, draining, updater,
+    update_load, reported_dead`` and ``_count``)."""
+
+    # ------------------------------------------------------------------ weight movement
+    def _new_updater(self, epoch: int, live: List[int]) -> None:
+        from ..location.updater import ExpertLocationUpdater
+        from ..membership import StoreVote
+
+        c = self.cfg.cluster
+        # The vote's own timeout is for alive-but-silent voters; a dead voter ends it through Liveness.
+        vote = StoreVote(self.store, self.rank, c.timeout_s + 10, prefix=f"vote/{epoch}", liveness=self.liveness)
+        self.updater = self.faults.watch_updater(ExpertLocationUpdater(
+            self.rank, self.faults.wrap_transport(self.transport), {"w1": self.w1, "w2": self.w2}, self.placement,
+            live_ranks=live_mask(live, self.R), layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size,
+            timeout_s=c.timeout_s + 2, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
+            liveness=self.liveness))
+        self._trusted_layout = None
+        self._fill_new_backups()
+
+    def _on_vote(self, outcome: Tuple[List[int], bool]) -> None:
+        """Every live rank agreed that a set of copies landed: the backup layout now is filled."""
+        dead, all_ok = outcome
+        if not dead and all_ok and self.updater is not None:
+            self._trusted_layout = self.updater.backup_layout
+
+    def _distrust_unfilled_backups(self) -> None:
+        """A peer died under backup copies: the pairs whose holder changed since the last agreed copies
+        were never filled. Mark them absent (never restore from an unfilled row)."""
+        layout, good = self.updater.backup_layout, self._trusted_layout
+        if layout is None or good is None or layout is good:
+            return
+        changed = (layout.holder != good.holder) | (layout.row != good.row)
+        if bool(changed.any()):
+            holder = layout.holder.clone()
+            holder[changed] = -1
+            self.updater.backup_layout = dataclasses.replace(layout, holder=holder)
+            self._count("backups_unfilled", int(changed.sum()))
+
+    def _fill_new_backups(self) -> None:
+        """The start-up backup fill of a new updater (collective). A fresh backup store holds nothing
+        until filled, so an expert with no live replica to fill from has no backup (never a stale
+        one): before the fill, and again when a peer dies during it (the others are filled again
+        over the survivors)."""
+        for _ in range(MAX_RECOVERIES):
+            self._forget_unfillable_backups()
+            try:
+                self.updater.fill_backup()
+                return
+            except PeerFailure as exc:
+                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+            self._count("fill_replans", kind="recoveries")
+            live = self._agreed_live_without(dead)
+            self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
+        raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died during one backup fill")
+
+    def _forget_unfillable_backups(self) -> None:
+        layout = self.updater.backup_layout
+        if layout is None:
+            return
+        present = (self.updater.placement.log2phy >= 0).any(-1)      # [L, E] a live replica exists
+        if bool(present.all()):
+            return
+        holder = layout.holder.clone()
+        holder[~present] = -1
+        self.updater.backup_layout = dataclasses.replace(layout, holder=holder)
+
+    def _agreed_live_without(self, dead: List[int]) -> List[int]:
+        """Report ``dead`` to membership and wait until the agreed view no longer has them."""
+        for d in dead:
+            if d not in self.reported_dead:
+                self.reported_dead.add(d)
+                self.member.report_dead(d, "updater PeerFailure")
+        view = self.member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
+        self.state.mark_failed([d for d in dead if self.state.is_alive(d)], reason="updater")
+        return sorted(view.live)
+
+    def _retarget(self, live: List[int]) -> Tuple[np.ndarray, Placement]:
+        """The in-flight update's target re-planned over ``live``. A rank being drained keeps slots in
+        it (the updater validates a re-plan against every live rank); the orchestrator's next target
+        drains it again, and it leaves only once it holds nothing."""
+        if len(live) * self.S < self.E:
+            # Too few slots for every expert: no target exists. Serve degraded on what is committed.
+            raise UpdateFailure(f"{len(live)} live ranks x {self.S} slots cannot hold {self.E} experts")
+        serving = live_mask(live, self.R)
+        target = rebalance(self.update_load, self.R, self.S, live_ranks=serving, ranks_per_node=self.cfg.cluster.node_size,
+                           current=self.updater.placement)
+        return live_mask(live, self.R), target
+
+    def _on_update_failure(self, dead: List[int]) -> Tuple[np.ndarray, Placement]:
+        """The updater lost a peer mid-chunk: let membership decide, then retarget deterministically."""
+        self._count("update_replans", kind="recoveries")
+        self._distrust_unfilled_backups()
+        return self._retarget(self._agreed_live_without(dead))
+
+    def _collective(self, fn: Callable[[], Any]) -> Any:
+        """Run an updater collective outside ``step`` (backup fill, re-homing); when a peer dies under
+        it, adopt the agreed live set (which re-homes that peer's backups) and run it again."""
+        for _ in range(MAX_RECOVERIES):
+            try:
+                return fn()
+            except PeerFailure as exc:
+                self._recover(exc, "collective_replans")
+        raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
+
+    def _recover(self, exc: PeerFailure, what: str) -> None:
+        """A peer died under an updater collective: agree on the survivors, adopt them (re-homing the
+        dead one's backups) and re-plan the in-flight update over them."""
+        dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+        self._count(what, kind="recoveries")
+        self._distrust_unfilled_backups()
+        live = self._agreed_live_without(dead)
+        self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
+        if self.updater.target is not None and self.update_load is not None:
+            try:
+                self.updater.begin(self._retarget(live)[1], self._on_update_failure)
+            except UpdateFailure as exc:
+                self._abandon(exc)
+
+    def _connect_peers(self, live: List[int]) -> None:
+        """Point the transport at ``live``, leaving out peers known dead meanwhile (a death after the
+        plan was made): the updater's next collective makes the survivors agree on it."""
+        skip = set(self.liveness.dead())
+        for _ in range(MAX_RECOVERIES):
+            try:
+                self.transport.set_peers([r for r in live if r not in skip])
+                return
+            except PeerFailure as exc:
+                skip |= set(getattr(exc, "ranks", None) or [exc.rank])
+        raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting to {live}")
+
+    def adopt_update_membership(self, plan: StepPlan, changed: bool) -> None:
+        """Adopt the live set for weight movement (collective) and start the plan's target, if any.
+        Runs after serving: a failover retries its batches before any backup is re-homed."""
+        import json
+
+        live = sorted(plan.live)
+        self.draining = list(plan.draining)
+        if changed:
+            joined = set(live) - set(self.live) or (self.updater is None)
+            self._connect_peers(live)
+            if joined:
+                if self.updater is not None:
+                    self.placement = self.updater.placement
+                self._new_updater(plan.epoch, live)
+            else:
+                self._collective(lambda: self.updater.set_live(live_mask(live, self.R), generation=plan.epoch))
+            self.live, self.epoch = live, plan.epoch
+            self.dispatcher.set_placement(self.updater.placement)
+        if plan.target is not None:
+            target = placement_from_store(self.store, plan.target, self.R, self.E)
+            self.update_load = np.asarray(json.loads(self.store.get(Keys.load(plan.target))))
+            if (target.live_ranks.numpy() & ~self.updater.live).any():
+                # A peer died under this step's collectives after the orchestrator planned the target:
+                # re-plan it over the agreed survivors (every rank does the same).
+                try:
+                    target = self._retarget(np.flatnonzero(self.updater.live).tolist())[1]
+                except UpdateFailure as exc:
+                    self._abandon(exc)
+                    return
+            self.updater.begin(target, self._on_update_failure)
+
+    def move_chunk(self, update: UpdateFigures) -> float:
+        """One chunk of the pending update, if any; returns the pause it took."""
+        if self.updater.target is None or self.updater.done:
+            return 0.0
+        t1 = time.perf_counter()
+        try:
+            rep = self.updater.step()
+        except UpdateFailure as exc:
+            rep = None
+            self._abandon(exc)
+        except PeerFailure as exc:  # a second death while the updater handled a first one
+            rep = None
+            self._recover(exc, "update_replans")
+        pause = time.perf_counter() - t1
+        if rep is not None:
+            update.add(rep)
+        self.dispatcher.set_placement(self.updater.placement)
+        return pause
+
+    def _abandon(self, exc: UpdateFailure) -> None:
+        """Weights are gone (an expert lost every replica and its backup): keep serving on what is
+        committed (its tokens follow the degraded policy) instead of taking serving down. Every rank
+        hits this at the same point (plans are deterministic), so all abandon together."""
+        self._count("updates_abandoned")
+        self.abandoned = str(exc)
+        self.updater.target = None
+
