@@ -93,6 +93,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     mine: List[Tuple[int, int]] = field(default_factory=list)  # (chunk-local layer, local slot) to write
     new: Optional[torch.Tensor] = None                          # target phy2log rows of the chunk
+    rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None    # (weight rows, staging rows) to write
     error: Optional[BaseException] = None
     report: Optional[ChunkReport] = None
     event: Optional[object] = None                               # CUDA event after the copies
@@ -105,6 +106,8 @@ class BackgroundUpdater(ExpertLocationUpdater):
 
     Args (beyond the updater's):
         store: the store for ready marks (default: the vote's ``store``); required in background mode.
+            A ``TCPStore`` gets a connection of its own here, so the boundary's reads never queue
+            behind the transport thread's vote polls on a shared client.
         background: ``False`` runs the synchronous updater (every :meth:`step` moves and commits).
         depth: chunks staged or moving at once (1 or 2; staging is ``depth`` chunks).
         prefix: key prefix of the ready marks.
@@ -116,9 +119,10 @@ class BackgroundUpdater(ExpertLocationUpdater):
         if depth not in (1, 2):
             raise ValueError(f"depth must be 1 or 2, got {depth!r}")
         self.background = bool(background)
-        self.store = store if store is not None else getattr(self.vote, "store", None)
-        if self.background and self.store is None:
+        store = store if store is not None else getattr(self.vote, "store", None)
+        if self.background and store is None:
             raise ValueError("background mode needs a store for ready marks (store= or a StoreVote)")
+        self.store = _own_client(store) if self.background else store
         self.depth, self.prefix = depth, prefix
         self._boundary = 0
         self._uid = 0          # bumps at every (re)plan: keys of an abandoned plan are never read again
@@ -224,11 +228,12 @@ class BackgroundUpdater(ExpertLocationUpdater):
         rep = None
         if self._inflight:
             head = self._inflight[0]
-            if head.done.is_set() and not head.posted:
+            if head.posted:  # before its own post no rank can decide: nothing to read
+                decided, dead = decide(self._read_posts(head, t), t)
+                if decided:
+                    rep = self._settle(head, dead)
+            elif head.done.is_set():  # decisive from the next boundary on
                 self._post(head, t)
-            decided, dead = decide(self._read_posts(head, t), t)
-            if decided:
-                rep = self._settle(head, dead)
         self._enqueue()
         if self.done:
             self._free_staging()
@@ -269,7 +274,9 @@ class BackgroundUpdater(ExpertLocationUpdater):
         keys = [self._key(job, r) for r in live]
         if self.store.check(keys):  # the common case: one round trip for the check, one to read
             return {r: v.decode() for r, v in zip(live, self.store.multi_get(keys))}
-        silent = job.posted and time.monotonic() - job.posted_at > self.timeout_s
+        silent = time.monotonic() - job.posted_at > self.timeout_s
+        if not silent and not any(self.liveness.is_dead(r) for r in live):
+            return {r: None for r in live}  # someone is still moving the chunk: wait, reading no more
         posts: Dict[int, Optional[str]] = {}
         for r, k in zip(live, keys):
             if self.store.check([k]):
@@ -313,16 +320,14 @@ class BackgroundUpdater(ExpertLocationUpdater):
 
     def _commit(self, job: _Job) -> None:
         """Write the staged rows into the weights and stamp the chunk's layers (the only pause)."""
-        S, R = self.placement.slots_per_rank, self.placement.num_ranks
+        R = self.placement.num_ranks
         if job.event is not None:  # the side stream's copies precede the swap, without a host sync
             torch.cuda.current_stream().wait_event(job.event)
         bufs = self._bufs[job.buf]
-        if job.mine:
-            li = torch.tensor([m[0] for m in job.mine])
-            p = torch.tensor([m[1] for m in job.mine])
-            layers = torch.tensor(job.layers)[li]
+        if job.rows is not None:
+            dst, src = job.rows
             for name, w in self.weights.items():
-                w[layers, p] = bufs[name][li * S + p]
+                w.view((-1,) + tuple(w.shape[2:])).index_copy_(0, dst, bufs[name].index_select(0, src))
         phy = self.placement.phy2log.clone()
         phy[job.layers] = job.new
         self.placement = Placement(phy, R, self.placement.num_logical_experts)
@@ -439,6 +444,10 @@ class BackgroundUpdater(ExpertLocationUpdater):
         job.new = new
         job.mine = [(li, p % S) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
         job.mine += [(li, p % S) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
+        if job.mine:  # index tensors for the commit, made here so the boundary pays only the copy
+            dev = next(iter(self.weights.values())).device
+            li, p = torch.tensor(job.mine).T
+            job.rows = ((torch.tensor(chunk)[li] * S + p).to(dev), (li * S + p).to(dev))
         rep = ChunkReport(layers=list(chunk), restored=restored)
         rep.copies_local = int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
         rep.copies_remote = plan.num_remote()
@@ -470,6 +479,13 @@ class BackgroundUpdater(ExpertLocationUpdater):
         except (PeerFailure, UpdateFailure):
             holder[moved] = -1  # abandoned on every rank: none of the moved backups is a valid copy
             raise
+
+
+def _own_client(store):
+    """A connection of its own to ``store`` when it is a ``TCPStore`` (else ``store`` itself)."""
+    if isinstance(store, torch.distributed.TCPStore):
+        return torch.distributed.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
+    return store
 
 
 def _backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,
