@@ -72,7 +72,7 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         from sglang_elastic.location.updater import ExpertLocationUpdater, StoreVote
         from sglang_elastic.membership import MembershipClient
         from sglang_elastic.state import ElasticEPStateManager
-        from sglang_elastic.transport import make_transport
+        from sglang_elastic.transport import PeerFailure, make_transport
 
         # Membership through the orchestrator's store; the state manager follows it.
         from sglang_elastic.transport import Liveness
@@ -93,13 +93,28 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         transport = make_transport(kind, rank, store, **({"liveness": lv} if knowledge else {}))
         transport.set_peers(list(range(R)))
         load, p0, p1 = placements(seed)
+        if mode == "fill":  # the victim is a joiner: it serves nothing yet, so its death loses nothing
+            p0 = rebalance(load, R, S, live_ranks=np.arange(R) != victim)
         w = weights_for(p0, rank)
         upd = ExpertLocationUpdater(rank, transport, {"w": w}, p0, layers_per_chunk=chunk,
+                                    live_ranks=np.ones(R, dtype=bool),
                                     timeout_s=timeout, vote=StoreVote(store, rank, timeout + 5),
                                     canary=True, checksum=lambda l, e: float(expert_value(l, e).sum()),
                                     backup_rows=opts.get("backup_rows"),
                                     **({"liveness": lv} if knowledge else {}))
-        upd.fill_backup()
+        fill_failed = None
+        if mode == "fill" and rank == victim:  # dies as the backups are being filled
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            upd.fill_backup()
+        except PeerFailure as exc:
+            if mode != "fill":
+                raise
+            fill_failed = list(exc.ranks)
+            view = member.wait_for_epoch(lambda v: victim not in v.live, timeout=60)
+            live = np.array([r in view.live for r in range(R)])
+            upd.set_live(live)  # re-homes and fills the backups the failed fill left unassigned
+            p1 = rebalance(load, R, S, live_ranks=live, current=upd.placement)
 
         def on_failure(dead):
             epochs.append(sorted(dead))
@@ -122,7 +137,7 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
         out.put((rank, "ok", dict(bad=bad, epoch=state.membership_epoch - epoch0, dead_seen=epochs,
                                   live=state.live_ranks(), restored=restored, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist(), stats=dict(upd.stats),
-                                  dead_known=sorted(lv.dead()))))
+                                  dead_known=sorted(lv.dead()), fill_failed=fill_failed)))
         transport.close()
         member.close()
     except Exception:
@@ -379,3 +394,19 @@ def test_death_mid_update_ends_by_knowledge_and_backups_degrade(kind):
         assert r["dead_seen"] == [[victim]] and r["dead_known"] == [victim], r
         assert r["stats"]["backups_uncovered"] > 0 and r["stats"]["backup_shortfalls"] > 0, r["stats"]
     assert sum(r["restored"] for r in results.values()) > 0, "orphans came back from the backup store"
+
+
+def test_death_during_backup_fill_ends_by_knowledge_and_the_update_goes_on():
+    """A joiner dies as every rank fills its backups, with hour-long timeouts: the fill ends on every survivor with PeerFailure naming it, the survivors adopt the
+    new live set (the half-filled backups are assigned and filled again) and then move to a
+    placement over the survivors with exact weights."""
+    victim = 1
+    results = run_cluster("torch", chunk=2, seed=5, victim=victim, mode="fill", opts=dict(knowledge=True),
+                          heartbeat_timeout_s=3600.0)
+    assert sorted(results) == [r for r in range(R) if r != victim]
+    for rank, r in results.items():
+        assert r["fill_failed"] == [victim], r["fill_failed"]
+        assert r["bad"] == [], f"rank {rank} holds wrong weights at {r['bad']}"
+        assert r["final"] == r["target"] and r["dead_seen"] == []
+        final = np.array(r["final"]).reshape(L, R, S)
+        assert (final[:, victim] == -1).all()

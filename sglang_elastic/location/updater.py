@@ -199,15 +199,24 @@ class ExpertLocationUpdater:
     def fill_backup(self, layers: Optional[Sequence[int]] = None) -> int:
         """(Re)fill backups of ``layers`` (default all) from live replicas; collective. Returns rows filled.
 
-        Called at start-up; afterwards backups follow commits and failures through re-homing.
-        A backup with no live replica to copy from keeps what it has (it may be the only copy).
+        Called at start-up (and by a joiner); afterwards backups follow commits and failures through
+        re-homing. A backup with no live replica to copy from keeps what it has (it may be the only
+        copy). A peer's death raises :class:`PeerFailure` naming it (agreed by the vote); the backups
+        being filled are then unassigned, so the next :meth:`set_live` assigns and fills them again.
         """
         if self.backup_layout is None:
             return 0
         lids = range(self.placement.num_layers) if layers is None else layers
         pairs = [(l, e) for l in lids for e in torch.nonzero(self.backup_layout.holder[l] >= 0).flatten().tolist()]
-        copies, _ = self._backup_copies(pairs)
-        self._execute(copies)
+        copies, lost = self._backup_copies(pairs)
+        try:
+            self._execute(copies)
+        except (PeerFailure, _Transient):
+            holder, keep = self.backup_layout.holder, set(lost)
+            for l, e in pairs:
+                if (l, e) not in keep:  # half-written or never written: not a valid copy
+                    holder[l, e] = -1
+            raise
         return len(copies) // max(len(self.weights), 1)
 
     def _backup_copies(self, pairs: Sequence[Tuple[int, int]]) -> Tuple[List[Copy], List[Tuple[int, int]]]:
