@@ -172,6 +172,21 @@ def test_current_file_movement_and_orphans(capsys, tmp_path):
     assert rep2["movement_slots"] == rep["movement_slots"] and rep2["orphans"] == rep["orphans"]
 
 
+def test_min_balance_is_passed_to_the_algorithm(capsys, tmp_path):
+    """--min-balance reaches elasticity_aware as min_balance; the healthy "before" plan ignores it."""
+    w = _load()
+    np.save(tmp_path / "w.npy", w)
+    rc, _, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--current", "healthy", "--dead", 1,
+                      "--min-balance", 0.9, "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    healthy = rebalance(w, R, S)
+    want = rebalance(w, R, S, live_ranks=_live([1]), current=healthy, min_balance=0.9)
+    assert rep["options"] == {"min_balance": 0.9}
+    assert rep["movement_slots"] == movement(healthy, want)
+    assert rep["balancedness_after"] == pytest.approx(balancedness(w, want))
+
+
 def test_plot_writes_png(capsys, tmp_path):
     np.save(tmp_path / "w.npy", _load())
     rc, out, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--dead", 2, "--current", "healthy",
@@ -252,6 +267,12 @@ BAD = [
     ([*W, "--algorithm", "deepseek", "--num-groups", "3"], "num_groups (3) must divide"),
     ([*W, "--current", "healthy", "--dead", "1", "--balance-tolerance", "-1"], "balance_tolerance must be"),
     ([*W, "--balance-tolerance", "x"], "argument --balance-tolerance: invalid float value"),
+    ([*W, "--min-balance", "0"], "argument --min-balance: expected a number in (0, 1], got '0'"),
+    ([*W, "--min-balance", "1.5"], "argument --min-balance: expected a number in (0, 1], got '1.5'"),
+    ([*W, "--min-balance", "nan"], "argument --min-balance: expected a number in (0, 1], got 'nan'"),
+    ([*W, "--min-balance", "x"], "argument --min-balance: expected a number in (0, 1], got 'x'"),
+    ([*W, "--min-balance", "0.9", "--balance-tolerance", "0.1"], "give --min-balance or --balance-tolerance, not both"),
+    ([*W, "--algorithm", "deepseek", "--min-balance", "0.9"], "--min-balance is not an option of the deepseek"),
     ([*W, "--output", "{d}/plan.yaml"], "--output must end in .json or .pt"),
     ([*W, "--output", "{d}/absent_dir/plan.json"], "--output {d}/absent_dir/plan.json: "),
     ([*W, "--json", "{d}/absent_dir/r.json"], "--json {d}/absent_dir/r.json: "),

@@ -1,4 +1,6 @@
 """rebalance()'s Python API checks: live ranks as mask or ids, load types, degenerate and huge loads."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,29 @@ def test_metrics_never_nan_for_finite_input():
     p = rebalance(np.ones((2, 8)), 2, 4)
     for w in (np.zeros((2, 8)), np.full((2, 8), 1e308), np.eye(2, 8) * 1e308):
         assert np.isfinite(balancedness(w, p)) and np.isfinite(layer_balancedness(w, p)).all()
+
+
+def test_plugin_min_balance_flag(monkeypatch):
+    """--eplb-min-balance: parsed into PluginOptions; bad values (outside (0, 1], NaN) give one line."""
+    import argparse
+
+    from sglang_elastic.sglang_plugin import options
+
+    for k in list(os.environ):
+        if k.startswith(options.ENV_PREFIX):
+            monkeypatch.delenv(k)
+    p = argparse.ArgumentParser()
+    options.add_cli_args(p)
+    ns = p.parse_args(["--eplb-min-balance", "0.95"])
+    assert options.export_from_namespace(ns) == {"SGLANG_ELASTIC_EPLB_MIN_BALANCE": "0.95"}
+    assert options.current().eplb_min_balance == 0.95
+    for bad in ("0", "1.5", "nan", "-0.2"):
+        monkeypatch.setenv("SGLANG_ELASTIC_EPLB_MIN_BALANCE", bad)
+        with pytest.raises(ValueError) as ei:
+            options.current()
+        assert str(ei.value) == (f"SGLANG_ELASTIC_EPLB_MIN_BALANCE={bad!r} (from --eplb-min-balance): "
+                                 f"expected a number in (0, 1], got {bad!r}")
+    monkeypatch.setenv("SGLANG_ELASTIC_EPLB_MIN_BALANCE", "0.9")
+    monkeypatch.setenv("SGLANG_ELASTIC_EPLB_BALANCE_TOLERANCE", "0.1")
+    with pytest.raises(ValueError, match="give --eplb-min-balance or --eplb-balance-tolerance, not both"):
+        options.current()

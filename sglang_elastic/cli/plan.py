@@ -44,6 +44,17 @@ SYNTHETIC_DEFAULTS: Dict[str, Any] = dict(layers=58, experts=256, seed=0)
 DEFAULT_RANKS = 32
 
 
+def _fraction(text: str) -> float:
+    """argparse type of ``--min-balance``: a number in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
 def add_parser(sub: Any) -> None:
     """Register ``plan`` on the subparsers ``sub``."""
     p = sub.add_parser(
@@ -88,10 +99,14 @@ def add_parser(sub: Any) -> None:
     alg = p.add_argument_group("algorithm")
     alg.add_argument("--algorithm", default="elasticity_aware", choices=sorted(ALGORITHMS),
                      help="EPLB algorithm (default elasticity_aware)")
+    alg.add_argument("--min-balance", type=_fraction, metavar="FRAC",
+                     help="elasticity_aware with --current: the trade-off, as at least this fraction of the "
+                          "balancedness a from-scratch plan reaches, with the least movement (default: 0.99 "
+                          "after a failure or scale event, 1.0 otherwise)")
     alg.add_argument("--balance-tolerance", type=float, metavar="FLOAT",
-                     help="elasticity_aware: how much busier (relative) a layer's busiest rank may be than in a "
-                          "from-scratch plan before experts are moved (default: 0.01 after a failure, "
-                          "0.002 otherwise)")
+                     help="elasticity_aware: the same trade-off as how much busier (relative) a layer's busiest "
+                          "rank may be than in a from-scratch plan (min balance = 1 / (1 + tolerance)); give "
+                          "this or --min-balance")
     alg.add_argument("--num-groups", type=positive_int,
                      help="deepseek: expert groups, for hierarchical (node-limited) placement")
     alg.add_argument("--expert-bytes", type=nonneg_int, default=DEEPSEEK_V3_EXPERT_BYTES,
@@ -135,7 +150,10 @@ def _resolve(args: argparse.Namespace) -> _Setup:
         raise UsageError(f"--output must end in .json or .pt, got {args.output!r}")
     fn = ALGORITHMS[args.algorithm]
     params = inspect.signature(fn).parameters
-    for flag, name in (("--balance-tolerance", "balance_tolerance"), ("--num-groups", "num_groups")):
+    if args.min_balance is not None and args.balance_tolerance is not None:
+        raise UsageError("give --min-balance or --balance-tolerance, not both")
+    for flag, name in (("--min-balance", "min_balance"), ("--balance-tolerance", "balance_tolerance"),
+                       ("--num-groups", "num_groups")):
         if getattr(args, name) is not None and name not in params:
             raise UsageError(f"{flag} is not an option of the {args.algorithm} algorithm")
 
@@ -351,6 +369,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     live = np.ones(R, dtype=bool)
     live[dead] = False
     options: Dict[str, Any] = {}
+    if args.min_balance is not None:
+        options["min_balance"] = args.min_balance
     if args.balance_tolerance is not None:
         options["balance_tolerance"] = args.balance_tolerance
     if args.num_groups is not None:
@@ -366,7 +386,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     # The placement in force before the failure, and the label the report gives it.
     if st.current == "healthy":
-        algo_opts = {k: v for k, v in options.items() if k != "balance_tolerance"}
+        # The healthy placement is a from-scratch one: the movement/balance trade-off does not apply.
+        algo_opts = {k: v for k, v in options.items() if k not in ("balance_tolerance", "min_balance")}
         before = rebalance(w, R, S, ranks_per_node=rpn, algorithm=args.algorithm, **algo_opts)
         before_desc = f"healthy {args.algorithm} placement of the same load on all {R} ranks"
         current_arg: Optional[Placement] = before

@@ -92,7 +92,8 @@ def rebalance_experts(
     live = live_mask(num_gpus, active_ranks)
     rpn = num_gpus // num_nodes if enable_hierarchical and num_nodes > 1 else None
     cur = current_placement(L, num_replicas, num_gpus, E, live) if opts.eplb_movement_aware else None
-    extra = {k: v for k, v in (("balance_tolerance", opts.eplb_balance_tolerance),
+    extra = {k: v for k, v in (("min_balance", opts.eplb_min_balance),
+                               ("balance_tolerance", opts.eplb_balance_tolerance),
                                ("max_swaps", opts.eplb_max_swaps)) if v is not None}
     placement = rebalance(w, num_gpus, num_replicas // num_gpus, live_ranks=live, ranks_per_node=rpn,
                           current=cur, algorithm="elasticity_aware", **extra)

@@ -31,8 +31,10 @@ class PluginOptions:
     """Values of the plugin's flags (defaults apply when a flag was not given).
 
     Attributes:
-        eplb_balance_tolerance: our algorithm's movement/balance trade-off (``None``: its own default,
-            0.01 after a live-set change and 0.002 for a periodic rebalance).
+        eplb_min_balance: our algorithm's movement/balance trade-off, as the fraction of a from-scratch
+            placement's balancedness to keep at least (``None``: its own default, 0.99 after a live-set
+            change and 1.0 for a periodic rebalance).
+        eplb_balance_tolerance: the same trade-off as a relative excess of the busiest rank (give one).
         eplb_max_swaps: cap on improvement swaps per layer (``None``: the algorithm's default).
         eplb_movement_aware: feed the placement in force to the algorithm so it moves few experts.
         elastic_transfer_backend: byte mover for expert weights (``auto``: the ``--elastic-ep-backend``
@@ -45,6 +47,7 @@ class PluginOptions:
             process (not a flag: the launcher makes one per server, ``SGLANG_ELASTIC_RUN_DIR``).
     """
 
+    eplb_min_balance: Optional[float] = None
     eplb_balance_tolerance: Optional[float] = None
     eplb_max_swaps: Optional[int] = None
     eplb_movement_aware: bool = True
@@ -70,6 +73,13 @@ def _pos_float(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
 def _nonneg_int(text: str) -> int:
     v = int(text)
     if v < 0:
@@ -88,12 +98,17 @@ def _bool(text: str) -> bool:
 
 # field -> (flag, parser of the text form, argparse kwargs). Booleans get --flag / --no-flag.
 FLAGS: Dict[str, Tuple[str, Callable[[str], Any], Dict[str, Any]]] = {
+    "eplb_min_balance": ("--eplb-min-balance", _fraction, dict(
+        metavar="FRAC",
+        help="elasticity_aware EPLB: the movement/balance trade-off, as at least this fraction of the "
+             "balancedness a from-scratch placement reaches, with the fewest moves. 1.0 asks for "
+             "from-scratch balance; 0.99 keeps more experts in place for up to ~1%% less balance. "
+             "Default: 0.99 after a rank failure or scale, 1.0 for periodic rebalances.")),
     "eplb_balance_tolerance": ("--eplb-balance-tolerance", _nonneg_float, dict(
         metavar="FRAC",
-        help="elasticity_aware EPLB: how much busier (relative) a layer's busiest rank may be than in a "
-             "from-scratch placement before experts are moved to fix it. 0 asks for from-scratch balance "
-             "with the fewest moves; 0.01 keeps more experts in place for up to 1%% more load. Default: "
-             "0.01 after a rank failure or scale, 0.002 for periodic rebalances.")),
+        help="elasticity_aware EPLB: the same trade-off as how much busier (relative) a layer's busiest "
+             "rank may be than in a from-scratch placement (min balance = 1 / (1 + tolerance)); give "
+             "this or --eplb-min-balance.")),
     "eplb_max_swaps": ("--eplb-max-swaps", _nonneg_int, dict(
         metavar="N", help="elasticity_aware EPLB: cap on improvement swaps per layer (default: "
                           "2 x live ranks + 4 x slots per rank + 16).")),
@@ -182,6 +197,8 @@ def current() -> PluginOptions:
         if "choices" in extra and v not in extra["choices"]:
             raise ValueError(f"{env_name(f.name)}={text!r} (from {flag}): choose one of {extra['choices']}")
         kw[f.name] = v
+    if kw.get("eplb_min_balance") is not None and kw.get("eplb_balance_tolerance") is not None:
+        raise ValueError("give --eplb-min-balance or --eplb-balance-tolerance, not both")
     return PluginOptions(**kw)
 
 
