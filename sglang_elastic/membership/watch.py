@@ -125,7 +125,7 @@ class WatchServer:
     # ------------------------------------------------------------------ internals
     def _send(self, c: _Conn, line: bytes) -> None:
         with c.lock:
-            if c.dropped:
+            if c.dropped or c.sock.fileno() < 0:  # cut by us, or already closed
                 return
             try:
                 c.sock.sendall(line)
@@ -210,7 +210,8 @@ class WatchServer:
             self._sel.unregister(c.sock)
         except (KeyError, ValueError):
             pass  # never registered, or the selector is closed
-        c.sock.close()
+        with c.lock:  # never while the monitor is sending on it (its fd number could be reused)
+            c.sock.close()
         with self._lock:
             if c in self._conns:
                 self._conns.remove(c)
