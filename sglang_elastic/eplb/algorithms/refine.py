@@ -33,22 +33,29 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
         vb &= ~st.spread_loss_at(g4, xb, nl, nh)
     th = load[g2, hi]  # [G, H]
     gap = (th[:, :, None] - load[g3, lo]).astype(np.float32)[..., None, None]  # [G, H, K, 1, 1]
-    wa = st.per32[g3, xa][:, :, None, :, None]
-    wb = st.per32[g4, xb][:, :, :, None, :]
+    wa2 = 2 * st.per32[g3, xa][:, :, None, :, None]  # 2 * (wa - wb) == 2 * wa - 2 * wb exactly
+    wb2 = 2 * st.per32[g4, xb][:, :, :, None, :]
     # For d = wa - wb the pair's new max minus th is (|gap - 2d| - gap) / 2: negative iff 0 < d < gap,
     # and comparable across light ranks, so one argmin picks the heavy rank's best swap.
-    score = np.abs(gap - 2 * (wa - wb)) - gap
-    ok = va[..., None] & vb[..., None, :] & (score < 0)
-    ok &= (th > target[g][:, None])[:, :, None, None, None]
-    score = np.where(ok, score, np.inf)
+    score = np.abs(gap - (wa2 - wb2)) - gap
+    # Validity and the movement cost are folded into per-(light rank, slot) penalties on the small
+    # [G, H, K, S] arrays (inf = not allowed) and meet the [G, H, K, S, S] scores in one addition.
+    va &= (th > target[g][:, None])[:, :, None, None]
+    zero = np.float32(0)
     if orig_present is not None:
         fa = (orig_present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0).astype(np.int8) - (
             orig_present[g3, hi3, xa + 1] == 0)[:, :, None, :]
         fb = (orig_present[g4, hi3[..., None], xb + 1] == 0).astype(np.int8) - (
             orig_present[g4, lo[..., None], xb + 1] == 0)
         # Experts fetched (minus those sent home) first, balance second: |score| < gap < step.
+        # fa, fb are in {-1, 0, 1}: step * fa + step * fb == step * (fa + fb) exactly.
         step = np.float32(2 * gap.max() + 1)
-        score = score + step * (fa[..., None] + fb[..., None, :])
+        pa, pb = step * fa, step * fb
+    else:
+        pa = pb = zero
+    pa = np.where(va, pa, np.float32(np.inf))
+    pb = np.where(vb, pb, np.float32(np.inf))
+    score = np.where(score < 0, score + (pa[..., None] + pb[..., None, :]), np.float32(np.inf))
     score = score.reshape(G, H, -1)
     best = score.argmin(2)  # [G, H]
     found = np.take_along_axis(score, best[..., None], 2)[..., 0] < np.inf
@@ -99,7 +106,8 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
                 continue
             dl = st.per[gg, st.x[gg, r_hi, sa]] - st.per[gg, st.x[gg, r_lo, sb]]
             st.swap(gg, r_hi, sa, r_lo, sb)
-            np.add.at(load, (gg, r_hi), -dl)
-            np.add.at(load, (gg, r_lo), dl)
+            # Each (layer, rank) takes part in at most one swap per step: plain indexing adds exactly.
+            load[gg, r_hi] -= dl
+            load[gg, r_lo] += dl
         active &= load.max(1) > target
 

@@ -57,11 +57,23 @@ class SlotState:
 
     def swap(self, l: np.ndarray, r1: np.ndarray, s1: np.ndarray, r2: np.ndarray, s2: np.ndarray) -> None:
         """Exchange the experts of slots ``(l, r1, s1)`` and ``(l, r2, s2)``."""
-        e1, e2 = self.x[l, r1, s1], self.x[l, r2, s2]
-        self.remove(l, r1, s1)
-        self.remove(l, r2, s2)
-        self.place(l, r1, s1, e2)
-        self.place(l, r2, s2, e1)
+        # remove + remove + place + place, fused (the refinement calls this once per step); r1 != r2.
+        x, present = self.x, self.present
+        e1, e2 = x[l, r1, s1], x[l, r2, s2]
+        x[l, r1, s1] = -1
+        x[l, r2, s2] = -1
+        # A rank may hold a second copy (a conflict not yet fixed): presence is what is left.
+        present[l, r1, e1 + 1] = (x[l, r1] == e1[:, None]).any(1)
+        present[l, r2, e2 + 1] = (x[l, r2] == e2[:, None]).any(1)
+        x[l, r1, s1] = e2
+        x[l, r2, s2] = e1
+        present[l, r1, e2 + 1] = 1
+        present[l, r2, e1 + 1] = 1
+        if self.node_of is not None:
+            m1, m2 = self.node_of[r1], self.node_of[r2]
+            np.add.at(self.node_cnt, (np.concatenate([l, l, l, l]), np.concatenate([e1, e2, e2, e1]) + 1,
+                                      np.concatenate([m1, m2, m1, m2])),
+                      np.repeat(np.array([-1, -1, 1, 1], dtype=self.node_cnt.dtype), l.size))
 
     def duplicates(self) -> np.ndarray:
         """bool ``[L, n, S]``: slots holding a later copy of an expert already on the same rank."""
