@@ -99,6 +99,7 @@ class _Job:
     event: Optional[object] = None                               # CUDA event after the copies
     posted: bool = False
     posted_at: float = 0.0
+    before: List[int] = field(default_factory=list)              # layers of chunks committed before it
 
 
 class BackgroundUpdater(ExpertLocationUpdater):
@@ -332,9 +333,6 @@ class BackgroundUpdater(ExpertLocationUpdater):
         phy[job.layers] = job.new
         self.placement = Placement(phy, R, self.placement.num_logical_experts)
         self._pending = [l for l in self._pending if l not in job.layers]
-        if self.backup_layout is not None:  # keep backups off the new servers, in the background
-            snap, busy = self.placement, sorted({l for j in self._inflight for l in j.layers})
-            self._submit(lambda: self._rehome_job(snap, busy))
         if self.canary:
             self._check(job.layers)
 
@@ -357,7 +355,8 @@ class BackgroundUpdater(ExpertLocationUpdater):
                 return
             self._alloc_staging()
             used = {j.buf for j in self._inflight}
-            job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used))
+            job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used),
+                       before=sorted(busy))
             self._next += 1
             busy |= set(layers)
             self._inflight.append(job)
@@ -437,7 +436,13 @@ class BackgroundUpdater(ExpertLocationUpdater):
                 copies.append(Copy(holder, dst, backup_tensor_name(name), int(layout.row[l, e]),
                                    bg_staging_name(name, job.buf), li * S + p % S))
             restored += 1
-        self._exec(copies)
+        rehome = self._rehome_copies(job) if self.backup_layout is not None else None
+        try:
+            self._exec(copies + (rehome[0] if rehome else []))
+        except (PeerFailure, UpdateFailure):
+            if rehome:
+                self._unfill(*rehome)
+            raise
         if self._stream is not None:
             job.event = torch.cuda.Event()
             job.event.record(self._stream)
@@ -454,31 +459,63 @@ class BackgroundUpdater(ExpertLocationUpdater):
         rep.bytes_moved = (rep.copies_remote + restored) * self.bytes_per_expert
         job.report = rep
 
-    def _rehome_job(self, placement: Placement, busy: List[int]) -> None:
-        """Re-home backups for the committed ``placement`` (snapshot at its commit). Pairs of layers
-        still in flight are left unassigned (holder -1) rather than copied, as a later commit may
-        rewrite their source rows; the next re-homing assigns and fills them."""
+    def _rehome_copies(self, job: _Job):
+        """Backups re-homed for the placement as it will be once ``job`` commits (backups off the ranks
+        that will serve their expert), adopted now and filled in the job's execute. Sources are this
+        rank's committed rows outside the chunks that may commit meanwhile (``job.before``): the
+        same on every rank whatever the commit timing. Returns ``(copies, prev, moved)``."""
+        cur = self.placement.phy2log
+        future = cur.clone()
+        future[job.before + job.layers] = self.target.phy2log[job.before + job.layers]
+        fut = Placement(future, self.placement.num_ranks, self.placement.num_logical_experts)
         prev = self.backup_layout
-        layout = assign_backups(placement, self.live, self.ranks_per_node, previous=prev,
+        layout = assign_backups(fut, self.live, self.ranks_per_node, previous=prev,
                                 rows_per_rank=prev.rows_per_rank, degrade=True)
         self._count_uncovered(layout)
-        holder = layout.holder.clone()
+        holder, row = layout.holder.clone(), layout.row.clone()
         moved = (holder != prev.holder) & (holder >= 0)
-        if busy:
-            hold = torch.zeros_like(moved)
-            hold[busy] = True
-            holder[moved & hold] = -1
-            moved &= ~hold
-        copies, lost = _backup_copies(placement, self.live, holder, layout.row, list(self.weights),
-                                      moved.nonzero().tolist())
-        for l, e in lost:
-            holder[l, e] = -1
-        self.backup_layout = BackupLayout(holder, layout.row, layout.rows_per_rank, layout.uncovered)
-        try:
-            self._exec(copies)
-        except (PeerFailure, UpdateFailure):
-            holder[moved] = -1  # abandoned on every rank: none of the moved backups is a valid copy
-            raise
+        _spare_rows(prev, holder, row, moved, layout.rows_per_rank)
+        stable = torch.ones(cur.shape, dtype=torch.bool)
+        stable[job.before] = False
+        src = Placement(cur.clone(), self.placement.num_ranks, self.placement.num_logical_experts)
+        copies, lost = _backup_copies(src, self.live, holder, row, list(self.weights), moved.nonzero().tolist(), stable)
+        self.backup_layout = BackupLayout(holder, row, layout.rows_per_rank, layout.uncovered)
+        if lost:  # no source now: keep the previous backup where it is still intact
+            gone = torch.zeros_like(moved)
+            for l, e in lost:
+                gone[l, e] = True
+            self._unfill(copies, prev, gone)
+            moved &= ~gone
+        return copies, prev, moved
+
+    def _unfill(self, copies: List[Copy], prev: BackupLayout, moved: torch.Tensor) -> None:
+        """The ``moved`` backups were not filled: mark them absent, or back on their previous holder
+        and row where no copy wrote it and no other pair took it (a death mid-way loses no insurance)."""
+        holder, row = self.backup_layout.holder, self.backup_layout.row
+        holder[moved] = -1
+        written = {(c.dst, c.dst_row) for c in copies if c.dst_name.startswith("backup")}
+        for l, e in moved.nonzero().tolist():
+            h, r = int(prev.holder[l, e]), int(prev.row[l, e])
+            if h >= 0 and (h, r) not in written:  # its row is intact (rows are unique per layout)
+                holder[l, e], row[l, e] = h, r
+
+
+def _spare_rows(prev: BackupLayout, holder: torch.Tensor, row: torch.Tensor, moved: torch.Tensor, cap: int) -> None:
+    """Move the new backups of ``moved`` pairs off rows that hold a previous backup (in place), onto
+    rows free in both layouts where there are any: a re-homing cut short by a death then leaves every
+    previous backup intact. Deterministic (the same on every rank)."""
+    old = {(int(h), int(r)) for h, r in zip(prev.holder[prev.holder >= 0].tolist(), prev.row[prev.holder >= 0].tolist())}
+    clash = [(l, e) for l, e in moved.nonzero().tolist() if (int(holder[l, e]), int(row[l, e])) in old]
+    if not clash:
+        return
+    used = old | {(int(h), int(r)) for h, r in zip(holder[holder >= 0].tolist(), row[holder >= 0].tolist())}
+    free: Dict[int, List[int]] = {}
+    for l, e in clash:
+        h = int(holder[l, e])
+        if h not in free:
+            free[h] = [r for r in range(cap - 1, -1, -1) if (h, r) not in used]
+        if free[h]:
+            row[l, e] = free[h].pop()
 
 
 def _own_client(store):
@@ -489,14 +526,15 @@ def _own_client(store):
 
 
 def _backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,
-                   names: List[str], pairs: List[List[int]]) -> Tuple[List[Copy], List[Tuple[int, int]]]:
+                   names: List[str], pairs: List[List[int]], stable: torch.Tensor
+                   ) -> Tuple[List[Copy], List[Tuple[int, int]]]:
     """Copies filling the backups of ``pairs`` ``(layer, expert)`` from live replicas of ``placement``
-    (rotating the source so sources spread), and the pairs with no live replica."""
+    in ``stable`` slots (rotating the source so sources spread), and the pairs with no such replica."""
     S = placement.slots_per_rank
     l2p = placement.log2phy
     copies, lost = [], []
     for l, e in pairs:
-        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S]]
+        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S] and bool(stable[l, s])]
         if not slots:
             lost.append((l, e))
             continue
