@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     print(f"# {a.ranks} ranks x {a.slots} slots, {a.layers} layers x {a.experts} experts, expert {per_expert / 1e6:.2f} MB, "
           f"{a.layers_per_chunk} layer(s)/chunk, torch transport, CPU; pause/step = max over ranks per step")
     print(f"{'mode':<11}{'steady step ms':>15}{'rebal step ms':>14}{'rebal step max':>15}{'pause max ms':>13}"
-          f"{'pause mean ms':>14}{'steps':>6}{'MB moved':>9}{'staging MB':>11}")
+          f"{'pause mean ms':>14}{'pause p50 ms':>13}{'steps':>6}{'MB moved':>9}{'staging MB':>11}")
     for i, row in enumerate(res[0]):
         n = len(row["steps"])
         step = np.array([[res[r][i]["steps"][k][0] for r in res] for k in range(n)]).max(1)
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         reb = step[active]
         staging = row["peak"] if row["mode"] == "background" else row["sync_staging"]
         print(f"{row['mode']:<11}{1e3 * steady[1:].mean():>15.2f}{1e3 * reb.mean():>14.2f}{1e3 * reb.max():>15.2f}"
-              f"{1e3 * pause[active].max():>13.2f}{1e3 * pause[active].mean():>14.2f}{int(active.sum()):>6}"
+              f"{1e3 * pause[active].max():>13.2f}{1e3 * pause[active].mean():>14.2f}{1e3 * np.median(pause[active]):>13.2f}"
+              f"{int(active.sum()):>6}"
               f"{moved / 1e6:>9.1f}{staging / 1e6:>11.2f}")
     return 0
 

@@ -47,6 +47,7 @@ import torch
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups, backup_tensor_name
+from .commit_rule import backup_copies, decide, spare_rows
 from .plan import plan_transfers
 from .updater import ChunkReport, ExpertLocationUpdater, UpdateFailure, _Transient
 
@@ -54,33 +55,13 @@ __all__ = ["BackgroundUpdater", "bg_staging_name", "decide"]
 
 log = logging.getLogger(__name__)
 
-_READY, _DEAD = "ready@", "dead@"
+_READY, _DEAD = "ready@", "dead@"  # the marks commit_rule.decide reads
 _RETRIES = 3
 
 
 def bg_staging_name(weight_name: str, buf: int) -> str:
     """Name under which staging buffer ``buf`` of ``weight_name`` is registered."""
     return f"staging/bg{buf}/{weight_name}"
-
-
-def decide(posts: Dict[int, str], boundary: int) -> Tuple[bool, List[int]]:
-    """The commit rule on the posts of every live rank (pure).
-
-    Parameters:
-        posts: rank -> ``"ready@b"`` or ``"dead@b"`` (``b`` the boundary it was written at); a rank
-            missing from it has not posted.
-        boundary: this boundary ``t``.
-
-    Returns:
-        ``(decided, dead)``: ``decided`` iff every post exists and was written at ``b <= t - 1``
-        (then every rank reads the same posts); ``dead`` the ranks with a verdict.
-    """
-    if any(v is None for v in posts.values()):
-        return False, []
-    marks = {r: v.split("@", 1) for r, v in posts.items()}
-    if any(int(b) > boundary - 1 for _, b in marks.values()):
-        return False, []
-    return True, sorted(r for r, (kind, _) in marks.items() if kind + "@" == _DEAD)
 
 
 @dataclass
@@ -474,11 +455,11 @@ class BackgroundUpdater(ExpertLocationUpdater):
         self._count_uncovered(layout)
         holder, row = layout.holder.clone(), layout.row.clone()
         moved = (holder != prev.holder) & (holder >= 0)
-        _spare_rows(prev, holder, row, moved, layout.rows_per_rank)
+        spare_rows(prev, holder, row, moved, layout.rows_per_rank)
         stable = torch.ones(cur.shape, dtype=torch.bool)
         stable[job.before] = False
         src = Placement(cur.clone(), self.placement.num_ranks, self.placement.num_logical_experts)
-        copies, lost = _backup_copies(src, self.live, holder, row, list(self.weights), moved.nonzero().tolist(), stable)
+        copies, lost = backup_copies(src, self.live, holder, row, list(self.weights), moved.nonzero().tolist(), stable)
         self.backup_layout = BackupLayout(holder, row, layout.rows_per_rank, layout.uncovered)
         if lost:  # no source now: keep the previous backup where it is still intact
             gone = torch.zeros_like(moved)
@@ -500,46 +481,8 @@ class BackgroundUpdater(ExpertLocationUpdater):
                 holder[l, e], row[l, e] = h, r
 
 
-def _spare_rows(prev: BackupLayout, holder: torch.Tensor, row: torch.Tensor, moved: torch.Tensor, cap: int) -> None:
-    """Move the new backups of ``moved`` pairs off rows that hold a previous backup (in place), onto
-    rows free in both layouts where there are any: a re-homing cut short by a death then leaves every
-    previous backup intact. Deterministic (the same on every rank)."""
-    old = {(int(h), int(r)) for h, r in zip(prev.holder[prev.holder >= 0].tolist(), prev.row[prev.holder >= 0].tolist())}
-    clash = [(l, e) for l, e in moved.nonzero().tolist() if (int(holder[l, e]), int(row[l, e])) in old]
-    if not clash:
-        return
-    used = old | {(int(h), int(r)) for h, r in zip(holder[holder >= 0].tolist(), row[holder >= 0].tolist())}
-    free: Dict[int, List[int]] = {}
-    for l, e in clash:
-        h = int(holder[l, e])
-        if h not in free:
-            free[h] = [r for r in range(cap - 1, -1, -1) if (h, r) not in used]
-        if free[h]:
-            row[l, e] = free[h].pop()
-
-
 def _own_client(store):
     """A connection of its own to ``store`` when it is a ``TCPStore`` (else ``store`` itself)."""
     if isinstance(store, torch.distributed.TCPStore):
         return torch.distributed.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
     return store
-
-
-def _backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,
-                   names: List[str], pairs: List[List[int]], stable: torch.Tensor
-                   ) -> Tuple[List[Copy], List[Tuple[int, int]]]:
-    """Copies filling the backups of ``pairs`` ``(layer, expert)`` from live replicas of ``placement``
-    in ``stable`` slots (rotating the source so sources spread), and the pairs with no such replica."""
-    S = placement.slots_per_rank
-    l2p = placement.log2phy
-    copies, lost = [], []
-    for l, e in pairs:
-        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S] and bool(stable[l, s])]
-        if not slots:
-            lost.append((l, e))
-            continue
-        src = slots[(l + e) % len(slots)]
-        for name in names:
-            copies.append(Copy(src // S, int(holder[l, e]), name, l * S + src % S, backup_tensor_name(name),
-                               int(row[l, e])))
-    return copies, lost

@@ -1,0 +1,80 @@
+"""Pure pieces of zero-stall rebalancing (:mod:`.background`): the commit rule and backup-row choices.
+
+The commit rule: every live rank posts ``ready@b`` once its transport thread finished a chunk (``b`` the
+step boundary it posted at), or a peer writes ``dead@b`` in place of a dead rank's post. Each step
+exchanges tokens with every rank, so a mark written at boundary ``b`` is visible to every rank from
+boundary ``b + 1`` on; reading only marks with ``b <= t - 1`` at boundary ``t``, every rank takes the
+same decision at the same boundary.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..eplb.placement import Placement
+from ..transport.base import Copy
+from .backup import BackupLayout, backup_tensor_name
+
+__all__ = ["decide", "spare_rows", "backup_copies"]
+
+_DEAD = "dead@"
+
+
+def decide(posts: Dict[int, Optional[str]], boundary: int) -> Tuple[bool, List[int]]:
+    """The commit rule on the posts of every live rank (pure).
+
+    Parameters:
+        posts: rank -> ``"ready@b"`` or ``"dead@b"`` (``b`` the boundary it was written at); a rank
+            missing from it has not posted.
+        boundary: this boundary ``t``.
+
+    Returns:
+        ``(decided, dead)``: ``decided`` iff every post exists and was written at ``b <= t - 1``
+        (then every rank reads the same posts); ``dead`` the ranks with a verdict.
+    """
+    if any(v is None for v in posts.values()):
+        return False, []
+    marks = {r: v.split("@", 1) for r, v in posts.items()}
+    if any(int(b) > boundary - 1 for _, b in marks.values()):
+        return False, []
+    return True, sorted(r for r, (kind, _) in marks.items() if kind + "@" == _DEAD)
+
+
+def spare_rows(prev: BackupLayout, holder: torch.Tensor, row: torch.Tensor, moved: torch.Tensor, cap: int) -> None:
+    """Move the new backups of ``moved`` pairs off rows that hold a previous backup (in place), onto
+    rows free in both layouts where there are any: a re-homing cut short by a death then leaves every
+    previous backup intact. Deterministic (the same on every rank)."""
+    old = {(int(h), int(r)) for h, r in zip(prev.holder[prev.holder >= 0].tolist(), prev.row[prev.holder >= 0].tolist())}
+    clash = [(l, e) for l, e in moved.nonzero().tolist() if (int(holder[l, e]), int(row[l, e])) in old]
+    if not clash:
+        return
+    used = old | {(int(h), int(r)) for h, r in zip(holder[holder >= 0].tolist(), row[holder >= 0].tolist())}
+    free: Dict[int, List[int]] = {}
+    for l, e in clash:
+        h = int(holder[l, e])
+        if h not in free:
+            free[h] = [r for r in range(cap - 1, -1, -1) if (h, r) not in used]
+        if free[h]:
+            row[l, e] = free[h].pop()
+
+
+def backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,
+                   names: List[str], pairs: List[List[int]], stable: torch.Tensor
+                   ) -> Tuple[List[Copy], List[Tuple[int, int]]]:
+    """Copies filling the backups of ``pairs`` ``(layer, expert)`` from live replicas of ``placement``
+    in ``stable`` slots (rotating the source so sources spread), and the pairs with no such replica."""
+    S = placement.slots_per_rank
+    l2p = placement.log2phy
+    copies, lost = [], []
+    for l, e in pairs:
+        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S] and bool(stable[l, s])]
+        if not slots:
+            lost.append((l, e))
+            continue
+        src = slots[(l + e) % len(slots)]
+        for name in names:
+            copies.append(Copy(src // S, int(holder[l, e]), name, l * S + src % S, backup_tensor_name(name),
+                               int(row[l, e])))
+    return copies, lost
