@@ -27,6 +27,8 @@ MAX_SOAK_MINUTES = 24 * 60.0
 WARMUP_STEPS = 4
 # Growth of a survivor's resources between warm-up and the end that counts as a leak (same number of
 # peers both times; the allowances absorb allocator and thread-pool noise).
+# After time is up, this long to rejoin ranks and settle before the soak stops anyway (and fails).
+SETTLE_S = 120.0
 LEAK_LIMITS = dict(fds=16, threads=8, rss_mb_ratio=1.5, rss_mb_slack=128.0)
 
 
@@ -44,6 +46,7 @@ class SoakEvents(EventSource):
         self.final: Dict[int, Dict[str, float]] = {}
         self.drawn: List[Event] = []
         self._quiet_since: Optional[int] = None
+        self.settled = True
 
     def bind(self, orch: Orchestrator) -> None:
         self.orch = orch
@@ -66,6 +69,12 @@ class SoakEvents(EventSource):
         if self.t0 is None or not self._time_up():
             return False
         c = self.cfg.cluster
+        if time.monotonic() - self.t0 > 60.0 * self.minutes + SETTLE_S:
+            # Never settled back to full size and quiet (more deaths than joins could repair, or
+            # false deaths under load): stop, read what is there, and fail the verdict.
+            self.settled = False
+            self.final = self.orch.health() if self.orch else {}
+            return True
         if not self._quiet(st) or len(st.live) < c.ranks:
             self._quiet_since = None
             return False
@@ -165,9 +174,9 @@ def soak_report(source: SoakEvents, summary: Dict[str, Any], v: Dict[str, Any]) 
         interruption_max_s=max(inter) if inter else None,
         per_kind={k: dict(n=len(x), p50=_pct(x, 50), p99=_pct(x, 99), max=max(x)) for k, x in sorted(by_kind.items())},
         wrong=v["mismatches"], lost=v["lost_requests"], unrecovered=v["unrecovered_failures"] + v["unfired_faults"],
-        survivors=survivors, health_before={r: source.baseline[r] for r in survivors},
+        settled=source.settled, survivors=survivors, health_before={r: source.baseline[r] for r in survivors},
         health_after={r: source.final[r] for r in survivors}, leaks=leaks,
-        passed=not leaks and v["mismatches"] == 0 and v["lost_requests"] == 0
+        passed=not leaks and source.settled and v["mismatches"] == 0 and v["lost_requests"] == 0
         and v["unrecovered_failures"] == 0 and v["unfired_faults"] == 0 and bool(source.final))
 
 
@@ -187,5 +196,7 @@ def format_soak(s: Dict[str, Any]) -> str:
         lines.append(f"rank {r} health      fds {b['fds']} -> {a['fds']}, threads {b['threads']} -> {a['threads']}, "
                      f"RSS {b['rss_mb']:.0f} -> {a['rss_mb']:.0f} MiB")
     lines.append(f"leaks                {'; '.join(s['leaks']) or 'none'}")
+    if not s["settled"]:
+        lines.append("settled              NO: the cluster did not get back to full size and quiet in time")
     lines.append(f"soak verdict         {'PASS' if s['passed'] else 'FAIL'}")
     return "\n".join(lines)
