@@ -139,7 +139,7 @@ def _scheduler_like(queue) -> None:
     st.mark_failed([2], reason="updater PeerFailure")
     w = torch.arange(1, L * E + 1, dtype=torch.float32).reshape(L, E)
     eplb.rebalance_experts(w, R * S, 1, 1, R, False, st.active_ranks_cpu)
-    summary = updater.UpdateSummary(layers=[0], bytes_moved=4096, restored_from_backup=2, seconds=0.01)
+    summary = updater.UpdateSummary(layers=[0], bytes_moved=4096, restored=2, seconds=0.01)
     updater._record(context.get(), summary, reporter=True)
     queue.put(os.getpid())
 

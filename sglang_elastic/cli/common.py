@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import List
+from typing import Any, Callable, List
 
 PROG = "sglang-elastic"
 
@@ -18,27 +18,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
+def number_in(text: str, kind: type, ok: Callable[[Any], bool], what: str, in_range: str = "") -> Any:
+    """Parse ``text`` as ``kind`` (int or float) accepted by ``ok``; otherwise one argparse error:
+    ``expected <what>`` when it does not parse, ``expected <in_range or what>`` when ``ok`` refuses it."""
     try:
-        v = int(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(v):  # ``ok`` is written so that nan fails it
+        raise argparse.ArgumentTypeError(f"expected {in_range or what}, got {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    return number_in(text, int, lambda v: v > 0, "a positive integer")
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
+    """argparse type: an integer >= 0."""
+    return number_in(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
 def rank_list(text: str) -> List[int]:
+    """argparse type: comma-separated rank ids, sorted, duplicates dropped."""
     if not text.strip():
         return []
     out = []
@@ -49,7 +52,6 @@ def rank_list(text: str) -> List[int]:
             raise argparse.ArgumentTypeError(
                 f"expected a comma-separated list of rank numbers such as 3,7, got {text!r}") from None
     return sorted(set(out))
-
 
 
 def one_line(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from .common import PROG, UsageError, nonneg_int, one_line, positive_int
+from .common import PROG, UsageError, nonneg_int, number_in, one_line, positive_int
 
 __all__ = ["add_parser"]
 
@@ -53,23 +53,12 @@ def add_parser(sub: Any) -> None:
 def _minutes(text: str) -> float:
     from ..rehearsal.soak import MAX_SOAK_MINUTES
 
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not 0 < v <= MAX_SOAK_MINUTES:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"expected minutes in (0, {MAX_SOAK_MINUTES:g}], got {text!r}")
-    return v
+    return number_in(text, float, lambda v: 0 < v <= MAX_SOAK_MINUTES, "a number of minutes",
+                     f"minutes in (0, {MAX_SOAK_MINUTES:g}]")
 
 
 def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port number in [1, 65535], got {text!r}")
-    return v
+    return number_in(text, int, lambda v: 1 <= v <= 65535, "a TCP port number", "a TCP port number in [1, 65535]")
 
 
 def _check_output(flag: str, path: str, others: Dict[str, str]) -> None:

@@ -56,7 +56,7 @@ _BASE_TAKES_LIVENESS = "liveness" in inspect.signature(Dispatcher.__init__).para
 
 def prepare_gpu_kwargs(kw: Dict[str, Any], what: str, check: Callable[[torch.device, str], None]) -> Any:
     """The GPU dispatchers' shared constructor preamble, in place on ``kw``: ``check(device, what)``,
-    the CUDA device pinned to the current index, bf16 by default; returns ``liveness=`` (or None)."""
+    the CUDA device pinned to the current index, bf16 (the only dtype allowed); returns ``liveness=`` (or None)."""
     device = torch.device(kw.get("device", "cuda"))
     check(device, what)
     liveness = kw.get("liveness") if _BASE_TAKES_LIVENESS else kw.pop("liveness", None)
@@ -64,6 +64,9 @@ def prepare_gpu_kwargs(kw: Dict[str, Any], what: str, check: Callable[[torch.dev
         device = torch.device("cuda", torch.cuda.current_device())
     kw["device"] = device
     kw.setdefault("dtype", torch.bfloat16)
+    if kw["dtype"] != torch.bfloat16:  # both libraries' low-latency kernels take bf16 (fp8 via use_fp8)
+        lib = {"nixl": "nixl_ep", "mooncake": "Mooncake EP"}.get(what, what)
+        raise ValueError(f"{lib} dispatches bfloat16 tokens (use_fp8 for fp8), got dtype {kw['dtype']}")
     return liveness
 
 

@@ -108,8 +108,6 @@ class MooncakeEPDispatcher(GPUPathMixin, Dispatcher):
         buffer_cls = import_mooncake_ep()
         liveness = prepare_gpu_kwargs(kw, "mooncake", _check_gpu_device)
         super().__init__(**kw)
-        if self.dtype != torch.bfloat16:
-            raise ValueError(f"Mooncake EP dispatches bfloat16 tokens (use_fp8 for fp8), got dtype {self.dtype}")
         if self.max_tokens_per_rank > MAX_TOKENS_PER_RANK:
             raise ValueError(f"Mooncake EP's low-latency kernels take at most {MAX_TOKENS_PER_RANK} tokens per rank, "
                              f"got max_tokens_per_rank={self.max_tokens_per_rank}")

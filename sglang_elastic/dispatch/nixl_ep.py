@@ -102,8 +102,6 @@ class NixlEPDispatcher(GPUPathMixin, Dispatcher):
         nixl_ep = import_nixl_ep()
         liveness = prepare_gpu_kwargs(kw, "nixl", _check_gpu_device)
         super().__init__(**kw)
-        if self.dtype != torch.bfloat16:
-            raise ValueError(f"nixl_ep dispatches bfloat16 tokens (use_fp8 for fp8), got dtype {self.dtype}")
         if store is None:
             raise ValueError("the nixl GPU dispatcher needs store= (a torch.distributed.TCPStore, the same on "
                              "every rank): nixl_ep exchanges its metadata through it")

@@ -320,19 +320,13 @@ class MembershipClient:
                 for e in range(max(last + 1, view.epoch - HISTORY + 1), view.epoch):
                     key = self._keys.view_at(e)
                     if self._op("check", [key]):
-                        self._learn(MembershipView.from_json(self._op("get", key)))
-            self._learn(view)
+                        MembershipView.from_json(self._op("get", key)).feed(self.liveness)
+            view.feed(self.liveness)
             self._seen_epoch = view.epoch
             # still under the lock: a concurrent caller that finds this epoch already seen must not
             # return (from current()) before the view is applied
             self._on_new_view(view)
 
-    def _learn(self, view: MembershipView) -> None:
-        for c in view.changes:
-            if c.kind == "failed":
-                self.liveness.mark_dead(c.rank, f"membership epoch {view.epoch}: {c.reason}", c.incarnation)
-            elif c.kind == "joined":
-                self.liveness.mark_alive(c.rank, c.incarnation)
 
     def _on_new_view(self, view: MembershipView) -> None:
         # apply to the bound state first: whoever sees view E (current, wait_for_epoch) also finds

@@ -262,18 +262,11 @@ class MembershipServer:
             )
             with self._store_lock:
                 self._publish_locked(view)
-            self._learn(view)
+            view.feed(self.liveness)
             self._watch.broadcast(_view_line(view))
             logger.info("membership epoch %d: live=%s changes=%s", view.epoch, list(view.live),
                         [(c.kind, c.rank, c.incarnation, c.reason) for c in changes])
 
-    def _learn(self, view: MembershipView) -> None:
-        """Feed :attr:`liveness` from a published record (deaths, and rejoins under a new incarnation)."""
-        for c in view.changes:
-            if c.kind == "failed":
-                self.liveness.mark_dead(c.rank, f"membership epoch {view.epoch}: {c.reason}", c.incarnation)
-            elif c.kind == "joined":
-                self.liveness.mark_alive(c.rank, c.incarnation)
 
     def _publish_locked(self, view: MembershipView) -> None:
         raw = view.to_json()

@@ -94,6 +94,15 @@ class MembershipView:
     def from_json(cls, raw: Union[str, bytes]) -> "MembershipView":
         return cls.from_dict(json.loads(raw))
 
+    def feed(self, liveness: Any) -> None:
+        """Tell a :class:`~sglang_elastic.transport.Liveness` what this record changed: its deaths,
+        and rejoins under a new incarnation (server and client feed theirs the same way)."""
+        for c in self.changes:
+            if c.kind == "failed":
+                liveness.mark_dead(c.rank, f"membership epoch {self.epoch}: {c.reason}", c.incarnation)
+            elif c.kind == "joined":
+                liveness.mark_alive(c.rank, c.incarnation)
+
 
 class _Keys:
     """Every store key of one membership namespace."""

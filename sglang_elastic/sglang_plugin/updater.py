@@ -36,7 +36,7 @@ import torch
 
 from ..eplb.placement import Placement
 from ..location.repair import lost_experts, lost_on_rank, repair_target
-from ..location.updater import ExpertLocationUpdater, staging_name
+from ..location.updater import ChunkReport, ExpertLocationUpdater, staging_name
 from ..state import ElasticEPStateManager as _OurManager
 from . import context
 from . import eplb as _eplb
@@ -51,18 +51,17 @@ TransportFactory = Callable[[int, torch.device], object]
 
 
 @dataclass
-class UpdateSummary:
-    """What one :meth:`LayerwiseBridge.update` did (logged as one line)."""
+class UpdateSummary(ChunkReport):
+    """What one :meth:`LayerwiseBridge.update` did, summed over its chunks (logged as one line):
+    the chunks' figures plus the experts left for SGLang to reload from disk and the wall time."""
 
-    layers: List[int]
-    copies_remote: int = 0
-    copies_local: int = 0
-    restored_from_backup: int = 0
-    bytes_moved: int = 0
-    replans: int = 0
-    failed_ranks: List[int] = field(default_factory=list)
     missing: Dict[int, List[int]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def restored_from_backup(self) -> int:
+        """Experts restored from the backup store (``restored``, under SGLang's log name)."""
+        return self.restored
 
     def line(self) -> str:
         return (f"layers={self.layers} remote={self.copies_remote} local={self.copies_local} "
@@ -265,7 +264,7 @@ class LayerwiseBridge:
                 break
             summary.copies_remote += rep.copies_remote
             summary.copies_local += rep.copies_local
-            summary.restored_from_backup += rep.restored
+            summary.restored += rep.restored
             summary.bytes_moved += rep.bytes_moved
             summary.replans += rep.replans
 
@@ -349,7 +348,7 @@ def _record(ctx: "context.PluginContext", summary: UpdateSummary, reporter: bool
 
     def update(m) -> None:
         m.add_bytes_moved(summary.bytes_moved)
-        m.add_orphans_restored(summary.restored_from_backup)
+        m.add_orphans_restored(summary.restored)
         m.observe_rebalance_pause(summary.seconds)
         if since is not None and reporter:
             m.observe_failover(now - since)

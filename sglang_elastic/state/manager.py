@@ -215,20 +215,20 @@ class ElasticEPStateManager:
         if inst is None or inst.pending_ep_size is None:
             return
         inst.effective_ep_size = inst.pending_ep_size
-        inst.pending_ep_size = None
         inst.has_scaled = True
-        inst.scale_phase = "serving_expanded"
-        inst.last_error = None
-        inst.pending_since = None
-        inst.reset()
+        cls._end_scale(inst, "serving_expanded", None)
 
     @classmethod
     def fail_scale(cls, error: str) -> None:
         inst = cls._instance
         if inst is None:
             return
+        cls._end_scale(inst, "failed", error)
+
+    @staticmethod
+    def _end_scale(inst: Any, phase: str, error: Optional[str]) -> None:
         inst.pending_ep_size = None
-        inst.scale_phase = "failed"
+        inst.scale_phase = phase
         inst.last_error = error
         inst.pending_since = None
         inst.reset()
