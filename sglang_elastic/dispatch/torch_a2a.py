@@ -69,6 +69,12 @@ class TorchExchange(Exchange):
             self.group = form_group(self.store, f"{self.ns}/grp", view, self.rank, self.incarnation, self.device,
                                     self.connect_timeout_s, self.host, "torch dispatcher", liveness=self.liveness)
 
+    def _break(self, g: Group) -> None:
+        # Only the group in use: a helper thread of a group already replaced by set_peers() may time
+        # out later, and must not stop the new group (nothing would rebuild it: a stall).
+        if g is self.group:
+            self.broken = True
+
     def _drop(self) -> None:
         if self.group is not None:
             self.group.destroy()
@@ -116,10 +122,16 @@ class TorchExchange(Exchange):
             nxt = waiter.next(deadline + 1.0)  # the helper threads themselves end by the deadline
             if nxt is None:
                 failed.extend(sorted(waiter.pending))
+                self._break(g)
                 break
             p, res = nxt
             if res is None or isinstance(res, PeerFailure):
                 failed.append(p)
+                if isinstance(res, PeerFailure):
+                    # Left by knowledge while its gloo work is still posted: that work times out later
+                    # and closes every pair of the context, so nothing more moves on this group
+                    # until set_peers() rebuilds it (else live partners would be blamed then).
+                    self._break(g)
             else:
                 got[p] = res
         return got, failed
@@ -127,7 +139,7 @@ class TorchExchange(Exchange):
     def _finish_pair(self, g: Group, p: int, hin, rh, outs, row_bytes: int, deadline: float):
         """Wait for peer ``p``'s header and rows and for our sends to it; ``None`` if it failed.
         (gloo works may be waited for once only: a second wait blocks for another message.)"""
-        if not self._wait(p, rh, deadline):
+        if not self._wait(g, p, rh, deadline):
             return None
         n = int(hin[2:].sum())
         buf = torch.empty(n, row_bytes, dtype=torch.uint8)
@@ -137,21 +149,21 @@ class TorchExchange(Exchange):
             except RuntimeError as exc:
                 self.watch.dead(p, f"its connection failed: {str(exc).splitlines()[0]}")
                 return None
-            if not self._wait(p, rr, deadline):
+            if not self._wait(g, p, rr, deadline):
                 return None
         # Sends must be complete before the caller reuses its buffers.
         for w in outs:
-            if not self._wait(p, w, deadline):
+            if not self._wait(g, p, w, deadline):
                 return None
         return hin, buf
 
-    def _wait(self, peer: int, work, deadline: float) -> bool:
+    def _wait(self, g: Group, peer: int, work, deadline: float) -> bool:
         try:
             work.wait(td(deadline - time.monotonic()))
             return True
         except RuntimeError as exc:
             if is_timeout(exc):  # alive but silent; the timed-out wait closed every pair of the context
-                self.broken = True
+                self._break(g)
             else:  # its connection closed: it is gone
                 self.watch.dead(peer, f"its connection failed: {str(exc).splitlines()[0]}")
             return False

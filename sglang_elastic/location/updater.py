@@ -52,6 +52,10 @@ def staging_name(weight_name: str) -> str:
     return f"staging/{weight_name}"
 
 
+#: Times :meth:`ExpertLocationUpdater._execute` retries copies that failed with every rank alive.
+TRANSIENT_RETRIES = 2
+
+
 class _Transient(RuntimeError):
     """A copy failed but every rank is alive: retry the chunk."""
 
@@ -380,27 +384,34 @@ class ExpertLocationUpdater:
         self._rehome()
 
     def _execute(self, copies: List[Copy]) -> None:
-        """Run ``copies``; with a vote, every live rank learns the same outcome."""
-        failed: List[int] = []
-        involved = {c.src for c in copies} | {c.dst for c in copies}
-        known = sorted(r for r in involved if self.liveness.is_dead(r))
-        if known:  # a copy from or to a rank known dead cannot succeed: skip straight to the vote
-            failed = known
-        else:
-            try:
-                self.transport.execute(copies, self.timeout_s)
-            except PeerFailure as exc:
-                failed = list(exc.ranks)
-        if self.vote is None:
-            if failed:
-                raise PeerFailure(failed[0], ranks=failed)
-            return
-        self._seq += 1
-        dead, all_ok = self.vote(f"{self.generation}/{self._seq}", np.flatnonzero(self.live).tolist(), failed)
-        if dead:
-            raise PeerFailure(dead[0], ranks=dead)
-        if not all_ok:
-            raise _Transient(f"copies failed on a live rank (suspected {failed or 'elsewhere'})")
+        """Run ``copies``; with a vote, every live rank learns the same outcome. A failure with every
+        rank alive (e.g. a transport group closed by an earlier timeout) is retried on rebuilt peers
+        by every rank together (the vote gave all of them the same verdict), a few times."""
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            failed: List[int] = []
+            involved = {c.src for c in copies} | {c.dst for c in copies}
+            known = sorted(r for r in involved if self.liveness.is_dead(r))
+            if known:  # a copy from or to a rank known dead cannot succeed: skip straight to the vote
+                failed = known
+            else:
+                try:
+                    self.transport.execute(copies, self.timeout_s)
+                except PeerFailure as exc:
+                    failed = list(exc.ranks)
+            if self.vote is None:
+                if failed:
+                    raise PeerFailure(failed[0], ranks=failed)
+                return
+            self._seq += 1
+            live = np.flatnonzero(self.live).tolist()
+            dead, all_ok = self.vote(f"{self.generation}/{self._seq}", live, failed)
+            if dead:
+                raise PeerFailure(dead[0], ranks=dead)
+            if all_ok:
+                return
+            if attempt < TRANSIENT_RETRIES:
+                self.transport.set_peers(live)  # collective: every rank got the same verdict
+        raise _Transient(f"copies failed on a live rank (suspected {failed or 'elsewhere'})")
 
     def _move_chunk(self, chunk: List[int], report: ChunkReport) -> None:
         S, R = self.placement.slots_per_rank, self.placement.num_ranks
