@@ -138,6 +138,13 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
                                   live=state.live_ranks(), restored=restored, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist(), stats=dict(upd.stats),
                                   dead_known=sorted(lv.dead()), fill_failed=fill_failed)))
+        # Close only when every survivor has recorded its figures: a client closed without leave()
+        # is a crash to membership, and would bump the epoch a slower survivor is about to read.
+        store.set(f"recorded/{rank}", "1")
+        try:
+            store.wait([f"recorded/{r}" for r in state.live_ranks()], datetime.timedelta(seconds=30))
+        except RuntimeError:  # a peer died after the update: nothing is left to protect
+            pass
         transport.close()
         member.close()
     except Exception:
