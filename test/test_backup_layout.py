@@ -2,10 +2,12 @@
 another node when possible, rows unique and balanced; re-homing keeps what survived."""
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
-from sglang_elastic.eplb import rebalance
+from sglang_elastic.eplb import Placement, rebalance
 from sglang_elastic.eplb.synthetic import synthetic_load
-from sglang_elastic.location.backup import assign_backups
+from sglang_elastic.location.backup import BackupLayout, assign_backups
 
 
 def _check(layout, placement, live, rpn):
@@ -53,7 +55,9 @@ def test_rehoming_keeps_live_holders_and_moves_only_dead_ones():
     h1, h2 = first.holder.numpy(), second.holder.numpy()
     x = q.by_rank().numpy()
     serves = np.array([[e in x[l, h1[l, e]] for e in range(32)] for l in range(3)])
-    kept = live[h1] & ~serves
+    nodes = [[{r // 2 for r in range(8) if live[r] and e in x[l, r]} for e in range(32)] for l in range(3)]
+    only_node = np.array([[nodes[l][e] == {h1[l, e] // 2} for e in range(32)] for l in range(3)])
+    kept = live[h1] & ~serves & ~only_node
     assert kept.any() and (~kept).any()
     assert (h2[kept] == h1[kept]).all() and (second.row.numpy()[kept] == first.row.numpy()[kept]).all()
     assert live[h2].all()
@@ -85,3 +89,65 @@ def test_backup_shortfall_degrades_covering_the_most_exposed_experts_first():
     exposed = np.where(replicas > 0, replicas, 10 ** 6)  # experts with no live replica come last
     assert exposed[covered].max() <= exposed[bare].min()
     assert (replicas[covered] == 1).any()
+
+
+def _survives_any_node(layout, placement, live, rpn):
+    """Every expert served by a live rank keeps a live replica or a live backup when any one node dies."""
+    x = placement.by_rank().numpy()                              # [L, R, S]
+    holder = layout.holder.numpy()
+    L, E = holder.shape
+    R = placement.num_ranks
+    for n in range(R // rpn):
+        alive = live.copy()
+        alive[n * rpn:(n + 1) * rpn] = False
+        for l in range(L):
+            served_before = {int(e) for r in range(R) if live[r] for e in x[l, r] if e >= 0}
+            served_after = {int(e) for r in range(R) if alive[r] for e in x[l, r] if e >= 0}
+            for e in served_before - served_after:
+                h = holder[l, e]
+                assert h >= 0 and alive[h], f"node {n} takes expert {e} of layer {l} and its backup (rank {h})"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_one_node_loss_never_loses_an_expert(data):
+    """Property: for any placement with ranks_per_node, after assign_backups (fresh, or re-homed from
+    a previous layout of another placement), killing any one node leaves every expert a live replica
+    or a live backup, whenever the rows suffice."""
+    rpn = data.draw(st.sampled_from([2, 3, 4]))
+    nodes = data.draw(st.integers(2, 4))
+    R, L = rpn * nodes, data.draw(st.integers(1, 3))
+    S = data.draw(st.integers(2, 6))
+    E = data.draw(st.integers(2, R * S))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1))
+    rng = np.random.default_rng(seed)
+
+    def random_placement():
+        phy = np.empty((L, R * S), dtype=np.int64)
+        for l in range(L):  # every expert once, the rest random replicas (possibly crowded on one node)
+            phy[l] = np.concatenate([rng.permutation(E), rng.integers(0, E, R * S - E)])
+            if rng.random() < 0.5:
+                phy[l] = np.sort(phy[l])  # experts packed by node: many single-node experts
+        return Placement(torch.from_numpy(phy), R, E)
+
+    live = np.ones(R, bool)
+    first = random_placement()
+    layout = assign_backups(first, live, ranks_per_node=rpn, degrade=True)
+    assert layout.uncovered == 0
+    _survives_any_node(layout, first, live, rpn)
+    second = random_placement()
+    again = assign_backups(second, live, ranks_per_node=rpn, previous=layout, rows_per_rank=layout.rows_per_rank,
+                           degrade=True)
+    if again.uncovered == 0:
+        _survives_any_node(again, second, live, rpn)
+
+
+def test_kept_backup_leaves_the_only_node_serving_its_expert():
+    """From the fault matrix (kill_node): a backup kept from ``previous=`` on rank 0 while expert 0 is
+    now served only by rank 1, of the same node, moves to the other node (a node loss took both)."""
+    # 2 nodes x 2 ranks x 2 slots, one layer, 4 experts; expert 0 only on rank 1 (node 0).
+    after = Placement(torch.tensor([[1, 2, 0, 3, 1, 2, 3, 1]]), 4, 4)
+    previous = BackupLayout(torch.tensor([[0, 0, 3, 0]]), torch.tensor([[0, 1, 0, 2]]), 8)
+    kept = assign_backups(after, None, ranks_per_node=2, previous=previous, rows_per_rank=8)
+    assert int(kept.holder[0, 0]) // 2 == 1
+    assert int(kept.holder[0, 3]) == 0  # rank 0 does not serve 3 and node 1 serves it too: kept

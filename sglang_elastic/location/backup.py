@@ -60,10 +60,11 @@ def assign_backups(
 ) -> BackupLayout:
     """Choose a backup holder for every (layer, expert).
 
-    Preference, per (layer, expert): keep the previous holder if it is live and does not serve the
-    expert now; else a live rank that
-    holds no replica of the expert, on a node holding none (with ``ranks_per_node``), with the fewest
-    backups so far. ``rows_per_rank`` defaults to ``ceil(L * E / (live - k)) + E`` with
+    Preference, per (layer, expert): keep the previous holder if it is live, does not serve the expert
+    now and is not on the only node (with ``ranks_per_node``) whose live ranks serve it; else a live
+    rank that holds no replica of the expert, on a node holding none, with the fewest backups so far.
+    So whenever the rows suffice, losing any one node (or rank) leaves every expert a live replica or
+    a live backup. ``rows_per_rank`` defaults to ``ceil(L * E / (live - k)) + E`` with
     ``k = max(1, live // 8)``: room to re-home the backups of ``k`` dead ranks without reallocating.
 
     When the rows run out (more ranks died than the spare room covers), a :class:`ValueError` says
@@ -93,12 +94,20 @@ def assign_backups(
     row = np.full((L, E), -1, dtype=np.int64)
     used = np.zeros(R, dtype=np.int64)
     taken = np.zeros((R, cap), dtype=bool)
+    # An expert whose every replica is on one node (counting live ranks only) must keep its backup
+    # off that node: a whole-node loss (one power supply, one switch) would take both.
+    live_node_holds = np.zeros((L, M, E), dtype=bool)
+    np.logical_or.at(live_node_holds, (li, node[ri]), holds & live[None, :, None])
+    one_node = live_node_holds.sum(1) == 1                                   # [L, E]
     if previous is not None:
         ph, pr = previous.holder.numpy(), previous.row.numpy()
-        serves_now = holds[np.arange(L)[:, None], np.maximum(ph, 0), np.arange(E)[None, :]]
-        # Keep a backup where it is unless its holder died or now serves the expert itself (then one
-        # failure would take both copies).
-        keep = (ph >= 0) & live[np.maximum(ph, 0)] & (pr < cap) & ~serves_now
+        phc = np.maximum(ph, 0)
+        lidx, eidx = np.arange(L)[:, None], np.arange(E)[None, :]
+        serves_now = holds[lidx, phc, eidx]
+        node_serves = live_node_holds[lidx, node[phc], eidx] & one_node
+        # Keep a backup where it is unless its holder died, now serves the expert itself, or sits on
+        # the only node that serves it (then one failure -- of a rank or of a node -- takes both).
+        keep = (ph >= 0) & live[phc] & (pr < cap) & ~serves_now & ~node_serves
         holder[keep], row[keep] = ph[keep], pr[keep]
         np.add.at(used, ph[keep], 1)
         taken[ph[keep], pr[keep]] = True
@@ -108,11 +117,13 @@ def assign_backups(
         exposed = replicas[todo[:, 0], todo[:, 1]]
         todo = todo[np.argsort(np.where(exposed > 0, exposed, np.iinfo(np.int64).max), kind="stable")]
     uncovered = 0
-    # Cost per candidate rank: dead >> serves it >> same node serves it >> load. Rows are few
+    # Cost per candidate rank: dead >> serves it >> on the only node serving it >> another node serving
+    # it >> load (penalties are multiples of cap + 1, so load never outweighs a node). Rows are few
     # thousand at most (L * E), and each step is a vector op over ranks.
+    unit = float(cap + 1)
     for l, e in todo:
-        cost = used.astype(np.float64) + np.where(holds[l, :, e], 1e6, 0.0) + np.where(
-            node_holds[l, node, e], 1e3, 0.0)
+        cost = used.astype(np.float64) + np.where(holds[l, :, e], 16 * unit, 0.0) + np.where(
+            node_holds[l, node, e], unit, 0.0) + np.where(live_node_holds[l, node, e] & one_node[l, e], 4 * unit, 0.0)
         cost[~live | (used >= cap)] = np.inf
         r = int(cost.argmin())
         if not np.isfinite(cost[r]):
