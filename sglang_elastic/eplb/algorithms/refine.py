@@ -66,7 +66,7 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
 
 def refine(st: SlotState, max_iters: int, target: np.ndarray,
             orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2,
-            widen: bool = True) -> None:
+            widen: bool = True, trace: Optional[list] = None) -> None:
     """Swap replicas from the busiest live ranks to the least busy ones while that helps.
 
     Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
@@ -76,15 +76,23 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
     reached ``target``, it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
     fetches fewer new experts wins over a better-balancing one (experts sent back home count
     negative), so rebalancing from a live placement moves little.
+
+    With ``trace`` (a list, and ``orig_present``), the state after every step is appended as
+    ``(x copy [L, n, S], busiest rank load [L], experts fetched so far [L])``, the start first, so a
+    caller can stop each layer at any step afterwards (layers never interact).
     """
     L, n = st.L, st.n
+    load = st.loads()
+    if trace is not None:
+        fetched = ((orig_present[st.rows[:, None, None], np.arange(n)[None, :, None], st.x + 1] == 0)
+                   & (st.x >= 0)).sum((1, 2))
+        trace.append((st.x.copy(), load.max(1), fetched.copy()))
     if n < 2:
         return
     if st.node_of is not None:
         heavy = 1  # concurrent swaps could each take an expert's last replica off a node
     H = max(1, min(heavy, n // (light + 1)))
     K = max(1, min(light, (n - H) // H))
-    load = st.loads()
     active = load.max(1) > target
     wide = np.zeros(L, dtype=bool)
     for _ in range(max_iters):
@@ -104,10 +112,17 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
         for gg, r_hi, sa, r_lo, sb in moves:
             if gg.size == 0:
                 continue
-            dl = st.per[gg, st.x[gg, r_hi, sa]] - st.per[gg, st.x[gg, r_lo, sb]]
+            e1, e2 = st.x[gg, r_hi, sa], st.x[gg, r_lo, sb]
+            dl = st.per[gg, e1] - st.per[gg, e2]
+            if trace is not None:  # experts fetched: what arrives where it was not, minus what leaves
+                op = orig_present
+                fetched[gg] += ((op[gg, r_hi, e2 + 1] == 0).astype(np.int64) + (op[gg, r_lo, e1 + 1] == 0)
+                                - (op[gg, r_hi, e1 + 1] == 0) - (op[gg, r_lo, e2 + 1] == 0))
             st.swap(gg, r_hi, sa, r_lo, sb)
             # Each (layer, rank) takes part in at most one swap per step: plain indexing adds exactly.
             load[gg, r_hi] -= dl
             load[gg, r_lo] += dl
         active &= load.max(1) > target
+        if trace is not None:
+            trace.append((st.x.copy(), load.max(1), fetched.copy()))
 

@@ -1,7 +1,7 @@
 """Movement-aware placement: repair the placement in force, then swap towards balance."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -12,7 +12,7 @@ from .packing import from_scratch
 from .refine import refine
 from .slots import SlotState, drop_duplicates
 
-__all__ = ["drop_surplus", "pool_items", "place_pool", "from_current"]
+__all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
 
 
 def _count(ids: np.ndarray, size: int) -> np.ndarray:
@@ -140,55 +140,22 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
     return target
 
 
-def _fallback_layers(got: np.ndarray, target: np.ndarray, missed: np.ndarray, fresh_max: np.ndarray,
-                     min_balance: float) -> np.ndarray:
-    """Which missed layers take the from-scratch placement, as indexes into ``missed``.
-
-    Balancedness is global (sum of means over sum of maxima), so the promise "at least
-    ``min_balance`` of from-scratch's" holds when the busiest ranks summed over layers stay under
-    from-scratch's sum divided by ``min_balance``. Layers that met their target count at their
-    target (a lower bound of from-scratch's share, so the check is conservative); missed layers
-    fall back, worst excess first, until the sum fits.
-
-    Parameters:
-        got: float64 ``[L]`` busiest rank after repair. target: float64 ``[L]`` (``inf`` never misses).
-        missed: int64 ``[M]`` layers above target. fresh_max: float64 ``[M]`` their from-scratch busiest rank.
-        min_balance: the promised fraction.
-
-    Returns:
-        int64 ``[K]`` indexes into ``missed``.
-    """
-    ok = np.ones(got.shape[0], dtype=bool)
-    ok[missed] = False
-    budget = target[ok].sum() - got[ok].sum() if ok.any() else 0.0  # slack of layers under target
-    allowed = fresh_max / min_balance
-    excess = got[missed] - allowed
-    order = np.argsort(-(excess / np.maximum(got[missed] - fresh_max, 1e-300)))  # most excess per unit regained
-    # Falling back turns a layer's excess into slack: allowed - fresh_max.
-    gain = np.where(excess > 0, excess, 0.0) + (allowed - fresh_max)
-    need = excess.sum() - budget
-    if need <= 0:
-        return np.zeros(0, dtype=np.int64)
-    k = int(np.searchsorted(np.cumsum(gain[order]), need)) + 1
-    return np.sort(order[:k])
-
-
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float) -> np.ndarray:
-    """Movement-aware placement: repair ``cur``, then swap towards ``target``.
+    """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
+    balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
     Parameters:
         w: float64 ``[L, E]`` load (positive). cur: int64 ``[L, n, S]`` on today's live ranks, ``-1`` = empty.
         n, S: live ranks, slots per rank. node_of: int64 ``[n]`` node of each live rank, or ``None``.
         iters: swap budget per layer. target: float64 ``[L]`` busiest-rank load to reach (``inf``: any).
-        min_balance: a layer that misses ``target`` takes the from-scratch placement unless it is within
-            ``1 / min_balance`` of that placement's busiest rank.
+        min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
+            its allowance in the sum is that placement's busiest rank over ``min_balance``.
 
     Returns:
         int64 ``[L, n, S]``.
     """
     L, E = w.shape
-    rows = np.arange(L)
     cur = drop_duplicates(cur)
     start = _count(cur.reshape(L, -1) + 1, E + 1)
     opt_counts = replica_counts(w, n * S, n)
@@ -208,12 +175,97 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
     # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
-    refine(st, iters, target, orig_present=orig, heavy=1, light=4)
-    got = st.loads().max(1)
+    trace: list = []
+    refine(st, iters, target, orig_present=orig, heavy=1, light=4, trace=trace)
+    got = trace[-1][1]
     missed = np.flatnonzero(got > target)
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
-        take = _fallback_layers(got, target, missed, fresh_max, min_balance)
-        if take.size:
-            st.x[missed[take]] = match_ranks(fresh[take], orig[missed[take]], node_of)
-    return st.x
+        fresh = match_ranks(fresh, orig[missed], node_of)
+        g = missed[:, None, None]
+        fresh_cost = ((orig[g, np.arange(n)[None, :, None], fresh + 1] == 0) & (fresh >= 0)).sum((1, 2))
+    else:
+        fresh_max = fresh_cost = np.zeros(0)
+    # The promise is relative to from-scratch balance: where we computed the real from-scratch
+    # placement, its busiest rank (over min_balance) replaces the bound-based target in the budget.
+    allowed = target.copy()
+    allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
+    k, use_fresh = choose_stops(np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace]), allowed,
+                                missed, fresh_max, fresh_cost)
+    x = trace[-1][0]
+    for step in np.unique(k):
+        if step != len(trace) - 1:
+            sel = np.flatnonzero(k == step)
+            x[sel] = trace[step][0][sel]
+    if use_fresh.any():
+        x[missed[use_fresh]] = fresh[use_fresh]
+    return x
+
+
+def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, missed: np.ndarray,
+                 fresh_max: np.ndarray, fresh_cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Where each layer's swap sequence stops (or whether it takes the from-scratch placement).
+
+    Balancedness is global (sum of means over sum of busiest ranks), so the promise holds when the
+    busiest ranks summed over layers stay under the targets summed: a layer whose last swaps buy
+    little balance per transfer stops early and another, cheaper, layer pays for it. Each layer picks
+    the point minimising ``fetched + lam * busiest`` (a Lagrangian relaxation of "fewest transfers
+    with sum of busiest <= sum of targets"); ``lam`` is the smallest that keeps the sum.
+
+    Parameters:
+        maxes, fetched: ``[K + 1, L]`` busiest rank and experts fetched after each refinement step.
+        target: float64 ``[L]`` (``inf``: a layer without signal, it keeps its last step).
+        missed: int64 ``[M]`` layers with a from-scratch candidate; fresh_max, fresh_cost: ``[M]`` its figures.
+
+    Returns:
+        ``(step [L], use_fresh bool [M])``.
+    """
+    K1, L = maxes.shape
+    m = np.concatenate([maxes, np.full((1, L), np.inf)], 0)
+    c = np.concatenate([fetched.astype(np.float64), np.zeros((1, L))], 0)
+    m[K1, missed] = fresh_max
+    c[K1, missed] = fresh_cost
+    fin = np.isfinite(target)
+    budget = target[fin].sum()
+    last = np.full(L, K1 - 1)
+    if not fin.any():
+        return last, np.zeros(missed.size, dtype=bool)
+    scale = np.abs(m[:, fin][np.isfinite(m[:, fin])]).max()
+    mm = np.where(np.isfinite(m), m / scale, np.inf)
+
+    def pick(lam: float) -> np.ndarray:
+        obj = np.where(np.isfinite(mm), c + lam * np.where(np.isfinite(mm), mm, 0.0), np.inf)
+        return obj.argmin(0)
+
+    def total(k: np.ndarray) -> float:
+        return m[k, np.arange(L)][fin].sum()
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget and hi < 1e12:
+        hi *= 4.0
+    if total(pick(hi)) > budget:  # even the most balanced points miss: take them
+        k = pick(hi)
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if total(pick(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        # Layers alike (same load shape) switch at the same lam: switch only as many as the sum needs,
+        # cheapest transfers per unit of balance first.
+        k_lo, k = pick(lo), pick(hi)
+        cols = np.arange(L)
+        d = np.flatnonzero((k_lo != k) & fin)
+        if d.size:
+            dm = m[k_lo[d], d] - m[k[d], d]
+            dc = c[k[d], d] - c[k_lo[d], d]
+            order = np.argsort(dc / np.maximum(dm, 1e-300), kind="stable")
+            need = m[k_lo, cols][fin].sum() - budget
+            cnt = int(np.searchsorted(np.cumsum(dm[order]), need * (1 - 1e-12))) + 1
+            k = k_lo.copy()
+            k[d[order[:cnt]]] = pick(hi)[d[order[:cnt]]]
+    k = np.where(fin, k, last)
+    use_fresh = k[missed] == K1
+    k = np.where(k == K1, last, k)
+    return k, use_fresh
