@@ -39,17 +39,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
-from .backup import BackupLayout, assign_backups, backup_tensor_name
+from .backup import BackupLayout, assign_backups
 from .commit_rule import backup_copies, decide, spare_rows
-from .plan import plan_transfers
-from .updater import ChunkReport, ExpertLocationUpdater, UpdateFailure, _Transient
+from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
 
 __all__ = ["BackgroundUpdater", "bg_staging_name", "decide"]
 
@@ -72,9 +71,7 @@ class _Job:
     layers: List[int]
     buf: int
     done: threading.Event = field(default_factory=threading.Event)
-    mine: List[Tuple[int, int]] = field(default_factory=list)  # (chunk-local layer, local slot) to write
-    new: Optional[torch.Tensor] = None                          # target phy2log rows of the chunk
-    rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None    # (weight rows, staging rows) to write
+    staged: Optional[Staged] = None                              # what the commit writes
     error: Optional[BaseException] = None
     report: Optional[ChunkReport] = None
     event: Optional[object] = None                               # CUDA event after the copies
@@ -302,17 +299,9 @@ class BackgroundUpdater(ExpertLocationUpdater):
 
     def _commit(self, job: _Job) -> None:
         """Write the staged rows into the weights and stamp the chunk's layers (the only pause)."""
-        R = self.placement.num_ranks
         if job.event is not None:  # the side stream's copies precede the swap, without a host sync
             torch.cuda.current_stream().wait_event(job.event)
-        bufs = self._bufs[job.buf]
-        if job.rows is not None:
-            dst, src = job.rows
-            for name, w in self.weights.items():
-                w.view((-1,) + tuple(w.shape[2:])).index_copy_(0, dst, bufs[name].index_select(0, src))
-        phy = self.placement.phy2log.clone()
-        phy[job.layers] = job.new
-        self.placement = Placement(phy, R, self.placement.num_logical_experts)
+        self._commit_staged(job.staged, self._bufs[job.buf])
         self._pending = [l for l in self._pending if l not in job.layers]
         if self.canary:
             self._check(job.layers)
@@ -395,31 +384,13 @@ class BackgroundUpdater(ExpertLocationUpdater):
                 self.transport.set_peers(np.flatnonzero(self.live).tolist())
 
     def _transfer_job(self, job: _Job) -> None:
-        """Plan the chunk from live sources and move it into staging buffer ``job.buf``."""
-        S = self.placement.slots_per_rank
-        chunk = job.layers
-        old, new = self.placement.phy2log[chunk], self.target.phy2log[chunk].clone()
-        plan = plan_transfers(old, new, self.live, S, self.ranks_per_node)
-        copies: List[Copy] = []
-        for (li, src, dst, e, p), ss in zip(plan.transfers.tolist(), plan.src_slots.tolist()):
-            for name in self.weights:
-                copies.append(Copy(src, dst, name, chunk[li] * S + ss % S, bg_staging_name(name, job.buf),
-                                   li * S + p % S))
-        restored = 0
-        for li, dst, e, p in plan.orphans.tolist():
-            l = chunk[li]
-            layout = self.backup_layout
-            holder = -1 if layout is None else int(layout.holder[l, e])
-            if holder < 0 or not self.live[holder]:
-                raise UpdateFailure(f"expert {e} of layer {l} lost every replica and its backup (holder rank "
-                                    f"{holder}); reload it from the checkpoint")
-            for name in self.weights:
-                copies.append(Copy(holder, dst, backup_tensor_name(name), int(layout.row[l, e]),
-                                   bg_staging_name(name, job.buf), li * S + p % S))
-            restored += 1
+        """Plan the chunk from live sources and move it into staging buffer ``job.buf``, with the
+        backups re-homed for the placement after its commit, in one execute and one vote."""
+        bufs = self._bufs[job.buf]
+        staged = self._stage(job.layers, bufs, lambda name: bg_staging_name(name, job.buf))
         rehome = self._rehome_copies(job) if self.backup_layout is not None else None
         try:
-            self._exec(copies + (rehome[0] if rehome else []))
+            self._exec(staged.copies + (rehome[0] if rehome else []))
         except (PeerFailure, UpdateFailure):
             if rehome:
                 self._unfill(*rehome)
@@ -427,18 +398,7 @@ class BackgroundUpdater(ExpertLocationUpdater):
         if self._stream is not None:
             job.event = torch.cuda.Event()
             job.event.record(self._stream)
-        job.new = new
-        job.mine = [(li, p % S) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
-        job.mine += [(li, p % S) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
-        if job.mine:  # index tensors for the commit, made here so the boundary pays only the copy
-            dev = next(iter(self.weights.values())).device
-            li, p = torch.tensor(job.mine).T
-            job.rows = ((torch.tensor(chunk)[li] * S + p).to(dev), (li * S + p).to(dev))
-        rep = ChunkReport(layers=list(chunk), restored=restored)
-        rep.copies_local = int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
-        rep.copies_remote = plan.num_remote()
-        rep.bytes_moved = (rep.copies_remote + restored) * self.bytes_per_expert
-        job.report = rep
+        job.staged, job.report = staged, staged.report
 
     def _rehome_copies(self, job: _Job):
         """Backups re-homed for the placement as it will be once ``job`` commits (backups off the ranks

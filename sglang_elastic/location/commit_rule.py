@@ -61,15 +61,16 @@ def spare_rows(prev: BackupLayout, holder: torch.Tensor, row: torch.Tensor, move
 
 
 def backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,
-                   names: List[str], pairs: List[List[int]], stable: torch.Tensor
+                   names: List[str], pairs: List[List[int]], stable: Optional[torch.Tensor] = None
                    ) -> Tuple[List[Copy], List[Tuple[int, int]]]:
     """Copies filling the backups of ``pairs`` ``(layer, expert)`` from live replicas of ``placement``
-    in ``stable`` slots (rotating the source so sources spread), and the pairs with no such replica."""
+    (in ``stable`` ``[L, P]`` slots only, when given: rows no concurrent commit rewrites), rotating
+    the source so sources spread, and the pairs with no such replica."""
     S = placement.slots_per_rank
     l2p = placement.log2phy
     copies, lost = [], []
     for l, e in pairs:
-        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S] and bool(stable[l, s])]
+        slots = [s for s in l2p[l, e].tolist() if s >= 0 and live[s // S] and (stable is None or bool(stable[l, s]))]
         if not slots:
             lost.append((l, e))
             continue

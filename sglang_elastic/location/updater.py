@@ -40,6 +40,7 @@ from ..membership.agreement import StoreVote  # re-exported: the vote lived here
 from ..transport.base import Copy, PeerFailure, Transport
 from ..transport.liveness import Liveness
 from .backup import BackupLayout, assign_backups, backup_tensor_name
+from .commit_rule import backup_copies
 from .plan import plan_transfers
 
 __all__ = ["ExpertLocationUpdater", "UpdateFailure", "ChunkReport", "StoreVote", "staging_name"]
@@ -80,6 +81,20 @@ class ChunkReport:
 FailureHook = Callable[[List[int]], Tuple[np.ndarray, Placement]]
 """``on_failure(dead_ranks) -> (live_mask, new_target)``: called after a PeerFailure."""
 
+ReloadFn = Callable[[int, int], Dict[str, torch.Tensor]]
+"""``reload(layer, expert) -> {weight_name: tensor}``: one expert's weights from the checkpoint."""
+
+
+@dataclass
+class Staged:
+    """One chunk planned into a staging buffer: the copies that fill it, and what its commit writes."""
+
+    layers: List[int]
+    new: torch.Tensor                                         # target phy2log rows of the chunk
+    copies: List[Copy]
+    rows: Optional[Tuple[torch.Tensor, torch.Tensor]]         # (flat weight rows, staging rows) of this rank
+    report: ChunkReport
+
 
 class ExpertLocationUpdater:
     """Moves this rank's expert weights from ``current`` to ``target`` a chunk of layers at a time.
@@ -105,10 +120,16 @@ class ExpertLocationUpdater:
             lent this updater's.
         generation: membership generation this updater starts in (see :meth:`set_live`).
         liveness: the process's :class:`~sglang_elastic.transport.Liveness` (default: a private one).
+        reload: ``reload(layer, expert) -> {weight_name: tensor}`` reads one expert from the checkpoint;
+            used for an expert with no live replica and no live backup (two nodes lost at once, rows
+            ran short), on the rank whose slot receives it. Without it such an update raises
+            :class:`UpdateFailure`.
 
     Attributes:
         stats: ``backups_uncovered`` (experts without a backup now, because the backup rows ran
-            out), ``backup_shortfalls`` (re-homings that could not cover every expert).
+            out), ``backup_shortfalls`` (re-homings that could not cover every expert),
+            ``experts_reloaded`` ((layer, expert) pairs restored from the checkpoint, counted on
+            every rank).
     """
 
     def __init__(
@@ -129,6 +150,7 @@ class ExpertLocationUpdater:
         vote: Optional[Callable[[str, List[int], List[int]], Tuple[List[int], bool]]] = None,
         generation: int = 0,
         liveness: Optional[Liveness] = None,
+        reload: Optional[ReloadFn] = None,
     ) -> None:
         if not isinstance(layers_per_chunk, int) or isinstance(layers_per_chunk, bool) or layers_per_chunk < 1:
             raise ValueError(f"layers_per_chunk must be an integer >= 1, got {layers_per_chunk!r}")
@@ -160,7 +182,8 @@ class ExpertLocationUpdater:
             vote.liveness = self.liveness
         self.vote = vote
         self.generation = generation
-        self.stats: Dict[str, int] = {"backups_uncovered": 0, "backup_shortfalls": 0}
+        self.reload = reload
+        self.stats: Dict[str, int] = {"backups_uncovered": 0, "backup_shortfalls": 0, "experts_reloaded": 0}
         self._seq = 0
         self.target: Optional[Placement] = None
         self._pending: List[int] = []
@@ -226,19 +249,9 @@ class ExpertLocationUpdater:
     def _backup_copies(self, pairs: Sequence[Tuple[int, int]]) -> Tuple[List[Copy], List[Tuple[int, int]]]:
         """Copies filling the backups of ``(layer, expert)`` pairs from live replicas of the committed
         placement (one replica per pair, rotating so sources spread), and the pairs with no live replica."""
-        layout, S = self.backup_layout, self.placement.slots_per_rank
-        l2p = self.placement.log2phy
-        copies, lost = [], []
-        for l, e in pairs:
-            slots = [s for s in l2p[l, e].tolist() if s >= 0 and self.live[s // S]]
-            if not slots:
-                lost.append((l, e))
-                continue
-            src = slots[(l + e) % len(slots)]
-            for name in self.weights:
-                copies.append(Copy(src // S, int(layout.holder[l, e]), name, l * S + src % S,
-                                   backup_tensor_name(name), int(layout.row[l, e])))
-        return copies, lost
+        layout = self.backup_layout
+        return backup_copies(self.placement, self.live, layout.holder, layout.row, list(self.weights),
+                             [list(p) for p in pairs])
 
     # ---------------------------------------------------------------- update
     def begin(self, target: Placement, on_failure: Optional[FailureHook] = None) -> List[int]:
@@ -413,48 +426,71 @@ class ExpertLocationUpdater:
                 self.transport.set_peers(live)  # collective: every rank got the same verdict
         raise _Transient(f"copies failed on a live rank (suspected {failed or 'elsewhere'})")
 
-    def _move_chunk(self, chunk: List[int], report: ChunkReport) -> None:
-        S, R = self.placement.slots_per_rank, self.placement.num_ranks
-        old = self.placement.phy2log[chunk]
-        new = self.target.phy2log[chunk]
-        plan = plan_transfers(old, new, self.live, S, self.ranks_per_node)
+    def _stage(self, chunk: List[int], stage: Dict[str, torch.Tensor], stage_name: Callable[[str], str]) -> Staged:
+        """Plan ``chunk`` from live sources into staging ``stage`` (registered as ``stage_name(w)``):
+        the copies to run (transfers, then orphans from their backups), orphans with no live replica
+        and no live backup read from the checkpoint (``reload``) into this rank's staging rows now,
+        and the index rows its commit writes. Pure of collectives: the same on every rank."""
+        S = self.placement.slots_per_rank
+        new = self.target.phy2log[chunk].clone()
+        plan = plan_transfers(self.placement.phy2log[chunk], new, self.live, S, self.ranks_per_node)
         # Staging rows: each (chunk-local layer, destination slot) gets row li * S + local slot.
         copies: List[Copy] = []
-        src_slots = plan.src_slots.tolist()
-        for (li, src, dst, e, p), ss in zip(plan.transfers.tolist(), src_slots):
-            l = chunk[li]
+        for (li, src, dst, e, p), ss in zip(plan.transfers.tolist(), plan.src_slots.tolist()):
             for name in self.weights:
-                copies.append(Copy(src, dst, name, l * S + ss % S, staging_name(name), li * S + p % S))
-        restored = 0
+                copies.append(Copy(src, dst, name, chunk[li] * S + ss % S, stage_name(name), li * S + p % S))
+        restored = reloaded = 0
+        layout = self.backup_layout
         for li, dst, e, p in plan.orphans.tolist():
             l = chunk[li]
-            if self.backup_layout is None:
-                raise UpdateFailure(f"expert {e} of layer {l} has no live replica and no backup store")
-            holder, row = int(self.backup_layout.holder[l, e]), int(self.backup_layout.row[l, e])
-            if holder < 0 or not self.live[holder]:
-                raise UpdateFailure(
-                    f"expert {e} of layer {l} lost every replica and its backup (holder rank {holder}); "
-                    "reload it from the checkpoint"
-                )
-            for name in self.weights:
-                copies.append(Copy(holder, dst, backup_tensor_name(name), row, staging_name(name), li * S + p % S))
-            restored += 1
-        self._execute(copies)
-        # All copies of the chunk arrived (execute is collective): write staged rows, then commit.
-        mine = [(li, p) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
-        mine += [(li, p) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
-        for li, p in mine:
+            holder = -1 if layout is None else int(layout.holder[l, e])
+            if holder >= 0 and self.live[holder]:
+                for name in self.weights:
+                    copies.append(Copy(holder, dst, backup_tensor_name(name), int(layout.row[l, e]),
+                                       stage_name(name), li * S + p % S))
+                restored += 1
+                continue
+            if self.reload is None:
+                raise UpdateFailure(f"expert {e} of layer {l} lost every replica and its backup (holder rank "
+                                    f"{holder}); reload it from the checkpoint")
+            if dst == self.rank:  # the checkpoint is local to every rank: no peer takes part
+                for name, t in self.reload(l, e).items():
+                    stage[name][li * S + p % S].copy_(t)
+            reloaded += 1
+        self.stats["experts_reloaded"] += reloaded
+        mine = [(li, p % S) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
+        mine += [(li, p % S) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
+        rows = None
+        if mine:  # index tensors for the commit, made here so the commit pays only the copy
+            dev = next(iter(self.weights.values())).device
+            li, p = torch.tensor(mine).T
+            rows = ((torch.tensor(chunk)[li] * S + p).to(dev), (li * S + p).to(dev))
+        rep = ChunkReport(layers=list(chunk), restored=restored + reloaded)
+        rep.copies_local = int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
+        rep.copies_remote = plan.num_remote()
+        rep.bytes_moved = (rep.copies_remote + restored) * self.bytes_per_expert
+        return Staged(list(chunk), new, copies, rows, rep)
+
+    def _commit_staged(self, staged: Staged, stage: Dict[str, torch.Tensor]) -> None:
+        """Write this rank's staged rows into the weights (one ``index_copy_`` per weight) and stamp the
+        chunk's layers in the placement."""
+        if staged.rows is not None:
+            dst, src = staged.rows
             for name, w in self.weights.items():
-                w[chunk[li], p % S].copy_(self._staging[name][li * S + p % S])
+                w.view((-1,) + tuple(w.shape[2:])).index_copy_(0, dst, stage[name].index_select(0, src))
         phy = self.placement.phy2log.clone()
-        phy[chunk] = new
-        self.placement = Placement(phy, R, self.placement.num_logical_experts)
+        phy[staged.layers] = staged.new
+        self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
+
+    def _move_chunk(self, chunk: List[int], report: ChunkReport) -> None:
+        staged = self._stage(chunk, self._staging, staging_name)
+        self._execute(staged.copies)
+        # All copies of the chunk arrived (execute is collective): write staged rows, then commit.
+        self._commit_staged(staged, self._staging)
         if self.backup_layout is not None:
             self._rehome_after_commit()
-        report.copies_local += int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
-        report.copies_remote += plan.num_remote()
-        report.restored += restored
-        report.bytes_moved += (plan.num_remote() + restored) * self.bytes_per_expert
+        for f in ("copies_local", "copies_remote", "restored", "bytes_moved"):
+            setattr(report, f, getattr(report, f) + getattr(staged.report, f))
         if self.canary:
             self._check(chunk)
 
