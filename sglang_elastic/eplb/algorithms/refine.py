@@ -7,7 +7,7 @@ import numpy as np
 
 from .slots import SlotState
 
-__all__ = ["best_swaps", "refine"]
+__all__ = ["best_swaps", "refine", "rewind"]
 
 
 def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, target: np.ndarray,
@@ -25,8 +25,14 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
     g2, g3, g4 = g[:, None], g[:, None, None], g[:, None, None, None]
     xa, xb = st.x[g2, hi], st.x[g3, lo]  # [G, H, S], [G, H, K, S]
     hi3 = hi[:, :, None]
-    va = st.present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0  # a may go to the light rank
-    vb = st.present[g4, hi3[..., None], xb + 1] == 0  # b may go to the heavy rank
+    # Flat gathers from the [L, n, E + 1] presence tables (cheaper than 3-axis fancy indexing).
+    n1, E1 = st.n, st.E + 1
+    row_lo = (g3 * n1 + lo)[..., None] * E1 + 1  # [G, H, K, 1]
+    row_hi = (g2 * n1 + hi)[:, :, None] * E1 + 1  # [G, H, 1]
+    ia_lo = row_lo + xa[:, :, None, :]  # a on the light rank [G, H, K, S]
+    ib_hi = row_hi[..., None] + xb  # b on the heavy rank [G, H, K, S]
+    va = st.present.reshape(-1)[ia_lo] == 0  # a may go to the light rank
+    vb = st.present.reshape(-1)[ib_hi] == 0  # b may go to the heavy rank
     if st.node_of is not None:
         nh, nl = st.node_of[hi3][..., None], st.node_of[lo][..., None]
         va &= ~st.spread_loss_at(g4, xa[:, :, None, :], nh, nl)
@@ -37,16 +43,18 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
     wb2 = 2 * st.per32[g4, xb][:, :, :, None, :]
     # For d = wa - wb the pair's new max minus th is (|gap - 2d| - gap) / 2: negative iff 0 < d < gap,
     # and comparable across light ranks, so one argmin picks the heavy rank's best swap.
-    score = np.abs(gap - (wa2 - wb2)) - gap
+    score = np.subtract(wa2, wb2)  # [G, H, K, S, S]; in place from here (no page faults per step)
+    np.subtract(gap, score, out=score)
+    np.abs(score, out=score)
+    np.subtract(score, gap, out=score)
     # Validity and the movement cost are folded into per-(light rank, slot) penalties on the small
     # [G, H, K, S] arrays (inf = not allowed) and meet the [G, H, K, S, S] scores in one addition.
     va &= (th > target[g][:, None])[:, :, None, None]
     zero = np.float32(0)
     if orig_present is not None:
-        fa = (orig_present[g4, lo[..., None], xa[:, :, None, :] + 1] == 0).astype(np.int8) - (
-            orig_present[g3, hi3, xa + 1] == 0)[:, :, None, :]
-        fb = (orig_present[g4, hi3[..., None], xb + 1] == 0).astype(np.int8) - (
-            orig_present[g4, lo[..., None], xb + 1] == 0)
+        op = orig_present.reshape(-1)
+        fa = (op[ia_lo] == 0).astype(np.int8) - (op[row_hi + xa] == 0)[:, :, None, :]
+        fb = (op[ib_hi] == 0).astype(np.int8) - (op[row_lo + xb] == 0)
         # Experts fetched (minus those sent home) first, balance second: |score| < gap < step.
         # fa, fb are in {-1, 0, 1}: step * fa + step * fb == step * (fa + fb) exactly.
         step = np.float32(2 * gap.max() + 1)
@@ -55,7 +63,9 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
         pa = pb = zero
     pa = np.where(va, pa, np.float32(np.inf))
     pb = np.where(vb, pb, np.float32(np.inf))
-    score = np.where(score < 0, score + (pa[..., None] + pb[..., None, :]), np.float32(np.inf))
+    useless = score >= 0
+    np.add(score, pa[..., None] + pb[..., None, :], out=score)
+    np.putmask(score, useless, np.float32(np.inf))
     score = score.reshape(G, H, -1)
     best = score.argmin(2)  # [G, H]
     found = np.take_along_axis(score, best[..., None], 2)[..., 0] < np.inf
@@ -77,16 +87,16 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
     fetches fewer new experts wins over a better-balancing one (experts sent back home count
     negative), so rebalancing from a live placement moves little.
 
-    With ``trace`` (a list, and ``orig_present``), the state after every step is appended as
-    ``(x copy [L, n, S], busiest rank load [L], experts fetched so far [L])``, the start first, so a
-    caller can stop each layer at any step afterwards (layers never interact).
+    With ``trace`` (a list, and ``orig_present``), every step appends ``(its swaps, busiest rank load
+    [L], experts fetched so far [L])``, the start first (no swaps), so a caller can stop each layer at
+    any step afterwards with :func:`rewind` (layers never interact).
     """
     L, n = st.L, st.n
     load = st.loads()
     if trace is not None:
         fetched = ((orig_present[st.rows[:, None, None], np.arange(n)[None, :, None], st.x + 1] == 0)
                    & (st.x >= 0)).sum((1, 2))
-        trace.append((st.x.copy(), load.max(1), fetched.copy()))
+        trace.append(([], load.max(1), fetched.copy()))
     if n < 2:
         return
     if st.node_of is not None:
@@ -124,5 +134,16 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
             load[gg, r_lo] += dl
         active &= load.max(1) > target
         if trace is not None:
-            trace.append((st.x.copy(), load.max(1), fetched.copy()))
+            trace.append((moves, load.max(1), fetched.copy()))
+
+
+def rewind(x: np.ndarray, trace: list, stop: np.ndarray) -> None:
+    """Undo, in ``x`` (``[L, n, S]``, the state after the last step of ``trace``), every swap of layer
+    ``l`` made after its step ``stop[l]`` (``0``: before the first swap), latest first."""
+    for t in range(len(trace) - 1, 0, -1):
+        for gg, r_hi, sa, r_lo, sb in trace[t][0]:
+            undo = stop[gg] < t
+            if undo.any():
+                l, r1, s1, r2, s2 = gg[undo], r_hi[undo], sa[undo], r_lo[undo], sb[undo]
+                x[l, r1, s1], x[l, r2, s2] = x[l, r2, s2], x[l, r1, s1].copy()
 

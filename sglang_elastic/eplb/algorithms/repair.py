@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from .conflicts import fix_conflicts
 from .counts import BIG, replica_counts
 from .packing import from_scratch
-from .refine import refine
+from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
 
 __all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
@@ -192,11 +192,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace]), allowed,
                                 missed, fresh_max, fresh_cost)
-    x = trace[-1][0]
-    for step in np.unique(k):
-        if step != len(trace) - 1:
-            sel = np.flatnonzero(k == step)
-            x[sel] = trace[step][0][sel]
+    x = st.x
+    rewind(x, trace, k)
     if use_fresh.any():
         x[missed[use_fresh]] = fresh[use_fresh]
     return x
