@@ -303,3 +303,73 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
         rebalance(**args)
+
+
+# ----------------------------------------------------------------------------- stopping each layer
+def test_choose_stops_keeps_the_sum_and_switches_alike_layers_one_by_one():
+    from sglang_elastic.eplb.algorithms.repair import choose_stops
+
+    # Four alike layers: each step lowers the busiest rank by 1 for one more transfer. The budget
+    # (sum of targets) needs 2 of the 8 possible steps: a Lagrangian alone would take all or none.
+    maxes = np.array([[10.0] * 4, [9.0] * 4, [8.0] * 4])
+    fetched = np.array([[0] * 4, [1] * 4, [3] * 4])
+    target = np.array([9.5, 9.5, 9.5, 9.5])  # sum 38 <= 40 - 2
+    none = np.zeros(0, dtype=np.int64)
+    k, fresh = choose_stops(maxes, fetched, target, none, np.zeros(0), np.zeros(0))
+    assert maxes[k, np.arange(4)].sum() <= target.sum()
+    assert sorted(k.tolist()) == [0, 0, 1, 1]  # the cheapest way: two layers one step each
+    assert fresh.size == 0
+    # A layer without signal (target inf) keeps its last step and is not in the budget.
+    k, _ = choose_stops(maxes, fetched, np.array([9.5, 9.5, 9.5, np.inf]), none, np.zeros(0), np.zeros(0))
+    assert k[3] == 2 and maxes[k[:3], np.arange(3)].sum() <= 28.5
+
+
+def test_choose_stops_takes_from_scratch_where_it_is_the_cheaper_balance():
+    from sglang_elastic.eplb.algorithms.repair import choose_stops
+
+    # Layer 0's swaps stall at 9; its from-scratch placement reaches 7 for 5 transfers.
+    maxes = np.array([[10.0, 10.0], [9.0, 9.0], [9.0, 8.0]])
+    fetched = np.array([[0, 0], [1, 1], [1, 2]])
+    k, fresh = choose_stops(maxes, fetched, np.array([8.0, 8.0]), np.array([0]), np.array([7.0]), np.array([5]))
+    assert fresh.tolist() == [True] and k[1] == 2  # 7 + 8 <= 16; swaps alone (9 + 8) miss the sum
+
+
+def test_rewind_is_stopping_each_layer_early():
+    from sglang_elastic.eplb.algorithms.refine import refine, rewind
+    from sglang_elastic.eplb.algorithms.slots import SlotState
+
+    w = synthetic_load("lognormal1.5", 6, 48, seed=3)
+    rng = np.random.default_rng(0)
+    x0 = np.stack([rng.permutation(48).reshape(8, 6) for _ in range(6)])  # [L, n, S], one replica each
+    per = w.astype(np.float64)
+    orig = SlotState(x0.copy(), per, None).present
+    target = np.zeros(6)  # never reached: every layer swaps until nothing helps
+    trace: list = []
+    st_full = SlotState(x0.copy(), per, None)
+    refine(st_full, 40, target, orig_present=orig, heavy=1, light=4, trace=trace)
+    steps = len(trace) - 1
+    assert steps > 3
+    stop = np.array([0, 1, 2, steps, 3, 1])
+    x = st_full.x.copy()
+    rewind(x, trace, stop)
+    for l, k in enumerate(stop):  # the same as refining that layer for k steps only
+        st_k = SlotState(x0[l:l + 1].copy(), per[l:l + 1], None)
+        refine(st_k, int(k), target[l:l + 1], orig_present=orig[l:l + 1], heavy=1, light=4)
+        assert np.array_equal(x[l], st_k.x[0]), l
+        assert trace[k][1][l] == pytest.approx(SlotState(x[l:l + 1], per[l:l + 1], None).loads().max())
+
+
+@pytest.mark.parametrize("family", ["lognormal1.5", "zipf1.2", "hot", "dirichlet0.3", "shared_hot"])
+@pytest.mark.parametrize("dead", [[1], [2, 9], [0, 5, 10]])
+def test_min_balance_promise_holds_across_families(family, dead):
+    # Balancedness is global: layers stop where balance is dear, others pay for it; the sum must
+    # still keep min_balance of the from-scratch balance (up to the target's 5e-4 slack).
+    w = synthetic_load(family, 8, 64, seed=11)
+    p = rebalance(w, 12, 8)
+    live = np.ones(12, dtype=bool)
+    live[dead] = False
+    fresh = balancedness(w, rebalance(w, 12, 8, live_ranks=live))
+    for mb in (0.95, 0.99):
+        q = rebalance(w, 12, 8, live_ranks=live, current=p, min_balance=mb)
+        assert balancedness(w, q) >= mb * fresh * (1 - 1e-3), (mb, balancedness(w, q), fresh)
+        assert not orphans(q, live).any()
