@@ -11,7 +11,7 @@ from .deepseek import balanced_packing
 from .refine import refine
 from .slots import SlotState
 
-__all__ = ["scratch_assign", "order_ranks_by_node", "from_scratch"]
+__all__ = ["scratch_assign", "order_ranks_by_node", "shift_to_top", "from_scratch"]
 
 
 def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
@@ -83,10 +83,9 @@ def order_ranks_by_node(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
 
 
 
-def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-    """``([L, n, S] experts, [L] busiest-rank load)`` of a fresh placement over ``n`` live ranks."""
-    counts = replica_counts(w, n * S, n)
+def _pack(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
+          ) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S] experts, [L] busiest-rank load)``: differencing, node order, conflicts, refinement."""
     per = w / counts
     x = scratch_assign(per, counts, n, S)
     if node_of is not None:
@@ -97,7 +96,31 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
     # Packing from scratch is already good; a narrow search keeps this path fast.
     bound = np.maximum(w.sum(1) / n, per.max(1))
     refine(st, iters, bound * (1 + 1e-3), widen=False)
-    x, best = st.x, st.loads().max(1)
+    return st.x, st.loads().max(1)
+
+
+def shift_to_top(w: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:
+    """``counts`` with one more replica of each layer's heaviest expert (up to ``cap``), taken from the
+    expert whose replicas grow least when it loses one. Returns int64 ``[L, E]``."""
+    rows = np.arange(w.shape[0])
+    top = w.argmax(1)
+    c = counts.copy()
+    loss = np.where(c > 1, w / np.maximum(c - 1, 1), np.inf)
+    loss[rows, top] = np.inf
+    cold = loss.argmin(1)
+    ok = (c[rows, top] < cap) & np.isfinite(loss[rows, cold])
+    c[rows[ok], top[ok]] += 1
+    c[rows[ok], cold[ok]] -= 1
+    return c
+
+
+def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S] experts, [L] busiest-rank load)`` of a fresh placement over ``n`` live ranks."""
+    counts = replica_counts(w, n * S, n)
+    per = w / counts
+    x, best = _pack(w, counts, n, S, node_of, iters)
+    bound = np.maximum(w.sum(1) / n, per.max(1))
     # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
     # than differencing; try it where we are still well above the bound and keep the better layer.
     bad = np.flatnonzero(best > bound * (1 + 5e-3))
@@ -115,5 +138,16 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
         lmax = sl.loads().max(1)
         better = lmax < best[bad]
         x[bad[better]], best[bad[better]] = sl.x[better], lmax[better]
+    # One very hot expert (zipf: half a layer's tokens) packs badly with the greedy counts' replica
+    # size; one to three more replicas of it (from the experts that lose least) often pack much
+    # better. Tried only where we are still well above the bound; the better layer is kept.
+    bad = np.flatnonzero(best > bound * (1 + 5e-3))
+    if bad.size and S > 1:
+        c = counts[bad]
+        for _ in range(3):
+            c = shift_to_top(w[bad], c, n)
+            xv, lmax = _pack(w[bad], c, n, S, node_of, iters)
+            better = lmax < best[bad]
+            x[bad[better]], best[bad[better]] = xv[better], lmax[better]
     return x, best
 
