@@ -256,6 +256,7 @@ class Row:
     speedup: Optional[float] = None
     movement_ratio: Optional[float] = None
     balancedness_ratio: Optional[float] = None
+    target: str = ""  # ours elasticity_aware only: the issue's target for this cell, PASS or FAIL
     note: str = ""
     error: str = ""
 
@@ -343,6 +344,7 @@ class Bench:
                 continue
             rows.append(self.run_one(algo, shape, family, sc, load_now))
         add_ratios(rows)
+        mark_targets(rows, shape_key)
         return rows
 
 
@@ -365,6 +367,32 @@ def add_ratios(rows: List[Row]) -> None:
         r.balancedness_ratio = r.balancedness / ref.balancedness
         if r.movement is not None and ref.movement:
             r.movement_ratio = r.movement / ref.movement
+
+
+def allowed_movement(upstream_moved: int, lower: Optional[int]) -> float:
+    """Target (2): 15 % of upstream's movement, or 2x the lower bound where 15 % is below that bound."""
+    lower = lower or 0
+    return 0.15 * upstream_moved if 0.15 * upstream_moved >= lower else 2.0 * lower
+
+
+def mark_targets(rows: List[Row], shape_key: str) -> None:
+    """Fill ``Row.target`` of ours (default options, flat) with this cell's verdict: failures (2),
+    healthy and drift (3), and on the issue's speed cell (DS-V3 EP32x9, 2 dead) speed (1) too."""
+    o = next((r for r in rows if r.algorithm == OURS_EA and r.balancedness is not None), None)
+    u = next((r for r in rows if r.algorithm == UP_EA and r.balancedness is not None), None)
+    if o is None or u is None:
+        return
+    verdicts = []
+    if o.scenario in FAILURES and o.movement is not None and u.movement is not None:
+        allowed = allowed_movement(u.movement, o.lower)
+        ok = o.movement <= allowed and o.balancedness >= 0.99 * u.balancedness
+        verdicts.append(f"{'PASS' if ok else 'FAIL'} moved<={allowed:.0f}, bal>={0.99 * u.balancedness:.4f}")
+    elif o.scenario == "healthy" or o.scenario.startswith("drift"):
+        verdicts.append(f"{'PASS' if o.balancedness >= u.balancedness else 'FAIL'} bal>={u.balancedness:.4f}")
+    if shape_key == "ds3-ep32" and o.scenario == "2 dead" and o.median_ms and u.median_ms:
+        ok = o.median_ms <= 5.0 and u.median_ms / o.median_ms >= 10.0
+        verdicts.append(f"speed {'PASS' if ok else 'FAIL'} (<=5 ms, >=10x)")
+    o.target = "; ".join(verdicts)
 
 
 # ----------------------------------------------------------------------------- output
@@ -392,6 +420,7 @@ COLUMNS = [
     ("x speed", lambda r: fmt(r.speedup, ".1f")),
     ("x moved", lambda r: fmt(r.movement_ratio, ".3f")),
     ("x bal", lambda r: fmt(r.balancedness_ratio, ".4f")),
+    ("target", lambda r: r.target),
     ("note", lambda r: r.note or (r.error if r.status != "ok" else "")),
 ]
 
@@ -524,7 +553,7 @@ def targets(rows: List[Row]) -> List[Dict[str, object]]:
         mr = o.movement / u.movement if u.movement else float("inf")
         br = o.balancedness / u.balancedness
         # Where 0.15x upstream is below what must move anyway, <= 2x that lower bound counts.
-        allowed = 0.15 * u.movement if 0.15 * u.movement >= (o.lower or 0) else 2 * (o.lower or 0)
+        allowed = allowed_movement(u.movement, o.lower)
         if o.movement > allowed or br < 0.99:
             return (f"movement {o.movement} vs {u.movement} (ratio {mr:.3f}, allowed {allowed:.0f}, "
                     f"lower bound {o.lower}), bal {o.balancedness:.4f} vs {u.balancedness:.4f} (ratio {br:.4f})")
@@ -643,6 +672,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "hierarchical: upstream uses num_groups = the model's groups (DeepSeek-V3: 8) or num_nodes where the model has none "
         "(Qwen3, small); ours +nodes passes ranks_per_node.",
         "refused: ours raised a ValueError explaining the infeasible input; crash: upstream raised (assert or index error).",
+        "target (ours elasticity_aware rows): this cell's verdict on the issue's targets, with the thresholds from "
+        "upstream's figures in the same run: failures moved <= 15 % of upstream's (or 2x min moved where that is more) at "
+        ">= 99 % of its bal; healthy and drift bal >= upstream's; on DS-V3 EP32x9 2 dead also speed (<= 5 ms, >= 10x).",
     ]
     print(f"{h}{'#' if args.markdown else '='} Results\n")
     print(rows_table(rows, args.markdown))
