@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import socket
+import time
 import traceback
 
 import numpy as np
@@ -417,3 +418,62 @@ def test_death_during_backup_fill_ends_by_knowledge_and_the_update_goes_on():
         assert r["final"] == r["target"] and r["dead_seen"] == []
         final = np.array(r["final"]).reshape(L, R, S)
         assert (final[:, victim] == -1).all()
+
+
+def _reload_case(background: bool, reload: bool):
+    """One process: rank 0 live, rank 1 dead with the only replicas of experts S..E-1 and no backup
+    store. The target puts every expert on rank 0: those experts have no live source."""
+    from sglang_elastic.location.background import BackgroundUpdater
+    from sglang_elastic.transport import make_transport
+
+    Lr, Er, Sr = 2, 6, 6
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    phy = torch.tensor([[0, 1, 2, -1, -1, -1, 3, 4, 5, 0, 1, 2]] * Lr)
+    current = Placement(phy, 2, Er)
+    target = Placement(torch.tensor([[0, 1, 2, 5, 4, 3, -1, -1, -1, -1, -1, -1]] * Lr), 2, Er)
+    value = lambda l, e: torch.arange(D, dtype=torch.float64) + 1000.0 * (l * Er + e)  # noqa: E731
+    w = torch.full((Lr, Sr, D), float("nan"), dtype=torch.float64)
+    for l in range(Lr):
+        for s in range(3):
+            w[l, s] = value(l, s)
+    transport = make_transport("torch", 0, store)
+    transport.set_peers([0])
+    calls = []
+
+    def from_checkpoint(l, e):
+        calls.append((l, e))
+        return {"w": value(l, e)}
+
+    upd = BackgroundUpdater(0, transport, {"w": w}, current, [True, False], backup=False, store=store,
+                            background=background, reload=from_checkpoint if reload else None)
+    try:
+        upd.begin(target)
+        for _ in range(2000):  # step boundaries, a forward pass (here: a short sleep) between them
+            if upd.done:
+                break
+            upd.step()
+            time.sleep(0.005)
+        assert upd.done
+    finally:
+        upd.close()
+        transport.close()
+    for l in range(Lr):
+        for s in range(Sr):
+            assert torch.equal(w[l, s], value(l, int(target.phy2log[l, s]))), (l, s)
+    assert sorted(calls) == [(l, e) for l in range(Lr) for e in (3, 4, 5)]
+    assert upd.stats["experts_reloaded"] == 3 * Lr
+    assert torch.equal(upd.placement.phy2log, target.phy2log)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_expert_without_replica_or_backup_is_reloaded_from_the_checkpoint(background):
+    """Degrade, never die (issue 19): an expert that lost every replica and its backup is read from the
+    checkpoint (``reload=``) by the rank receiving it, counted in stats['experts_reloaded']."""
+    _reload_case(background, reload=True)
+
+
+def test_without_reload_a_lost_expert_is_an_update_failure_naming_it():
+    from sglang_elastic.location.updater import UpdateFailure
+
+    with pytest.raises(UpdateFailure, match="lost every replica and its backup"):
+        _reload_case(False, reload=False)

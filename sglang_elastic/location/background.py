@@ -2,34 +2,22 @@
 
 :class:`BackgroundUpdater` is an :class:`~.updater.ExpertLocationUpdater` whose chunks move on a
 transport thread (on GPUs under a side CUDA stream) into staging while forward passes go on with the
-placement in force. :meth:`BackgroundUpdater.step` is called once per step boundary (SGLang's
-``EPLBManager`` calls it once per forward pass, the rehearsal once per step) and does, in order:
+placement in force. :meth:`BackgroundUpdater.step`, called once per step boundary on every rank:
 
-1. **decide** on the oldest chunk in flight: it is committed at boundary ``t`` iff every live rank
-   posted *ready* (its transport thread finished the chunk's copies and their vote) at a boundary
-   ``<= t - 1``. Every step exchanges tokens with every rank (EP), so a post made at boundary
-   ``t - 1`` is visible to every rank at boundary ``t``: the decision reads the same posts on every
-   rank, and all ranks commit the same chunk at the same boundary, with no extra round of waiting.
-   Commit = the staged rows written into the weights, the chunk's layers stamped in the placement.
-   A token is therefore never routed to a slot whose new weights are not committed;
-2. **post** this rank's ready mark for the oldest chunk once its thread finished it (one
-   compare-and-set; a store check per boundary reads everyone's);
-3. **enqueue** the next chunks so that ``depth`` (default 2) are staged or moving.
+1. **decides** on the oldest chunk in flight (:func:`.commit_rule.decide`): committed at boundary
+   ``t`` iff every live rank's *ready* mark was written before boundary ``t - 1`` (each step exchanges
+   tokens with every rank, so all ranks read the same marks and commit the same chunk together). The
+   thread writes its mark the moment the chunk's copies and vote end (labelled with the next
+   boundary, under a lock that boundary takes), and a poller reads every rank's once all exist
+   (marks never change): the boundary then reads nothing. Commit = one fused copy of the staged rows
+   into the weights and the placement the thread prepared; no token is routed to an uncommitted slot;
+2. keeps ``depth`` chunks moving.
 
-The jobs a transport thread runs are the same on every rank in the same order (enqueues happen only
-at agreed decisions), so their collectives (copies, votes) pair up across ranks. The chunk outcome is
-the vote's, the same on every survivor. **Faults**: a rank known dead (the process's
-:class:`~sglang_elastic.transport.Liveness`) that has not posted gets a verdict ``dead@t`` written in
-place of its post by compare-and-set (so every rank reads either its post or the verdict; like a post,
-a verdict counts from the next boundary); a chunk whose vote found a death, or whose posts hold a
-verdict, is not committed anywhere: at that same boundary every survivor drains its thread (whose
-waits end by knowledge), runs the updater's failure path (``on_failure`` hook, ``set_live``) and plans
-the chunk again from live sources. Serving never waits for a transfer: a rank that falls behind
-delays only that chunk's commit.
-
-Fixed costs are paid once per update: all chunks are known at :meth:`begin`, staging (``depth``
-chunks) is allocated and registered there and freed when the update completes
-(:meth:`staging_bytes`). ``background=False`` keeps the synchronous updater (the baseline).
+**Faults**: a rank known dead (or silent for ``timeout_s``) that has not posted gets ``dead@t`` in
+place of its mark (compare-and-set); a chunk whose vote found a death, or whose marks hold a verdict,
+is committed nowhere: every survivor drains its thread at that boundary, runs the failure path
+(``on_failure``, ``set_live``) and plans the chunk again. A slow rank delays only that chunk's commit.
+Staging (``depth`` chunks) is allocated at :meth:`begin` and freed when the update completes.
 """
 from __future__ import annotations
 
@@ -48,6 +36,7 @@ from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
 from .commit_rule import backup_copies, decide, spare_rows
+from .staging import StagingBuffers, bg_staging_name
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
 
 __all__ = ["BackgroundUpdater", "bg_staging_name", "decide"]
@@ -56,11 +45,6 @@ log = logging.getLogger(__name__)
 
 _READY, _DEAD = "ready@", "dead@"  # the marks commit_rule.decide reads
 _RETRIES = 3
-
-
-def bg_staging_name(weight_name: str, buf: int) -> str:
-    """Name under which staging buffer ``buf`` of ``weight_name`` is registered."""
-    return f"staging/bg{buf}/{weight_name}"
 
 
 @dataclass
@@ -72,15 +56,20 @@ class _Job:
     buf: int
     done: threading.Event = field(default_factory=threading.Event)
     staged: Optional[Staged] = None                              # what the commit writes
+    prepared: object = None                                      # prepare(placement after the commit)
     error: Optional[BaseException] = None
     report: Optional[ChunkReport] = None
     event: Optional[object] = None                               # CUDA event after the copies
     posted: bool = False
     posted_at: float = 0.0
+    uid: int = 0                                                 # the plan it belongs to
+    live: List[int] = field(default_factory=list)                # the ranks whose marks decide it
+    keys: List[str] = field(default_factory=list)                # their mark keys
+    final: Optional[Dict[int, str]] = None                       # every mark, read by the poller (final)
     before: List[int] = field(default_factory=list)              # layers of chunks committed before it
 
 
-class BackgroundUpdater(ExpertLocationUpdater):
+class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
     """An :class:`ExpertLocationUpdater` whose chunks move beside serving (see the module docstring).
 
     Args (beyond the updater's):
@@ -90,11 +79,17 @@ class BackgroundUpdater(ExpertLocationUpdater):
         background: ``False`` runs the synchronous updater (every :meth:`step` moves and commits).
         depth: chunks staged or moving at once (1 or 2; staging is ``depth`` chunks).
         prefix: key prefix of the ready marks.
+        prepare: ``prepare(placement) -> object``, run on the transport thread with the placement a
+            chunk's commit will install (e.g. its routing tables); the commit sets :attr:`prepared` to
+            ``(placement, result)``, so the caller's own per-commit host work leaves the boundary too
+            (valid while ``prepared[0] is updater.placement``).
     """
 
     def __init__(self, *args, store=None, background: bool = True, depth: int = 2,
-                 prefix: str = "sgle/ready", **kwargs) -> None:
+                 prefix: str = "sgle/ready", prepare: Optional[Callable[[Placement], object]] = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.prepare, self.prepared = prepare, None
         if depth not in (1, 2):
             raise ValueError(f"depth must be 1 or 2, got {depth!r}")
         self.background = bool(background)
@@ -102,8 +97,14 @@ class BackgroundUpdater(ExpertLocationUpdater):
         if self.background and store is None:
             raise ValueError("background mode needs a store for ready marks (store= or a StoreVote)")
         self.store = _own_client(store) if self.background else store
+        # The transport thread posts marks and the poller reads them on a connection of their own.
+        self._bg_store = _own_client(store) if self.background else None
         self.depth, self.prefix = depth, prefix
         self._boundary = 0
+        self._label_lock = threading.Lock()   # a mark's label is the boundary it was written before
+        self._polls: "queue.Queue" = queue.Queue()
+        self._poller: Optional[threading.Thread] = None
+        self._closing = False
         self._uid = 0          # bumps at every (re)plan: keys of an abandoned plan are never read again
         self._inflight: Deque[_Job] = deque()
         self._next = 0         # chunks enqueued in the current plan
@@ -115,45 +116,6 @@ class BackgroundUpdater(ExpertLocationUpdater):
         self.staging_peak = 0
         if self.background:  # the synchronous staging is not used: keep one row registered
             self._sync_staging(False)
-
-    # ------------------------------------------------------------------ staging
-    def _placeholder(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty((1,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
-
-    def _sync_staging(self, on: bool) -> None:
-        """Allocate (``on``) or shrink to one row the synchronous updater's staging."""
-        from .updater import staging_name
-
-        rows = self.layers_per_chunk * self.placement.slots_per_rank if on else 1
-        for name, t in self.weights.items():
-            if self._staging[name].shape[0] != rows:
-                self._staging[name] = torch.empty((rows,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
-                self.transport.register(staging_name(name), self._staging[name].view(rows, -1))
-
-    def _alloc_staging(self) -> None:
-        if self._bufs:
-            return
-        S = self.placement.slots_per_rank
-        for b in range(self.depth):
-            bufs = {}
-            for name, t in self.weights.items():
-                bufs[name] = torch.empty((self.layers_per_chunk * S,) + tuple(t.shape[2:]), dtype=t.dtype,
-                                         device=t.device)
-                self.transport.register(bg_staging_name(name, b), bufs[name].view(bufs[name].shape[0], -1))
-            self._bufs.append(bufs)
-        self.staging_peak = max(self.staging_peak, self.staging_bytes())
-
-    def _free_staging(self) -> None:
-        if not self._bufs:
-            return
-        for b in range(len(self._bufs)):
-            for name, t in self.weights.items():
-                self.transport.register(bg_staging_name(name, b), self._placeholder(t).view(1, -1))
-        self._bufs = []
-
-    def staging_bytes(self) -> int:
-        """Bytes of background staging allocated now (``depth`` chunks during an update, 0 after)."""
-        return sum(t.numel() * t.element_size() for bufs in self._bufs for t in bufs.values())
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -187,12 +149,19 @@ class BackgroundUpdater(ExpertLocationUpdater):
     def close(self) -> None:
         """Stop the transport thread (after the jobs it has) and free staging."""
         self._drain()
+        self._closing = True
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        if self._poller is not None:
+            self._polls.put(None)
+            self._poller.join()
+            self._poller = None
         self._inflight.clear()
         self._free_staging()
+        if self.background:  # its own store connections (see _own_client) close with it
+            self.store = self._bg_store = None
 
     def step(self) -> Optional[ChunkReport]:
         """One step boundary: commit the oldest chunk if every rank is ready, post this rank's ready
@@ -200,22 +169,24 @@ class BackgroundUpdater(ExpertLocationUpdater):
         (in synchronous mode: move and commit one chunk, as the updater does)."""
         if not self.background:
             return super().step()
-        t = self._boundary
-        self._boundary += 1
+        with self._label_lock:  # a mark the thread writes from now on is labelled t + 1
+            t = self._boundary
+            self._boundary += 1
         if self.target is None:
             return None
         rep = None
         if self._inflight:
             head = self._inflight[0]
             if head.posted:  # before its own post no rank can decide: nothing to read
-                decided, dead = decide(self._read_posts(head, t), t)
+                # Marks never change once written: the poller's complete read decides with no round trip.
+                decided, dead = decide(head.final or self._read_posts(head, t), t)
                 if decided:
                     rep = self._settle(head, dead)
-            elif head.done.is_set():  # decisive from the next boundary on
+            elif head.done.is_set():  # the thread could not post (a store error): post here
                 self._post(head, t)
         self._enqueue()
         if self.done:
-            self._free_staging()
+            self._free_staging(later=True)
         return rep
 
     def run(self):
@@ -246,11 +217,44 @@ class BackgroundUpdater(ExpertLocationUpdater):
         self.store.compare_set(self._key(job, self.rank), "", f"{_READY}{t}")
         job.posted, job.posted_at = True, time.monotonic()
 
+    def _post_from_thread(self, job: _Job) -> None:
+        """The transport thread's ready mark, the moment the job ended (so no boundary pays the round
+        trip). Labelled with the next boundary, written before it starts (the label lock): the same
+        guarantee as a post made at that boundary, so the commit rule is unchanged."""
+        with self._label_lock:
+            self._bg_store.compare_set(self._key(job, self.rank), "", f"{_READY}{self._boundary}")
+            job.posted, job.posted_at = True, time.monotonic()
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_marks, name=f"sgle-marks-{self.rank}", daemon=True)
+            self._poller.start()
+        self._polls.put(job)
+
+    def _poll_marks(self) -> None:
+        """Read every live rank's mark of each posted job once all exist (then they are final), so the
+        boundary decides without a store round trip. Gives up on a job that was re-planned or whose
+        ranks include one known dead (the boundary writes its verdict)."""
+        while True:
+            job = self._polls.get()
+            if job is None:
+                return
+            delay = 0.001
+            while job.final is None and not self._closing and job.uid == self._uid:
+                if any(self.liveness.is_dead(r) for r in job.live):
+                    break
+                try:
+                    if self._bg_store.check(job.keys):
+                        job.final = {r: v.decode() for r, v in zip(job.live, self._bg_store.multi_get(job.keys))}
+                        break
+                except RuntimeError as exc:  # the store is going away (shutdown): the boundary reads instead
+                    log.debug("rank %d: mark poll stopped: %r", self.rank, exc)
+                    break
+                self.liveness.wait(delay)  # a death wakes it at once
+                delay = min(2 * delay, 0.02)
+
     def _read_posts(self, job: _Job, t: int) -> Dict[int, Optional[str]]:
         """Every live rank's post for ``job`` (``None``: not posted). A rank known dead, or silent for
         the timeout after this rank's own post, gets the verdict ``dead@t`` (compare-and-set)."""
-        live = np.flatnonzero(self.live).tolist()
-        keys = [self._key(job, r) for r in live]
+        live, keys = job.live, job.keys
         if self.store.check(keys):  # the common case: one round trip for the check, one to read
             return {r: v.decode() for r, v in zip(live, self.store.multi_get(keys))}
         silent = time.monotonic() - job.posted_at > self.timeout_s
@@ -301,7 +305,8 @@ class BackgroundUpdater(ExpertLocationUpdater):
         """Write the staged rows into the weights and stamp the chunk's layers (the only pause)."""
         if job.event is not None:  # the side stream's copies precede the swap, without a host sync
             torch.cuda.current_stream().wait_event(job.event)
-        self._commit_staged(job.staged, self._bufs[job.buf])
+        self._commit_staged(job.staged)
+        self.prepared = (self.placement, job.prepared)
         self._pending = [l for l in self._pending if l not in job.layers]
         if self.canary:
             self._check(job.layers)
@@ -326,7 +331,8 @@ class BackgroundUpdater(ExpertLocationUpdater):
             self._alloc_staging()
             used = {j.buf for j in self._inflight}
             job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used),
-                       before=sorted(busy))
+                       before=sorted(busy), uid=self._uid, live=np.flatnonzero(self.live).tolist())
+            job.keys = [self._key(job, r) for r in job.live]
             self._next += 1
             busy |= set(layers)
             self._inflight.append(job)
@@ -348,7 +354,7 @@ class BackgroundUpdater(ExpertLocationUpdater):
                 if item is None:
                     return
                 fn, job = item
-                if self._broken is not None:  # every rank skips the same jobs after an agreed failure
+                if self._broken is not None and job is not None:  # every rank skips the same chunks after an agreed failure
                     if job is not None:
                         job.error = self._broken
                     continue
@@ -364,6 +370,10 @@ class BackgroundUpdater(ExpertLocationUpdater):
                         job.error = exc
             finally:
                 if item is not None and item[1] is not None:
+                    try:  # failed jobs post too: the vote gave every rank the same outcome
+                        self._post_from_thread(item[1])
+                    except RuntimeError as exc:  # the boundary posts instead (its fallback)
+                        log.debug("rank %d: ready mark from the thread failed: %r", self.rank, exc)
                     item[1].done.set()
                 self._jobs.task_done()
 
@@ -388,7 +398,15 @@ class BackgroundUpdater(ExpertLocationUpdater):
         backups re-homed for the placement after its commit, in one execute and one vote."""
         bufs = self._bufs[job.buf]
         staged = self._stage(job.layers, bufs, lambda name: bg_staging_name(name, job.buf))
-        rehome = self._rehome_copies(job) if self.backup_layout is not None else None
+        # The placement once this chunk commits: chunks commit in order and any other change re-plans
+        # every chunk in flight, so it is the committed one with the chunks up to this one stamped.
+        cur = self.placement.phy2log
+        future = cur.clone()
+        future[job.before + job.layers] = self.target.phy2log[job.before + job.layers]
+        staged.future = Placement(future, self.placement.num_ranks, self.placement.num_logical_experts)
+        if self.prepare is not None:  # e.g. the routing tables of that placement, off the boundary
+            job.prepared = self.prepare(staged.future)
+        rehome = self._rehome_copies(job, cur, staged.future) if self.backup_layout is not None else None
         try:
             self._exec(staged.copies + (rehome[0] if rehome else []))
         except (PeerFailure, UpdateFailure):
@@ -400,15 +418,11 @@ class BackgroundUpdater(ExpertLocationUpdater):
             job.event.record(self._stream)
         job.staged, job.report = staged, staged.report
 
-    def _rehome_copies(self, job: _Job):
-        """Backups re-homed for the placement as it will be once ``job`` commits (backups off the ranks
-        that will serve their expert), adopted now and filled in the job's execute. Sources are this
-        rank's committed rows outside the chunks that may commit meanwhile (``job.before``): the
-        same on every rank whatever the commit timing. Returns ``(copies, prev, moved)``."""
-        cur = self.placement.phy2log
-        future = cur.clone()
-        future[job.before + job.layers] = self.target.phy2log[job.before + job.layers]
-        fut = Placement(future, self.placement.num_ranks, self.placement.num_logical_experts)
+    def _rehome_copies(self, job: _Job, cur: torch.Tensor, fut: Placement):
+        """Backups re-homed for ``fut``, the placement as it will be once ``job`` commits (backups off
+        the ranks that will serve their expert), adopted now and filled in the job's execute. Sources
+        are the committed rows ``cur`` outside the chunks that may commit meanwhile (``job.before``):
+        the same on every rank whatever the commit timing. Returns ``(copies, prev, moved)``."""
         prev = self.backup_layout
         layout = assign_backups(fut, self.live, self.ranks_per_node, previous=prev,
                                 rows_per_rank=prev.rows_per_rank, degrade=True)

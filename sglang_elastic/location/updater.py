@@ -1,30 +1,14 @@
-"""Layerwise, chunked application of a new expert placement over a transport.
+"""Layerwise, chunked application of a new expert placement over a transport (``docs/location.md``).
 
 One :meth:`ExpertLocationUpdater.step` moves the weights of ``layers_per_chunk`` layers and commits
-them, so SGLang's generator-driven ``EPLBManager`` (or the rehearsal loop) can run forward passes
-between chunks. Per chunk:
-
-1. plan the chunk's copies from *live* sources (:func:`plan_transfers`), orphans from the backup store;
-2. every copy lands in a staging buffer first (a slot's old expert may be another slot's source);
-3. only when all copies of the chunk arrived are the staged rows written into the weights and the
-   chunk's layers committed in the placement;
-4. if a peer dies mid-chunk (:class:`PeerFailure`), nothing of the chunk is committed: the caller's
-   ``on_failure`` hook gives the new live set and target placement, the backup layout is re-homed,
-   and the chunk is planned again from survivors and backups.
-
-Every wait learns of deaths from the process's :class:`~sglang_elastic.transport.Liveness`
-(``liveness=``, lent to the vote; transports consult the one they were built with): a death during
-a chunk, a vote, backup filling or re-homing, or a joiner's fill ends the wait at once with
-:class:`PeerFailure` naming the rank, never by a timeout. Shortfalls degrade instead of stopping a
-serving rank: when the backup rows cannot hold a backup of every expert after losses, the most
-exposed experts are covered first and the rest counted (:attr:`ExpertLocationUpdater.stats`).
-
-Structure (kept so that a background mover can reuse it): :meth:`ExpertLocationUpdater.begin`
-plans the layers to change, :meth:`ExpertLocationUpdater._move_chunk` plans and moves one chunk
-into staging, then commits it; :meth:`ExpertLocationUpdater._execute` runs copies and the vote.
-
-Every rank runs the same updater with the same placements; plans are deterministic, so all ranks
-agree on the copies without talking about them.
+them, so SGLang's ``EPLBManager`` (or the rehearsal) runs forward passes between chunks. Per chunk:
+plan from *live* sources (orphans from the backup store, or from the checkpoint with ``reload``),
+copy everything into staging (:meth:`~ExpertLocationUpdater._stage`), agree that every copy landed
+(the vote), then write the staged rows and stamp the layers (:meth:`~ExpertLocationUpdater._commit_staged`).
+The background updater (:mod:`.background`) runs the same two halves apart. A peer's death ends
+every wait at once (the process's :class:`~sglang_elastic.transport.Liveness`): nothing of the chunk
+is committed anywhere, ``on_failure`` gives the new live set and target, and the chunk is planned
+again. Plans are deterministic, so every rank agrees on the copies without talking about them.
 """
 from __future__ import annotations
 
@@ -92,8 +76,9 @@ class Staged:
     layers: List[int]
     new: torch.Tensor                                         # target phy2log rows of the chunk
     copies: List[Copy]
-    rows: Optional[Tuple[torch.Tensor, torch.Tensor]]         # (flat weight rows, staging rows) of this rank
+    rows: Tuple[List[torch.Tensor], List[torch.Tensor]]      # (weight rows, staging rows) of this rank, views
     report: ChunkReport
+    future: Optional[Placement] = None                        # the placement once it commits (background)
 
 
 class ExpertLocationUpdater:
@@ -460,24 +445,27 @@ class ExpertLocationUpdater:
         self.stats["experts_reloaded"] += reloaded
         mine = [(li, p % S) for li, _, dst, _, p in plan.transfers.tolist() if dst == self.rank]
         mine += [(li, p % S) for li, dst, _, p in plan.orphans.tolist() if dst == self.rank]
-        rows = None
-        if mine:  # index tensors for the commit, made here so the commit pays only the copy
-            dev = next(iter(self.weights.values())).device
-            li, p = torch.tensor(mine).T
-            rows = ((torch.tensor(chunk)[li] * S + p).to(dev), (li * S + p).to(dev))
+        # Row views for the commit, made here so that it pays one fused copy (_foreach_copy_) and
+        # nothing else: no index tensors, no temporaries, one release of the interpreter lock.
+        rows: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        for name, w in self.weights.items():
+            flat = w.view((-1,) + tuple(w.shape[2:]))
+            rows[0].extend(flat[chunk[li] * S + p] for li, p in mine)
+            rows[1].extend(stage[name][li * S + p] for li, p in mine)
         rep = ChunkReport(layers=list(chunk), restored=restored + reloaded)
         rep.copies_local = int((plan.transfers[:, 1] == plan.transfers[:, 2]).sum())
         rep.copies_remote = plan.num_remote()
         rep.bytes_moved = (rep.copies_remote + restored) * self.bytes_per_expert
         return Staged(list(chunk), new, copies, rows, rep)
 
-    def _commit_staged(self, staged: Staged, stage: Dict[str, torch.Tensor]) -> None:
+    def _commit_staged(self, staged: Staged) -> None:
         """Write this rank's staged rows into the weights (one ``index_copy_`` per weight) and stamp the
         chunk's layers in the placement."""
-        if staged.rows is not None:
-            dst, src = staged.rows
-            for name, w in self.weights.items():
-                w.view((-1,) + tuple(w.shape[2:])).index_copy_(0, dst, stage[name].index_select(0, src))
+        if staged.rows[0]:
+            torch._foreach_copy_(staged.rows[0], staged.rows[1])
+        if staged.future is not None:  # made on the transport thread (BackgroundUpdater)
+            self.placement = staged.future
+            return
         phy = self.placement.phy2log.clone()
         phy[staged.layers] = staged.new
         self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
@@ -486,7 +474,7 @@ class ExpertLocationUpdater:
         staged = self._stage(chunk, self._staging, staging_name)
         self._execute(staged.copies)
         # All copies of the chunk arrived (execute is collective): write staged rows, then commit.
-        self._commit_staged(staged, self._staging)
+        self._commit_staged(staged)
         if self.backup_layout is not None:
             self._rehome_after_commit()
         for f in ("copies_local", "copies_remote", "restored", "bytes_moved"):
