@@ -9,7 +9,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 
@@ -20,46 +19,9 @@ import torch
 from sglang_elastic.eplb import Placement, orphans, rebalance
 from sglang_elastic.eplb.synthetic import drift, synthetic_load
 
-L, E, R, S, D = 4, 12, 4, 5, 16  # layers, experts, ranks, slots per rank, floats per expert
+from _updater_harness import D, E, L, R, S, expert_value, free_port, placements, weights_for, wrong_slots
+
 TIMEOUT = 5.0
-
-
-def expert_value(layer: int, expert: int) -> torch.Tensor:
-    return torch.arange(D, dtype=torch.float64) + 1000.0 * (layer * E + expert)
-
-
-def weights_for(placement: Placement, rank: int) -> torch.Tensor:
-    w = torch.empty(L, S, D, dtype=torch.float64)
-    for l in range(L):
-        for s in range(S):
-            e = int(placement.phy2log[l, rank * S + s])
-            w[l, s] = expert_value(l, e) if e >= 0 else float("nan")
-    return w
-
-
-def wrong_slots(w: torch.Tensor, placement: Placement, rank: int) -> list:
-    bad = []
-    for l in range(L):
-        for s in range(S):
-            e = int(placement.phy2log[l, rank * S + s])
-            if e >= 0 and not torch.equal(w[l, s], expert_value(l, e)):
-                got = w[l, s, 0].item()
-                bad.append((l, s, e, "holds", None if got != got else int(got // 1000) - l * E))
-    return bad
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def placements(seed: int):
-    w0 = synthetic_load("lognormal1", L, E, seed=seed)
-    p0 = rebalance(w0, R, S)
-    w1 = drift(w0, 0.4, seed=seed + 1)
-    p1 = rebalance(w1, R, S, current=p0, balance_tolerance=0.0)
-    return w1, p0, p1
 
 
 def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, victim: int, mode: str,

@@ -12,7 +12,6 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 import traceback
 
@@ -20,43 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_elastic.eplb import Placement, rebalance
-from sglang_elastic.eplb.synthetic import drift, synthetic_load
+from sglang_elastic.eplb import rebalance
 
-L, E, R, S, D = 4, 12, 4, 5, 16  # layers, experts, ranks, slots per rank, floats per expert
+from _updater_harness import D, L, R, S, free_port, placements, weights_for, wrong_slots
+
 MAX_STEPS = 60
-
-
-def expert_value(layer: int, expert: int) -> torch.Tensor:
-    return torch.arange(D, dtype=torch.float64) + 1000.0 * (layer * E + expert)
-
-
-def weights_for(placement: Placement, rank: int) -> torch.Tensor:
-    w = torch.full((L, S, D), float("nan"), dtype=torch.float64)
-    for l in range(L):
-        for s in range(S):
-            e = int(placement.phy2log[l, rank * S + s])
-            if e >= 0:
-                w[l, s] = expert_value(l, e)
-    return w
-
-
-def wrong_slots(w: torch.Tensor, placement: Placement, rank: int) -> list:
-    return [(l, s) for l in range(L) for s in range(S)
-            if (e := int(placement.phy2log[l, rank * S + s])) >= 0 and not torch.equal(w[l, s], expert_value(l, e))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def placements(seed: int):
-    w0 = synthetic_load("lognormal1", L, E, seed=seed)
-    p0 = rebalance(w0, R, S)
-    p1 = rebalance(drift(w0, 0.4, seed=seed + 1), R, S, current=p0, balance_tolerance=0.0)
-    return w0, p0, p1
 
 
 def barrier(store, lv, step: int, rank: int, live: list, value: str) -> dict:

@@ -11,11 +11,15 @@ Phases (``docs/rehearsal.md``, "Event phases"):
     just before the dispatcher's dispatch / combine of MoE layer ``layer`` in the rank's next
     forward pass: its peers are inside that exchange, waiting for it.
 ``transfer``
-    on entering the weight copies of an update chunk (``ExpertLocationUpdater.step``).
+    on entering the weight copies of an update chunk (``ExpertLocationUpdater.step``, or the
+    :class:`~sglang_elastic.location.background.BackgroundUpdater`'s chunk job on its transport
+    thread).
 ``vote``
     on entering the agreement on the outcome of a set of copies (any vote of the updater).
 ``rehome``
-    on entering the backup copies that follow a commit or a change of live set (re-homing).
+    on entering the backup copies that follow a commit or a change of live set (re-homing); in a
+    background chunk job, on entering its copies, which carry the backups re-homed for the
+    placement after its commit.
 ``fill``
     on entering the start-up backup fill of a new updater (every rank builds one on a join).
 ``between``
@@ -28,12 +32,16 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, List, Optional
 
 from .protocol import FaultFired, FaultSpec, Keys
 
 __all__ = ["FaultInjector"]
+
+# A background chunk job (on the updater's transport thread): its copies are a transfer and a rehome point.
+_JOB = "job"
 
 
 class _TransportProxy:
@@ -57,9 +65,19 @@ class FaultInjector:
         self.rank, self.store, self._incarnation = rank, store, incarnation
         self.armed: List[FaultSpec] = []
         self.step = 0
-        # Where the updater is: None (not in a wrapped call), "fill", "rehome" (set_live), or inside
-        # step(): "transfer" until the chunk's vote returned, then "rehome" (backups after commit).
-        self._where: Optional[str] = None
+        # Where the updater is, per thread (the background updater moves chunks on its own thread while
+        # the main thread serves): None (not in a wrapped call), "fill", "rehome" (set_live), or inside
+        # step() / a chunk job: "transfer" until the chunk's vote returned, then "rehome" (backups
+        # after commit).
+        self._local = threading.local()
+
+    @property
+    def _where(self) -> Optional[str]:
+        return getattr(self._local, "where", None)
+
+    @_where.setter
+    def _where(self, value: Optional[str]) -> None:
+        self._local.where = value
 
     # ------------------------------------------------------------------ arming
     def arm(self, faults: List[FaultSpec], step: int) -> None:
@@ -101,7 +119,7 @@ class FaultInjector:
         def voting(*args: Any, **kwargs: Any) -> Any:
             self.at("vote")
             out = vote(*args, **kwargs)
-            if self._where == "transfer":
+            if self._where in ("transfer", _JOB):
                 self._where = "rehome"
             if on_result is not None:
                 on_result(out)
@@ -111,8 +129,10 @@ class FaultInjector:
 
     def watch_updater(self, updater: Any) -> Any:
         """Mark where ``updater`` is (instance attributes shadow its methods, internal calls too)."""
-        for name, where in (("step", "transfer"), ("set_live", "rehome"), ("fill_backup", "fill")):
-            setattr(updater, name, self._scoped(getattr(updater, name), where))
+        for name, where in (("step", "transfer"), ("_transfer_job", _JOB), ("set_live", "rehome"),
+                            ("fill_backup", "fill")):
+            if hasattr(updater, name):
+                setattr(updater, name, self._scoped(getattr(updater, name), where))
         return updater
 
     def _scoped(self, fn: Callable[..., Any], where: str) -> Callable[..., Any]:
@@ -129,5 +149,9 @@ class FaultInjector:
         return scoped
 
     def _on_execute(self) -> None:
-        if self._where is not None:
-            self.at(self._where)
+        where = self._where
+        if where == _JOB:  # one execute carries the chunk's transfers and its backup re-homing
+            self.at("transfer")
+            self.at("rehome")
+        elif where is not None:
+            self.at(where)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
+import torch
 
 from ..eplb import Placement, rebalance
 from ..location.updater import UpdateFailure
@@ -35,8 +37,6 @@ def live_mask(ranks: List[int], n: int) -> np.ndarray:
 
 
 def placement_from_store(store, version: int, num_ranks: int, num_experts: int) -> Placement:
-    import torch
-
     return Placement(torch.tensor(json.loads(store.get(Keys.placement(version)))), num_ranks, num_experts)
 
 
@@ -47,19 +47,39 @@ class UpdaterSide:
 
     # ------------------------------------------------------------------ weight movement
     def _new_updater(self, epoch: int, live: List[int]) -> None:
-        from ..location.updater import ExpertLocationUpdater
+        """A fresh updater for the membership ``epoch`` (every rank builds one on a join): the zero-stall
+        :class:`~sglang_elastic.location.background.BackgroundUpdater` (chunks move on a transport
+        thread beside serving; ``move_chunk`` is the step boundary), or the synchronous one for the
+        upstream-style ``recovery: stop_the_world``. Experts with no live replica and no live backup
+        are rebuilt from the model, as SGLang reads them from the checkpoint."""
+        from ..dispatch.routing import RoutingTable
+        from ..location.background import BackgroundUpdater
         from ..membership import StoreVote
 
         c = self.cfg.cluster
+        if self.updater is not None:  # its thread and staging go with it
+            self.updater.close()
+        background = c.recovery != "stop_the_world"
+        if background:
+            # The transport thread runs Python (planning, re-homing) while the main thread serves: with
+            # the default 5 ms switch interval a step boundary waits up to 5 ms for the interpreter lock
+            # after each torch op of its commit. 0.5 ms bounds that wait (at a little switching cost).
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         # The vote's own timeout is for alive-but-silent voters; a dead voter ends it through Liveness.
         vote = StoreVote(self.store, self.rank, c.timeout_s + 10, prefix=f"vote/{epoch}", liveness=self.liveness)
-        self.updater = self.faults.watch_updater(ExpertLocationUpdater(
+        self.updater = self.faults.watch_updater(BackgroundUpdater(
             self.rank, self.faults.wrap_transport(self.transport), {"w1": self.w1, "w2": self.w2}, self.placement,
             live_ranks=live_mask(live, self.R), layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size,
             timeout_s=c.timeout_s + 2, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
-            liveness=self.liveness))
+            liveness=self.liveness, reload=self._reload_expert, background=background,
+            prefix=f"ready/{epoch}", prepare=RoutingTable.from_placement))
         self._trusted_layout = None
         self._fill_new_backups()
+
+    def _reload_expert(self, layer: int, expert: int) -> Dict[str, torch.Tensor]:
+        """One expert's weights from the checkpoint (here: rebuilt from the model's seed)."""
+        w1, w2 = self.model.expert(layer, expert)
+        return {"w1": w1, "w2": w2}
 
     def _on_vote(self, outcome: Tuple[List[int], bool]) -> None:
         """Every live rank agreed that a set of copies landed: the backup layout now is filled."""
@@ -109,13 +129,28 @@ class UpdaterSide:
         self.updater.backup_layout = dataclasses.replace(layout, holder=holder)
 
     def _agreed_live_without(self, dead: List[int]) -> List[int]:
-        """Report ``dead`` to membership and wait until the agreed view no longer has them."""
+        """Report ``dead`` to membership and wait until the agreed view no longer has them. A report is
+        only a suspicion: a rank that keeps heartbeating stays live. So the wait is bounded by the time
+        membership needs to evict a silent rank (two heartbeat timeouts and a second); after it, the
+        ranks the view still lists live are alive (``suspicion_withdrawn``), and the caller retries
+        its collective over the view's live set."""
+        from ..membership import MembershipTimeout
+
         for d in dead:
             if d not in self.reported_dead:
                 self.reported_dead.add(d)
                 self.member.report_dead(d, "updater PeerFailure")
-        view = self.member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
-        self.state.mark_failed([d for d in dead if self.state.is_alive(d)], reason="updater")
+        bound = 2 * self.cfg.cluster.heartbeat_timeout_s + 1.0
+        try:
+            view = self.member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=bound)
+        except MembershipTimeout:
+            view = self.member.current()
+            for d in sorted(set(dead) & set(view.live)):  # membership is the truth: forget the suspicion
+                self._count("suspicion_withdrawn")
+                self.reported_dead.discard(d)
+                self.liveness.mark_alive(d, view.incarnations.get(d))
+        gone = [d for d in dead if d not in view.live]
+        self.state.mark_failed([d for d in gone if self.state.is_alive(d)], reason="updater")
         return sorted(view.live)
 
     def _retarget(self, live: List[int]) -> Tuple[np.ndarray, Placement]:
@@ -204,10 +239,14 @@ class UpdaterSide:
             self.updater.begin(target, self._on_update_failure)
 
     def move_chunk(self, update: UpdateFigures) -> float:
-        """One chunk of the pending update, if any; returns the pause it took."""
+        """The step boundary of the pending update, if any; returns the pause it took. With the
+        background updater it commits the chunk every rank has staged and keeps the next ones moving
+        (the transfers run on its thread during the next forward pass); with the synchronous one it
+        moves and commits one chunk."""
         if self.updater.target is None or self.updater.done:
             return 0.0
         t1 = time.perf_counter()
+        before = self.updater.placement
         try:
             rep = self.updater.step()
         except UpdateFailure as exc:
@@ -216,10 +255,13 @@ class UpdaterSide:
         except PeerFailure as exc:  # a second death while the updater handled a first one
             rep = None
             self._recover(exc, "update_replans")
+        placement = self.updater.placement
+        if placement is not before:  # a commit or a recovery: serve on what is committed
+            prepared = getattr(self.updater, "prepared", None)  # its routing table, built on the thread
+            self.dispatcher.set_placement(prepared[1] if prepared and prepared[0] is placement else placement)
         pause = time.perf_counter() - t1
         if rep is not None:
             update.add(rep)
-        self.dispatcher.set_placement(self.updater.placement)
         return pause
 
     def _abandon(self, exc: UpdateFailure) -> None:
