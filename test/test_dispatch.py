@@ -319,3 +319,98 @@ def test_torch_dispatcher_survives_a_killed_rank():
             for r in by_step[step]:
                 assert r["wrong"] == 0 and r["live"] == [0, 1], (rank, r)
         assert stats["peer_failures"] == 1
+
+
+# ------------------------------------------------------------------------------ broken until rebuilt
+
+LATE = 2.0  # the deadline of the exchange left by knowledge: its gloo work times out then, after the rebuild
+
+
+def _broken_worker(rank, port, out):
+    """Two ranks. (1) A wait on a raw group left by knowledge (deadline an hour away) marks that
+    group broken. (2) Rank 0's exchange is left by knowledge while rank 1 stays silent (its gloo
+    work stays posted, to time out at LATE); rank 1 was alive after all: both rebuild with
+    set_peers(rebuild=True), the old group's late timeout passes, and the new group moves rows
+    exactly both ways, nobody recorded dead."""
+    import datetime
+    import threading
+
+    from sglang_elastic.dispatch.torch_a2a import TorchExchange
+    from sglang_elastic.transport import Liveness, PairWaiter, PeerFailure, form_group
+
+    try:
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
+        res = {}
+        lv = Liveness()
+        raw = form_group(store, "test/raw", ((0, 1), (1, 1)), rank, 1, torch.device("cpu"), 60, "127.0.0.1")
+        if rank == 0:
+            work = raw.gloo.recv([torch.empty(4)], 1, 7)     # rank 1 never sends it
+            threading.Timer(0.2, lv.mark_dead, args=(1, "test: known dead")).start()
+            p, exc = PairWaiter(raw, {1: [work]}, time.monotonic() + 3600, lv, "a test wait").next(
+                time.monotonic() + 3600)
+            res["knowledge"] = (p, isinstance(exc, PeerFailure), raw.broken)
+            lv.mark_alive(1)
+        store.set(f"raw/{rank}", "1")
+        store.wait([f"raw/{1 - rank}"])
+
+        ex = TorchExchange(rank, store, device=torch.device("cpu"), liveness=lv, ns="test/broken")
+        ex.set_peers([0, 1])
+        old = ex.group
+        W = 8
+
+        def send(n, v):
+            hdr = torch.tensor([1, 1, n, 0], dtype=torch.int64)
+            return hdr, torch.full((n, W), v, dtype=torch.uint8)
+
+        t_first = time.monotonic()
+        if rank == 0:
+            threading.Timer(0.2, lv.mark_dead, args=(1, "test: known dead")).start()
+            got, failed = ex.run(1, 1, {1: send(3, 5)}, W, t_first + LATE)
+            res["first"] = (sorted(got), failed, ex.broken, ex.run(2, 1, {1: send(1, 1)}, W, t_first + LATE))
+            lv.mark_alive(1)   # membership kept it: re-admitted
+        store.set(f"first/{rank}", "1")
+        store.wait([f"first/{1 - rank}"])
+        ex.set_peers([0, 1], rebuild=True)
+        res["rebuilt"] = (ex.group is not old, ex.broken)
+        time.sleep(max(0.0, t_first + LATE + 1.0 - time.monotonic()))  # past the old group's deadline
+        got, failed = ex.run(3, 1, {1 - rank: send(2 + rank, 10 + rank)}, W, time.monotonic() + 60)
+        hdr, rows = got[1 - rank]
+        res["second"] = (failed, ex.broken, int(hdr[2]), rows.tolist() == [[11 - rank] * W] * (3 - rank))
+        res["dead"] = sorted(lv.dead())
+        out.put((rank, "ok", res))
+    except Exception:
+        out.put((rank, "error", traceback.format_exc()))
+    out.close()
+    out.join_thread()
+    os._exit(0)  # helper threads of the abandoned waits may still block; nothing is left to flush
+
+
+def test_torch_group_broken_by_knowledge_until_rebuilt():
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_broken_worker, args=(r, port, out), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = {}
+    try:
+        for _ in range(2):
+            rank, status, payload = out.get(timeout=120)
+            assert status == "ok", f"rank {rank}:\n{payload}"
+            res[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        del store
+    assert res[0]["knowledge"] == (1, True, True)          # left by knowledge: the group is broken
+    got, failed, broken, again = res[0]["first"]
+    assert got == [] and failed == [1] and broken           # ... and so is the dispatcher's
+    assert again == ({}, [])                                # nothing moves on it, nobody is blamed
+    for r in (0, 1):
+        assert res[r]["rebuilt"] == (True, False)
+        # the old group's late timeout did not touch the new one; rows move exactly both ways
+        assert res[r]["second"] == ([], False, 3 - r, True), res[r]
+        assert res[r]["dead"] == []

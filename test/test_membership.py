@@ -233,6 +233,12 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _stop_heartbeats(c: MembershipClient) -> None:
+    """An in-process client falls silent (its heartbeat thread stops; its connection stays open)."""
+    c._stop.set()
+    c._thread.join()
+
+
 # ---------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0"])
 def test_sigkill_survivors_agree_on_one_bump(victim):
@@ -341,7 +347,8 @@ def test_threads_as_ranks_ten_cycles_scale_up_no_leaks():
             how = cycle % 3
             if how == 0:      # crash: silence -> heartbeat timeout
                 c.close()
-            elif how == 1:    # a peer's transport saw PeerFailure
+            elif how == 1:    # it falls silent and a peer's transport saw PeerFailure: confirmed
+                _stop_heartbeats(c)
                 stable[1].report_dead(rank, "PeerFailure in a transfer")
                 c.wait_for_epoch(lambda v: not v.is_live(rank), DEADLINE)
                 assert c.is_declared_dead()
@@ -376,7 +383,7 @@ def test_stale_requests_are_ignored():
         for c in clients:
             c.join(timeout=DEADLINE)
         old_inc = clients[1].incarnation
-        clients[0].report_dead(1, "peer failure")
+        srv.declare_dead(1, "the orchestrator fenced it")
         clients[1].wait_for_epoch(lambda v: not v.is_live(1), DEADLINE)
         v = clients[1].join(timeout=DEADLINE)
         assert clients[1].incarnation == old_inc + 1
@@ -518,4 +525,36 @@ def test_sigkill_is_known_everywhere_through_the_connection_not_a_timeout():
         time.sleep(5 * cl.server.tick_s)
         assert cl.server.current().live == (1, 3) and cl.server.liveness.dead() == {0}
     finally:
+        cl.close()
+
+
+def test_a_report_is_a_suspicion_confirmed_only_by_silence():
+    """A member's report evicts a rank only when it shows no sign of life past the grace: a live,
+    heartbeating rank that a peer gave up on (a slow peer, a broken group) stays; a frozen one goes
+    on the report alone (the heartbeat timeout is an hour here). Non-members cannot report."""
+    cl = Cluster(3, heartbeat_timeout_s=3600.0, suspicion_grace_s=0.3)
+    raw = None
+    try:
+        cl.start_all([0, 1, 2])
+        e0 = cl.wait_all({"live": [0, 1, 2]})[0]["epoch"]
+        cl.ranks[1].call("report_dead", 2)        # rank 2 is alive and heartbeating
+        time.sleep(10 * cl.server.suspicion_grace_s)
+        assert cl.server.current().epoch == e0 and cl.server.current().live == (0, 1, 2)
+        assert not cl.server._suspects             # the suspicion was dropped, not left pending
+
+        cl.ranks[2].signal(signal.SIGSTOP)        # now it is silent: a report from a non-member is
+        raw = dist.TCPStore(HOST, cl.server.port, is_master=False, wait_for_workers=False)
+        raw.queue_push("sglang_elastic/membership/requests", json.dumps(
+            {"op": "dead", "rank": 2, "inc": None, "reporter": 5, "reporter_inc": 1, "reason": "no member"}))
+        time.sleep(10 * cl.server.suspicion_grace_s)
+        assert cl.server.current().live == (0, 1, 2)   # still ignored
+        cl.ranks[0].call("report_dead", 2)        # ...and a member's report is confirmed by silence
+        after = cl.wait_all({"live": [0, 1]}, ranks=[0, 1])
+        _assert_agree(after, [0, 1], e0 + 1)
+        reason = cl.server.current().changes[0].reason
+        assert "reported by rank 0" in reason and "no sign of life" in reason, reason
+        cl.ranks[2].signal(signal.SIGCONT)
+        assert cl.ranks[2].call("status")["status"] == "dead"
+    finally:
+        del raw
         cl.close()

@@ -275,8 +275,13 @@ class Exchange(ABC):
             deadline: float) -> Tuple[Dict[int, Tuple[torch.Tensor, torch.Tensor]], List[int]]:
         """Exchange with the peers in ``sends`` (never this rank); see the class docstring."""
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
-        """Membership changed: connect new peers, forget departed ones (collective where needed)."""
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
+        """Membership changed: connect new peers, forget departed ones (collective where needed).
+
+        ``rebuild``: also drop and re-form the connections to peers that stay (collective: every
+        member passes it at the same point), e.g. when a peer this rank gave up on was re-admitted
+        because membership kept it (a timeout on a slow peer may have left pairs unusable, or
+        message counters out of step)."""
 
     def close(self) -> None:
         """Release everything."""

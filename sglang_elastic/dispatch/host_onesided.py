@@ -43,9 +43,10 @@ class _OneSidedDispatcher(HostDispatcher):
         if connect:  # a joining rank may connect later; peers are also connected on first contact
             self.set_peers(self.state.live_ranks())
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
-        """Connect ``ranks`` and forget the other peers (not collective; nothing is rebuilt)."""
-        self.exchange.set_peers(ranks)
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
+        """Connect ``ranks`` and forget the other peers (not collective; nothing is rebuilt unless
+        ``rebuild``, which every member passes together: see :meth:`Exchange.set_peers`)."""
+        self.exchange.set_peers(ranks, rebuild)
 
     def close(self) -> None:
         if self.exchange is not None:

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..transport import Group, Liveness, PairWaiter, PeerDirectory, PeerFailure, PeerWatch, form_group, is_timeout
-from ..transport.groups import td
+from ..transport import (Group, Liveness, PairWaiter, PeerDirectory, PeerFailure, PeerWatch, form_group, is_timeout,
+                         wait_work)
 from .base import Exchange, HostDispatcher
 
 __all__ = ["TorchExchange", "TorchDispatcher"]
@@ -44,11 +44,14 @@ class TorchExchange(Exchange):
         self.directory.publish({})
         self.group: Optional[Group] = None
         self._view = None
-        # A gloo wait that times out closes every pair of the context, not just the silent peer's:
-        # the group is then unusable until set_peers() rebuilds it (see run()).
-        self.broken = False
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
+    @property
+    def broken(self) -> bool:
+        """The group in use is broken (a wait timed out or was left by knowledge: its pairs may be
+        closed; :mod:`sglang_elastic.transport.groups`): nothing moves until :meth:`set_peers`."""
+        return self.group is not None and self.group.broken
+
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
         ranks = sorted({int(r) for r in ranks} | {self.rank})
         deadline = time.monotonic() + self.connect_timeout_s
         # A rank that restarts must create its dispatcher before it is announced live, so the
@@ -58,7 +61,7 @@ class TorchExchange(Exchange):
         if missing:
             raise PeerFailure(missing[0], f"rank(s) {missing} never created a torch dispatcher")
         view = tuple((r, incs[r]) for r in ranks)
-        if view == self._view and self.group is not None and not self.broken:
+        if view == self._view and self.group is not None and not self.group.broken and not rebuild:
             return
         self._drop()
         for r, inc in view:
@@ -69,16 +72,10 @@ class TorchExchange(Exchange):
             self.group = form_group(self.store, f"{self.ns}/grp", view, self.rank, self.incarnation, self.device,
                                     self.connect_timeout_s, self.host, "torch dispatcher", liveness=self.liveness)
 
-    def _break(self, g: Group) -> None:
-        # Only the group in use: a helper thread of a group already replaced by set_peers() may time
-        # out later, and must not stop the new group (nothing would rebuild it: a stall).
-        if g is self.group:
-            self.broken = True
-
     def _drop(self) -> None:
         if self.group is not None:
             self.group.destroy()
-        self.group, self._view, self.broken = None, None, False
+        self.group, self._view = None, None
 
     def run(self, seq, phase, sends, row_bytes, deadline):
         if not sends:
@@ -90,7 +87,7 @@ class TorchExchange(Exchange):
                                "set_peers() after a membership change")
         if self.device.type == "cuda":
             return self._run_nccl(g, sends, row_bytes, deadline)
-        if self.broken:  # nothing can move until set_peers(); nobody is to blame for that
+        if g.broken:  # nothing can move until set_peers(); nobody is to blame for that
             return {}, []
         return self._run_gloo(g, sends, row_bytes, deadline)
 
@@ -109,64 +106,72 @@ class TorchExchange(Exchange):
                 if rows.shape[0]:
                     outs.append(g.gloo.send([rows.contiguous()], g.index[p], _TAG_ROWS))
             except RuntimeError as exc:  # a pair whose peer is already gone raises at post time
-                self.watch.dead(p, f"its connection failed: {str(exc).splitlines()[0]}")
+                self._conn_failed(g, p, exc, g.broken)
                 failed.append(p)
                 continue
             posted[p] = (hin, rh, outs)
         # One waiter per peer: a frozen peer uses up its own deadline only (a gloo wait that times out
         # also closes its pair, so waits cannot be sliced into polls); a peer known dead is left at once.
+        # A timed-out or abandoned wait breaks the group (transport.groups: PairWaiter and wait_work
+        # mark it): nothing more moves on it until set_peers() rebuilds it.
         fns = {p: (lambda p=p: self._finish_pair(g, p, *posted[p], row_bytes, deadline)) for p in posted}
         waiter = PairWaiter.calls(g, fns, self.liveness, "torch dispatch")
         got: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         while waiter.pending:
             nxt = waiter.next(deadline + 1.0)  # the helper threads themselves end by the deadline
-            if nxt is None:
+            if nxt is None:  # silent until the deadline: given up on (blamed)
                 failed.extend(sorted(waiter.pending))
-                self._break(g)
                 break
             p, res = nxt
-            if res is None or isinstance(res, PeerFailure):
+            if isinstance(res, BaseException):
                 failed.append(p)
-                if isinstance(res, PeerFailure):
-                    # Left by knowledge while its gloo work is still posted: that work times out later
-                    # and closes every pair of the context, so nothing more moves on this group
-                    # until set_peers() rebuilds it (else live partners would be blamed then).
-                    self._break(g)
             else:
                 got[p] = res
+            if g.broken and time.monotonic() < deadline:
+                # Broken early (a frozen peer declared dead was abandoned): its work may time out
+                # any time and close every pair, so the peers still pending are not waited for;
+                # their pairs are lost (the batch is served again) and nobody is blamed for them.
+                break
         return got, failed
 
     def _finish_pair(self, g: Group, p: int, hin, rh, outs, row_bytes: int, deadline: float):
-        """Wait for peer ``p``'s header and rows and for our sends to it; ``None`` if it failed.
+        """Wait for peer ``p``'s header and rows and for our sends to it; the error if it failed.
         (gloo works may be waited for once only: a second wait blocks for another message.)"""
-        if not self._wait(g, p, rh, deadline):
-            return None
+        exc = self._wait(g, p, rh, deadline)
+        if exc is not None:
+            return exc
         n = int(hin[2:].sum())
         buf = torch.empty(n, row_bytes, dtype=torch.uint8)
         if n:
+            broken = g.broken
             try:
                 rr = g.gloo.recv([buf], g.index[p], _TAG_ROWS)
             except RuntimeError as exc:
-                self.watch.dead(p, f"its connection failed: {str(exc).splitlines()[0]}")
-                return None
-            if not self._wait(g, p, rr, deadline):
-                return None
+                self._conn_failed(g, p, exc, broken)
+                return exc.with_traceback(None)
+            exc = self._wait(g, p, rr, deadline)
+            if exc is not None:
+                return exc
         # Sends must be complete before the caller reuses its buffers.
         for w in outs:
-            if not self._wait(g, p, w, deadline):
-                return None
+            exc = self._wait(g, p, w, deadline)
+            if exc is not None:
+                return exc
         return hin, buf
 
-    def _wait(self, g: Group, peer: int, work, deadline: float) -> bool:
-        try:
-            work.wait(td(deadline - time.monotonic()))
-            return True
-        except RuntimeError as exc:
-            if is_timeout(exc):  # alive but silent; the timed-out wait closed every pair of the context
-                self._break(g)
-            else:  # its connection closed: it is gone
-                self.watch.dead(peer, f"its connection failed: {str(exc).splitlines()[0]}")
-            return False
+    def _wait(self, g: Group, peer: int, work, deadline: float) -> Optional[BaseException]:
+        broken = g.broken
+        exc = wait_work(g, work, deadline)  # a failure marks the group broken
+        if exc is not None and not is_timeout(exc):
+            self._conn_failed(g, peer, exc, broken)
+        return exc
+
+    def _conn_failed(self, g: Group, peer: int, exc: BaseException, was_broken: bool) -> None:
+        """A pair's connection failed: its peer is gone (only that pair failed), unless our group
+        was broken already (a timeout here closed every pair, or set_peers() aborted it): then it is
+        no evidence."""
+        if g is self.group and not was_broken:
+            self.watch.dead(peer, f"its connection failed: {str(exc).splitlines()[0]}")
 
     def _run_nccl(self, g: Group, sends, row_bytes, deadline):
         members = g.members
@@ -238,9 +243,10 @@ class TorchDispatcher(HostDispatcher):
         if connect:  # a joining rank connects later, when the others are told about it
             self.set_peers(self.state.live_ranks())
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
-        """Rebuild the group over ``ranks`` (collective over them), e.g. after a rank joined."""
-        self.exchange.set_peers(ranks)
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
+        """Rebuild the group over ``ranks`` (collective over them), e.g. after a rank joined; with
+        ``rebuild`` even when the members are unchanged (every member must pass it together)."""
+        self.exchange.set_peers(ranks, rebuild)
 
     def close(self) -> None:
         self.exchange.close()

@@ -15,9 +15,20 @@ member ``(rank, incarnation)`` is declared dead when
   process that dies, so a SIGKILL is known in about a millisecond), or
 * the server has not seen its heartbeat move for more than ``heartbeat_timeout_s`` (frozen,
   partitioned, or its host vanished), or
-* a *live* member reported it dead (naming its current incarnation or none), or the
-  orchestrator called :meth:`MembershipServer.declare_dead`, or
+* the orchestrator called :meth:`MembershipServer.declare_dead`, or
+* a *live* member reported it dead (naming its current incarnation or none) **and** it then showed
+  no sign of life (no heartbeat moved, no line on its watch connection) for more than
+  ``suspicion_grace_s`` (default ``heartbeat_timeout_s / 2``), or
 * a newer incarnation of the same rank id joined (the old process is replaced), or it left.
+
+A member's report is a *suspicion*, not a verdict: the reporter may only have been slow itself
+(blocked on a dead peer, a timeout under load, a process group another failure broke). A pending
+suspicion is re-checked at every tick: confirmed when the suspect stays silent past the grace,
+dropped (one log line saying why) as soon as a sign of life newer than the report arrives. So a
+live rank that keeps heartbeating is never evicted by a peer's report, and a frozen one is evicted
+by the report within ``suspicion_grace_s`` of its last sign of life (never later than its
+heartbeat timeout would). Local suspicion may act first (a rank masks a peer it gave up on) but
+never contradicts the agreed record: ranks re-admit a peer the record still lists.
 
 All changes found in one tick (several deaths, joins) are published together as ONE epoch bump:
 a record ``{epoch, live, incarnations, changes}`` under ``<ns>/view/<epoch>`` and ``<ns>/view``,
@@ -30,7 +41,8 @@ scale-up-after-scale-down hang of vLLM's NIXL-EP PR came from exactly such stale
 Detection time: a dead process at once (its connection's end wakes the monitor); a silent one at
 the first tick at which more than ``heartbeat_timeout_s`` passed since the server last saw its
 heartbeat, at most ``heartbeat_timeout_s + 2 * tick_s`` after the rank's last heartbeat
-(:attr:`MembershipServer.detection_bound_s`). Every client gets the new record pushed. See
+(:attr:`MembershipServer.detection_bound_s`); a silent one that a member reported, at most
+``suspicion_grace_s + 2 * tick_s`` after its last sign of life or at the report, whichever is later. Every client gets the new record pushed. See
 ``docs/elastic-state.md``.
 """
 from __future__ import annotations
@@ -67,6 +79,8 @@ class MembershipServer:
         store_timeout_s: timeout of the server's own store operations.
         liveness: the :class:`~sglang_elastic.transport.Liveness` this server feeds with every
             death it publishes (default: a private one, :attr:`liveness`), for the orchestrator's waits.
+        suspicion_grace_s: how long a member another member reported must stay silent before the
+            report is acted on (default ``heartbeat_timeout_s / 2``; at most ``heartbeat_timeout_s``).
 
     The watch socket listens on ``host`` too (:attr:`watch_address`); its address is published in
     the store's config record, so clients need only the store's address.
@@ -84,6 +98,7 @@ class MembershipServer:
         namespace: str = DEFAULT_NAMESPACE,
         store_timeout_s: float = 30.0,
         liveness: Optional[Liveness] = None,
+        suspicion_grace_s: Optional[float] = None,
     ) -> None:
         self.world_size = _check_rank(world_size, "world_size")
         if self.world_size < 1:
@@ -94,6 +109,9 @@ class MembershipServer:
         self.heartbeat_timeout_s = _check_positive(heartbeat_timeout_s, "heartbeat_timeout_s")
         self.tick_s = (min(0.25, max(0.01, self.heartbeat_timeout_s / 10)) if tick_s is None
                        else _check_positive(tick_s, "tick_s"))
+        self.suspicion_grace_s = (self.heartbeat_timeout_s / 2 if suspicion_grace_s is None
+                                  else min(_check_positive(suspicion_grace_s, "suspicion_grace_s"),
+                                           self.heartbeat_timeout_s))
         if not hasattr(dist.TCPStore, "queue_push"):
             raise MembershipError("sglang_elastic.membership needs torch >= 2.6 (TCPStore queues)")
         self.host = host
@@ -105,6 +123,8 @@ class MembershipServer:
         self._live: Dict[int, int] = {}            # rank -> incarnation of its live member
         self._known: Dict[int, int] = {}           # rank -> last incarnation that was a member
         self._hb: Dict[int, Tuple[bytes, float]] = {}  # rank -> (counter seen, when seen)
+        # rank -> (incarnation, when reported, why): reports by members, not yet confirmed
+        self._suspects: Dict[int, Tuple[int, Optional[float], str]] = {}
         self._view = MembershipView(0, (), {}, ())
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -253,6 +273,7 @@ class MembershipServer:
                 elif now - when > self.heartbeat_timeout_s:
                     changes.append(self._remove(r, "failed", f"no heartbeat for {now - when:.2f} s "
                                                              f"(timeout {self.heartbeat_timeout_s:g} s)"))
+            self._judge_suspects(now, changes)
         if changes:
             view = MembershipView(
                 epoch=self._view.epoch + 1,
@@ -279,7 +300,29 @@ class MembershipServer:
             self._view = view
             self._cond.notify_all()
 
+    def _judge_suspects(self, now: float, changes: List[MembershipChange]) -> None:
+        """Confirm or drop each pending report (after this tick's heartbeats were read)."""
+        for r, (inc, t_report, why) in list(self._suspects.items()):
+            if self._live.get(r) != inc:  # gone meanwhile (another verdict) or replaced
+                del self._suspects[r]
+                continue
+            last = self._hb[r][1]  # the last sign of life: a heartbeat moved or a watch line came
+            if t_report is None:
+                # Reported this tick: a heartbeat this tick saw move may predate the report, so only
+                # signs seen after now clear the suspect.
+                t_report = now
+                self._suspects[r] = (inc, t_report, why)
+            if now - last > self.suspicion_grace_s:
+                del self._suspects[r]
+                changes.append(self._remove(r, "failed", f"{why}; confirmed: no sign of life for "
+                                                         f"{now - last:.2f} s (grace {self.suspicion_grace_s:g} s)"))
+            elif last > t_report:
+                del self._suspects[r]
+                logger.info("membership: not acting on the report on rank %d (%s): it is alive (a sign of life "
+                            "%.2f s after the report)", r, why, last - t_report)
+
     def _remove(self, rank: int, kind: str, reason: str) -> MembershipChange:
+        self._suspects.pop(rank, None)
         inc = self._live.pop(rank)
         self._hb.pop(rank, None)
         with self._store_lock:
@@ -328,11 +371,11 @@ class MembershipServer:
                 logger.info("membership: ignoring report on rank %d from non-member %s#%s", rank, reporter, rinc)
                 return
             if req.get("source") == "watch":
-                why = str(req.get("reason", ""))
-            else:
-                who = "orchestrator" if reporter is None else f"rank {reporter}"
-                why = f"reported by {who}: {req.get('reason', '')}"
-            changes.append(self._remove(rank, "failed", why))
+                changes.append(self._remove(rank, "failed", str(req.get("reason", ""))))
+            elif reporter is None:  # the orchestrator's verdict (it saw the process exit, or fences it)
+                changes.append(self._remove(rank, "failed", f"reported by orchestrator: {req.get('reason', '')}"))
+            elif rank not in self._suspects:  # a member's suspicion: judged at every tick (_judge_suspects)
+                self._suspects[rank] = (cur, None, f"reported by rank {reporter}: {req.get('reason', '')}")
         else:
             logger.warning("membership: unknown request %r", req)
 

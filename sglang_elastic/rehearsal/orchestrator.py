@@ -7,6 +7,8 @@ Steps are lockstep (messages in :mod:`.protocol`). One step, in named phases:
    drains act before the step; kills and freezes are armed on their rank and land at their phase;
 2. :meth:`Orchestrator._adopt_deaths` - deaths membership decided since the last plan leave the live
    set (a frozen process is fenced with SIGKILL), and a recovery rebalance is planned;
+   :meth:`Orchestrator._readmit_suspects` - peers some rank gave up on that membership kept (a slow
+   peer, not a dead one) are re-admitted by every rank together (``StepPlan.readmit``);
 3. :meth:`Orchestrator._release_drained` - drained ranks whose update is committed leave;
 4. :meth:`Orchestrator._plan_step` - retried batches first, then one new batch per serving rank;
 5. :meth:`Orchestrator._collect` - every live rank's answer, or membership's verdict that it died;
@@ -62,6 +64,7 @@ class _Step:
     faults: List[FaultSpec] = field(default_factory=list)
     stop_the_world: bool = False
     leaving_now: List[int] = field(default_factory=list)
+    readmit: List[int] = field(default_factory=list)
 
 
 class Orchestrator:
@@ -86,6 +89,7 @@ class Orchestrator:
         self.watcher: Optional[ChildWatcher] = None
         self._ver = 0
         self._ctx = mp.get_context("spawn")
+        self._suspects: set = set()   # ranks some rank gave up on in the last step (StepResult.suspects)
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, rank: int, joiner: bool) -> None:
@@ -245,6 +249,7 @@ class Orchestrator:
         ctx = _Step(step)
         self._play_events(ctx)
         self._adopt_deaths(ctx)
+        self._readmit_suspects(ctx)
         self._release_drained(ctx)
         plan = self._plan_step(ctx)
         rec = StepRecord(step=step, phase=self.st.phase, live=list(self.st.live), t_start=time.time(),
@@ -261,7 +266,7 @@ class Orchestrator:
         self._feed_metrics(rec)
         if self.progress:
             self.progress(rec, dict(queue=len(self.st.queue), update_active=self.st.update_active))
-        self._next_phase()
+        self.st.settle_phase()
 
     def _play_events(self, ctx: _Step) -> None:
         """Rebalances, joins and drain starts act now; kills and freezes are armed for the plan."""
@@ -327,6 +332,21 @@ class Orchestrator:
             st.pending_target = self._plan_rebalance(self._serving(), from_scratch=c.recovery == "stop_the_world")
             ctx.stop_the_world = c.recovery == "stop_the_world"
 
+    def _readmit_suspects(self, ctx: _Step) -> None:
+        """Ranks a peer gave up on that membership still lists (a report is a suspicion, confirmed
+        only by silence) are re-admitted by every rank at once: a new epoch, masks and dispatcher
+        connections rebuilt together. Counted as ``suspicion_withdrawn``."""
+        st, view = self.st, self.membership.current()
+        back = sorted(r for r in self._suspects if r in st.live and r in view.live)
+        self._suspects = set()
+        if not back:
+            return
+        log.info("step %d: re-admitting rank(s) %s: given up on by a peer, still live in membership", ctx.step, back)
+        ctx.readmit = back
+        st.epoch += 1
+        st.recovery_totals["suspicion_withdrawn"] = st.recovery_totals.get("suspicion_withdrawn", 0) + len(back)
+        ctx.events.append(f"readmit {back}")
+
     def _release_drained(self, ctx: _Step) -> None:
         """Drained ranks whose update completed get no batch and leave with this plan."""
         st = self.st
@@ -353,7 +373,7 @@ class Orchestrator:
         passes = -(-max(len(v) for v in batches.values()) // BATCHES_PER_PASS)
         plan = StepPlan(step=ctx.step, live=list(st.live), epoch=st.epoch, batches=batches, passes=passes,
                         batches_per_pass=BATCHES_PER_PASS, target=st.pending_target, update_all=ctx.stop_the_world,
-                        leave=ctx.leaving_now, draining=sorted(st.leaving), faults=ctx.faults)
+                        leave=ctx.leaving_now, draining=sorted(st.leaving), faults=ctx.faults, readmit=ctx.readmit)
         st.batches = batches
         if st.pending_target is not None:
             st.update_active = True
@@ -390,6 +410,7 @@ class Orchestrator:
             if r not in results:
                 st.queue.extend(plan.batches_of(r))
         for res in results.values():
+            self._suspects.update(res.suspects)
             for p in res.passes:
                 if p.ok:
                     rec.batches_done += 1
@@ -459,31 +480,11 @@ class Orchestrator:
     def _track_recovery(self, step: int, results: Dict[int, StepResult], all_ok: bool, rec: StepRecord) -> None:
         """Close each adopted failure whose in-flight requests (the batches it made us serve again)
         are now all served correctly; one with none closes at the first step where everything was."""
-        st = self.st
         t_done = {p.batch: p.t_done for res in results.values() for p in res.passes if p.ok and p.mismatch == 0}
-        queued = set(st.queue)
-        for f in [f for f in st.open_failures if f.adopted_step is not None and f.adopted_step <= step]:
-            if f.in_flight:
-                if queued & set(f.in_flight) or not set(f.in_flight) <= set(t_done) | set(f.served):
-                    f.served += [b for b in f.in_flight if b in t_done and b not in f.served]
-                    continue
-                t_ok = max(t_done.get(b, 0.0) for b in f.in_flight)
-            elif all_ok and not st.queue and rec.mismatches == 0:
-                t_ok = max((res.t_served for res in results.values()), default=rec.t_end)
-            else:
-                continue
-            f.interruption_s = t_ok - f.t_event
-            f.recovered_step = step
-            st.open_failures.remove(f)
-            st.failures.append(f)
+        t_served = max((res.t_served for res in results.values()), default=rec.t_end)
+        for f in self.st.close_recovered(step, t_done, all_ok and rec.mismatches == 0, t_served):
             if self.metrics is not None:
                 self.metrics.observe_failover(max(f.interruption_s, 0.0))
-
-    def _next_phase(self) -> None:
-        st = self.st
-        if st.phase in ("failover", "rebalance", "scale-up", "scale-down") and not st.update_active \
-                and not st.open_failures and not st.armed:
-            st.phase = "steady"
 
     def _feed_metrics(self, rec: StepRecord) -> None:
         m = self.metrics

@@ -155,6 +155,9 @@ class StepPlan(_Message):
     draining: List[int] = field(default_factory=list)  # ranks being drained (never re-planned onto)
     faults: List[FaultSpec] = field(default_factory=list)
     stop: bool = False
+    # Ranks some rank gave up on (masked) that membership kept: every rank re-admits them and
+    # rebuilds its dispatcher connections at this plan (collective), see Rank.adopt_serving_membership.
+    readmit: List[int] = field(default_factory=list)
 
     _nested_lists = {"faults": FaultSpec}
 
@@ -219,6 +222,7 @@ class StepResult(_Message):
     update_done: bool
     placement: Optional[List[List[int]]]
     dead_seen: List[int] = field(default_factory=list)
+    suspects: List[int] = field(default_factory=list)        # live in the plan, given up on here
     degraded: Dict[str, int] = field(default_factory=dict)   # degraded mode -> count (this step)
     recoveries: Dict[str, int] = field(default_factory=dict)  # collectives re-planned after a death
 

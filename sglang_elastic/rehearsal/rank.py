@@ -147,19 +147,28 @@ class Rank(UpdaterSide):
 
     # ------------------------------------------------------------------ serving
     def adopt_serving_membership(self, plan: StepPlan) -> bool:
-        """Adopt the plan's live set for serving (mask and dispatcher peers); True if it changed."""
+        """Adopt the plan's live set for serving (mask and dispatcher peers); True if it changed.
+
+        The plan's live set is the agreed one: a peer this rank gave up on (masked, reported) that is
+        in it is alive as far as membership knows, so it is re-admitted here (mask, Liveness, the
+        report forgotten). When the plan names such peers (``readmit``), every rank rebuilds its
+        dispatcher connections together: a give-up may have left pairs unusable (a gloo group whose
+        wait timed out) or message counters out of step."""
         if plan.epoch == self.epoch:
             return False
-        self.state.apply_membership(sorted(plan.live), plan.epoch)
         live = sorted(plan.live)
+        self._readmit(live)
+        self.state.apply_membership(live, plan.epoch)
+        rebuild = bool(plan.readmit)
         for _ in range(MAX_RECOVERIES):
             try:
-                self.dispatcher.set_peers(live)
+                self.dispatcher.set_peers(live, rebuild=rebuild)
                 break
             except PeerFailure as exc:  # died after the plan was made: mask it, serve the others
                 dead = set(getattr(exc, "ranks", None) or [exc.rank])
                 self.state.mark_failed(sorted(dead), reason="dispatcher set_peers")
                 live = [r for r in live if r not in dead]
+                rebuild = False  # once: a second reset here alone would put this rank out of step
         return True
 
     def forward(self, batch_ids: List[int]) -> List[PassResult]:
@@ -208,6 +217,23 @@ class Rank(UpdaterSide):
             if d in self.live and d not in self.reported_dead:
                 self.reported_dead.add(d)
                 self.member.report_dead(d, "dispatcher gave up on it")
+
+    def _suspects(self) -> List[int]:
+        """Peers of the agreed live set this rank gave up on or holds dead (membership decides)."""
+        return sorted(r for r in self.live if r != self.rank
+                      and (r in self.reported_dead or self.liveness.is_dead(r) or not self.state.is_alive(r)))
+
+    def _readmit(self, live: List[int]) -> None:
+        """Forget local suspicion of peers that the agreed view (the plan's live set, checked against
+        this rank's own latest membership view, which may be newer) still holds alive."""
+        held = [r for r in live if r != self.rank and (r in self.reported_dead or self.liveness.is_dead(r))]
+        if not held:
+            return
+        view = self.member.current()
+        for r in held:
+            if r in view.live:  # a death pushed after the plan was made stays known
+                self.reported_dead.discard(r)
+                self.liveness.mark_alive(r)
 
     def _count(self, mode: str, n: int = 1, kind: str = "degraded") -> None:
         box = self.degraded if kind == "degraded" else self.recoveries
@@ -268,7 +294,7 @@ class Rank(UpdaterSide):
             t_end=time.time(), update=update, update_pause=pause,
             update_done=self.updater.done or self.updater.target is None,
             placement=self.updater.placement.phy2log.tolist(), dead_seen=sorted(self.reported_dead),
-            degraded=self._degraded_now(), recoveries=self._take_recoveries())
+            suspects=self._suspects(), degraded=self._degraded_now(), recoveries=self._take_recoveries())
 
     def close(self, leave: bool) -> None:
         """Leave membership (planned scale-down) and release the stack."""

@@ -107,3 +107,32 @@ class RunState:
     degraded_totals: Dict[str, int] = field(default_factory=dict)
     recovery_totals: Dict[str, int] = field(default_factory=dict)
     phase: str = "warm-up"
+
+    def close_recovered(self, step: int, t_done: Dict[int, float], clean: bool, t_served: float) -> List[FailureRecord]:
+        """Close each failure adopted by ``step`` whose in-flight requests are all served correctly
+        (``t_done``: batch -> when it was served correctly in this step); one that interrupted none
+        closes at the first ``clean`` step (everything served correctly) with nothing queued, at
+        ``t_served``. Returns the failures closed now."""
+        queued, closed = set(self.queue), []
+        for f in [f for f in self.open_failures if f.adopted_step is not None and f.adopted_step <= step]:
+            if f.in_flight:
+                if queued & set(f.in_flight) or not set(f.in_flight) <= set(t_done) | set(f.served):
+                    f.served += [b for b in f.in_flight if b in t_done and b not in f.served]
+                    continue
+                t_ok = max(t_done.get(b, 0.0) for b in f.in_flight)
+            elif clean and not self.queue:
+                t_ok = t_served
+            else:
+                continue
+            f.interruption_s = t_ok - f.t_event
+            f.recovered_step = step
+            self.open_failures.remove(f)
+            self.failures.append(f)
+            closed.append(f)
+        return closed
+
+    def settle_phase(self) -> None:
+        """Back to ``steady`` once no update, failure or armed fault is pending."""
+        if self.phase in ("failover", "rebalance", "scale-up", "scale-down") and not self.update_active \
+                and not self.open_failures and not self.armed:
+            self.phase = "steady"

@@ -32,7 +32,7 @@ from typing import Dict
 
 from .base import Copy, PeerFailure, Transport, slack_s
 from .directory import PeerDirectory
-from .groups import Group, NcclWork, PairWaiter, form_group, is_timeout
+from .groups import Group, NcclWork, PairWaiter, form_group, is_timeout, wait_work
 from .liveness import Liveness
 from .mooncake_endpoint import MooncakeEndpoint, MooncakeOp, import_mooncake
 from .nixl_endpoint import NixlEndpoint, import_nixl, make_agent, memory_kind
@@ -41,7 +41,7 @@ from .watch import PeerUnreachable, PeerWatch, WatchedWait
 
 __all__ = ["Copy", "Liveness", "PeerFailure", "Transport", "make_transport", "KINDS", "slack_s",
            "NixlEndpoint", "import_nixl", "make_agent", "memory_kind", "MooncakeEndpoint", "MooncakeOp",
-           "import_mooncake", "Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "PeerWatch",
+           "import_mooncake", "Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "wait_work", "PeerWatch",
            "WatchedWait", "PeerUnreachable", "store_wait", "PeerDirectory"]
 
 KINDS = ("torch", "nixl", "mooncake")

@@ -10,6 +10,18 @@ A gloo wait cannot be sliced into polls (a wait that times out closes the pair),
 :class:`PairWaiter` waits for each peer's works on a helper thread while the caller watches the
 process's :class:`~sglang_elastic.transport.Liveness`: a peer known dead is given up at once, the
 others keep their own deadline. NCCL works are polled (:class:`NcclWork`).
+
+**Broken until rebuilt** (the one rule, kept here for every user of a group): a gloo wait that
+times out closes *every* pair of its context, not only the silent peer's, so live partners would be
+blamed for the closed pairs later. A group is therefore marked :attr:`Group.broken` when one of its
+waits times out (:func:`wait_work`), and when a :class:`PairWaiter` abandons a wait, leaving a peer
+by knowledge or by its deadline (the abandoned work stays posted and may time out later). Nothing
+more should move on a broken group until its owner builds a new one (``set_peers``); the mark is on
+the group object, so a late timeout of a replaced group never touches its successor. A killed
+peer's pairs fail by themselves within milliseconds (the kernel closed its sockets) and break
+nothing else: a peer known dead is given :data:`KNOWN_DEAD_GRACE_S` to fail that way before its
+wait is abandoned, so every survivor of a kill goes on without breaking (whether it heard of the
+death or saw it first), and only a frozen peer declared dead breaks the group, on every survivor.
 """
 from __future__ import annotations
 
@@ -28,9 +40,13 @@ from .base import PeerFailure
 from .liveness import Liveness
 from .store import store_wait
 
-__all__ = ["Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "td"]
+__all__ = ["Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "td", "wait_work"]
 
 log = logging.getLogger("sglang_elastic.transport")
+
+# How long a wait on a peer known dead may take to end by itself (a killed peer's connection error)
+# before it is abandoned and its group broken (a frozen peer's work stays posted).
+KNOWN_DEAD_GRACE_S = 0.25
 
 View = Tuple[Tuple[int, int], ...]
 
@@ -48,8 +64,9 @@ def is_timeout(exc: BaseException) -> bool:
 
 class Group:
     """One view's process groups over ``members`` (sorted global ranks): ``gloo``, ``nccl`` (cuda
-    only), ``index[rank]`` (the group rank of a global rank), and ``broken`` (set by users when a
-    failure left pairs unusable; the owner rebuilds)."""
+    only), ``index[rank]`` (the group rank of a global rank), and ``broken`` (pairs may be unusable:
+    set by :func:`wait_work`, :class:`PairWaiter` and users, see the module docstring; the owner
+    rebuilds)."""
 
     def __init__(self, members: Tuple[int, ...], gloo, nccl=None) -> None:
         self.members = members
@@ -131,6 +148,20 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
     return Group(members, gloo, nccl)
 
 
+def wait_work(group: Group, work, deadline: float) -> Optional[BaseException]:
+    """Wait for one gloo ``work`` of ``group`` until ``deadline``; None when it completed, else its
+    error (without traceback). A timeout marks the group broken (see the module docstring)."""
+    try:
+        work.wait(td(deadline - time.monotonic()))
+        return None
+    except Exception as exc:  # noqa: BLE001 - handed to the caller, who names the peer
+        if is_timeout(exc):
+            group.broken = True
+        # Without its traceback: its frames hold the works, whose buffers hold the group's sockets
+        # open until a garbage collection.
+        return exc.with_traceback(None)
+
+
 class PairWaiter:
     """Waits for each peer's gloo works (in posting order) on helper threads, until ``deadline``.
 
@@ -139,11 +170,15 @@ class PairWaiter:
     out), ``(peer, PeerFailure)`` when ``liveness`` knows it dead (its helper thread is abandoned;
     it ends when gloo gives up). gloo works may be waited for once only. :meth:`calls` runs any
     per-peer blocking function the same way (``next`` then hands out its return value).
+
+    A peer known dead gets :data:`KNOWN_DEAD_GRACE_S` for its wait to end by itself (a killed peer's
+    connection error); a wait abandoned then, or still pending when ``next`` gives up at ``until``,
+    marks the group broken, as does a wait that timed out (see the module docstring).
     """
 
     def __init__(self, group: Group, works: Dict[int, Sequence[object]], deadline: float,
                  liveness: Optional[Liveness] = None, what: str = "") -> None:
-        fns = {p: (lambda ws=list(ws): self._wait_all(ws, deadline)) for p, ws in works.items()}
+        fns = {p: (lambda ws=list(ws): self._wait_all(group, ws, deadline)) for p, ws in works.items()}
         self._start(group, fns, liveness, what)
 
     @classmethod
@@ -155,20 +190,17 @@ class PairWaiter:
         return self
 
     def _start(self, group: Group, fns, liveness, what) -> None:
-        self.liveness, self.what = liveness, what
+        self.group, self.liveness, self.what = group, liveness, what
         pool = group.pool()
         self._futs: Dict[Future, int] = {pool.submit(fn): p for p, fn in fns.items()}
         self.pending = set(fns)
 
     @staticmethod
-    def _wait_all(works, deadline: float) -> Optional[BaseException]:
+    def _wait_all(group: Group, works, deadline: float) -> Optional[BaseException]:
         for w in works:
-            try:
-                w.wait(td(deadline - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001 - handed to the caller, who names the peer
-                # Without its traceback: its frames hold the works, whose buffers hold the group's
-                # sockets open until a garbage collection.
-                return exc.with_traceback(None)
+            exc = wait_work(group, w, deadline)
+            if exc is not None:
+                return exc
         return None
 
     def next(self, until: float) -> Optional[Tuple[int, Optional[BaseException]]]:
@@ -177,7 +209,15 @@ class PairWaiter:
             if self.liveness is not None:
                 dead = self.liveness.first_dead(sorted(self.pending))
                 if dead is not None:
+                    futs = [f for f, p in self._futs.items() if p == dead]
+                    done, _ = futures_wait(futs, timeout=KNOWN_DEAD_GRACE_S)
                     self._drop(dead)
+                    if len(done) == len(futs) and all(f.exception() is None for f in futs):
+                        res = futs[0].result()
+                        if not isinstance(res, BaseException):
+                            return dead, res  # it finished before it died: the pair is complete
+                    else:  # still blocked (frozen): abandoned, its work may time out later
+                        self.group.broken = True
                     return dead, PeerFailure(dead, f"rank {dead} is dead ({self.liveness.reason(dead)})"
                                                    + (f" during {self.what}" if self.what else ""))
             live = [f for f, p in self._futs.items() if p in self.pending]
@@ -186,8 +226,9 @@ class PairWaiter:
             for f in done:
                 p = self._futs[f]
                 self._drop(p)
-                return p, f.result()
+                return p, f.exception() or f.result()
             if left <= 0:
+                self.group.broken = True  # the pending ones' works stay posted and time out later
                 return None
         return None
 

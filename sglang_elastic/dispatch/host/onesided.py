@@ -199,12 +199,14 @@ class OneSidedExchange(Exchange):
             self._peer_inc.pop(peer, None)
             self._peer_meta.pop(peer, None)
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
         """Connect every rank in ``ranks`` (waiting up to ``connect_timeout_s`` for it to publish),
-        forget the others. Not collective: nothing is rebuilt on any rank."""
+        forget the others. Not collective, except with ``rebuild``: then every peer is forgotten
+        and connected afresh, so message counters restart on both sides of every pair (every member
+        must pass it at the same point; e.g. after a peer given up on was re-admitted)."""
         self._check_open()
         want = sorted({int(r) for r in ranks} - {self.rank})
-        for r in [r for r in self._peer_inc if r not in want]:
+        for r in [r for r in self._peer_inc if r not in want or rebuild]:
             self._disconnect(r)
         deadline = time.monotonic() + self.connect_timeout_s
         missing = [r for r in want if not self._connect(r, deadline, wait=True)]
