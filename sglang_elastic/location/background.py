@@ -186,8 +186,19 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                 self._post(head, t)
         self._enqueue()
         if self.done:
+            if rep is not None and self.backup_layout is not None:  # the last commit, on every rank alike
+                self._submit(self._final_rehome)
             self._free_staging(later=True)
         return rep
+
+    def _final_rehome(self) -> None:
+        """On the thread after the last commit (collective): back up what each chunk's own job could
+        not (an expert its chunk brought back, e.g. reloaded from the checkpoint, had no committed
+        source then). A death under it leaves the pairs it moved absent; the next set_live re-homes."""
+        try:
+            self._rehome()
+        except (PeerFailure, _Transient) as exc:
+            log.info("rank %d: re-homing after the update stopped: %r", self.rank, exc)
 
     def run(self):
         """Generator: the rest of the update back to back, one chunk per ``next()`` (stop-the-world
