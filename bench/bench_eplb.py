@@ -191,14 +191,17 @@ UP_EA = "upstream elasticity_aware"
 OURS_EA = "ours elasticity_aware"
 OURS_EA_NODE = "ours elasticity_aware +nodes"
 OURS_EA_NODE_FRESH = "ours elasticity_aware +nodes fresh"
+OURS_EA_WIDE = "ours elasticity_aware search=wide"
 UP_EA_HIER = "upstream elasticity_aware_hier"
 
 # The default run: ours and the upstream algorithms the targets compare with (--all-algorithms adds
 # our deepseek rewrite and upstream's deepseek_vec / deepseek_hier variants).
-LEAN = {OURS_EA, OURS_EA_NODE, OURS_EA_NODE_FRESH, "upstream deepseek", UP_EA, UP_EA_HIER}
+LEAN = {OURS_EA, OURS_EA_WIDE, OURS_EA_NODE, OURS_EA_NODE_FRESH, "upstream deepseek", UP_EA, UP_EA_HIER}
 
 ALGOS = [
     Algo(OURS_EA, True, False, _ours("elasticity_aware", False)),
+    # The movement-for-time option (docs/eplb.md): every rank under the target is a swap partner.
+    Algo(OURS_EA_WIDE, True, False, _ours("elasticity_aware", False, search="wide")),
     Algo(OURS_EA_NODE, True, True, _ours("elasticity_aware", True)),
     Algo(OURS_EA_NODE_FRESH, True, True, _ours("elasticity_aware", True, fresh=True)),
     Algo("ours deepseek", True, False, _ours("deepseek", False)),

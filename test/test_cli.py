@@ -187,6 +187,20 @@ def test_min_balance_is_passed_to_the_algorithm(capsys, tmp_path):
     assert rep["balancedness_after"] == pytest.approx(balancedness(w, want))
 
 
+def test_search_is_passed_to_the_algorithm(capsys, tmp_path):
+    """--search wide reaches elasticity_aware as search='wide'; the healthy "before" plan ignores it."""
+    w = _load()
+    np.save(tmp_path / "w.npy", w)
+    rc, _, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--current", "healthy", "--dead", 1,
+                      "--search", "wide", "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    healthy = rebalance(w, R, S)
+    want = rebalance(w, R, S, live_ranks=_live([1]), current=healthy, search="wide")
+    assert rep["options"] == {"search": "wide"}
+    assert rep["movement_slots"] == movement(healthy, want)
+
+
 def test_plot_writes_png(capsys, tmp_path):
     np.save(tmp_path / "w.npy", _load())
     rc, out, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--dead", 2, "--current", "healthy",
@@ -273,6 +287,8 @@ BAD = [
     ([*W, "--min-balance", "x"], "argument --min-balance: expected a number in (0, 1], got 'x'"),
     ([*W, "--min-balance", "0.9", "--balance-tolerance", "0.1"], "give --min-balance or --balance-tolerance, not both"),
     ([*W, "--algorithm", "deepseek", "--min-balance", "0.9"], "--min-balance is not an option of the deepseek"),
+    ([*W, "--search", "deep"], "argument --search: invalid choice: 'deep'"),
+    ([*W, "--algorithm", "deepseek", "--search", "wide"], "--search is not an option of the deepseek"),
     ([*W, "--output", "{d}/plan.yaml"], "--output must end in .json or .pt"),
     ([*W, "--output", "{d}/absent_dir/plan.json"], "--output {d}/absent_dir/plan.json: "),
     ([*W, "--json", "{d}/absent_dir/r.json"], "--json {d}/absent_dir/r.json: "),

@@ -120,9 +120,9 @@ def test_invariants_from_scratch(prob):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]))
-def test_invariants_from_current(prob, tol):
-    opts = {} if tol is None else {"balance_tolerance": tol}
+@given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]), st.sampled_from(["narrow", "wide"]))
+def test_invariants_from_current(prob, tol, search):
+    opts = {"search": search} if tol is None else {"balance_tolerance": tol, "search": search}
     p = rebalance(**prob, **opts)
     check_invariants(p, prob)
 
@@ -373,3 +373,17 @@ def test_min_balance_promise_holds_across_families(family, dead):
         q = rebalance(w, 12, 8, live_ranks=live, current=p, min_balance=mb)
         assert balancedness(w, q) >= mb * fresh * (1 - 1e-3), (mb, balancedness(w, q), fresh)
         assert not orphans(q, live).any()
+
+
+def test_wide_search_keeps_the_promise_and_moves_no_more_on_skewed_loads():
+    w = synthetic_load("dirichlet0.3", 12, 96, seed=13)
+    p = rebalance(w, 16, 8)
+    live = np.ones(16, dtype=bool)
+    live[[4, 9]] = False
+    fresh = balancedness(w, rebalance(w, 16, 8, live_ranks=live))
+    narrow = rebalance(w, 16, 8, live_ranks=live, current=p)
+    wide = rebalance(w, 16, 8, live_ranks=live, current=p, search="wide")
+    assert balancedness(w, wide) >= 0.99 * fresh * (1 - 1e-3)
+    assert movement(p, wide) <= movement(p, narrow)
+    with pytest.raises(ValueError, match="search must be one of narrow, wide, got 'all'"):
+        rebalance(w, 16, 8, live_ranks=live, current=p, search="all")

@@ -23,7 +23,7 @@ from .packing import from_scratch
 from .registry import register_algorithm
 from .repair import from_current
 
-__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE"]
+__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES"]
 
 # Defaults of min_balance: (after a failure or scale event, periodic rebalance with the same live set).
 DEFAULT_MIN_BALANCE = (0.99, 1.0)
@@ -50,7 +50,11 @@ def balance_target(w: np.ndarray, n: int, S: int, min_balance: float) -> np.ndar
     return np.where(flat, np.inf, bound / min_balance)
 
 
-def _check_options(min_balance: Optional[float], balance_tolerance: Optional[float], max_swaps: Optional[int]) -> None:
+SEARCHES = ("narrow", "wide")
+
+
+def _check_options(min_balance: Optional[float], balance_tolerance: Optional[float], max_swaps: Optional[int],
+                   search: str = "narrow") -> None:
     if min_balance is not None and balance_tolerance is not None:
         raise ValueError("give min_balance or balance_tolerance, not both (min_balance = 1 / (1 + balance_tolerance))")
     if min_balance is not None and (isinstance(min_balance, bool) or not isinstance(min_balance, (int, float, np.floating))
@@ -62,6 +66,8 @@ def _check_options(min_balance: Optional[float], balance_tolerance: Optional[flo
     if max_swaps is not None and (isinstance(max_swaps, bool) or not isinstance(max_swaps, (int, np.integer))
                                   or max_swaps < 0):
         raise ValueError(f"max_swaps must be an integer >= 0, got {max_swaps!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
 
 
 def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: int) -> bool:
@@ -81,6 +87,7 @@ def elasticity_aware(
     min_balance: Optional[float] = None,
     balance_tolerance: Optional[float] = None,
     max_swaps: Optional[int] = None,
+    search: str = "narrow",
 ) -> np.ndarray:
     """Place experts on live ranks only; see the module docstring.
 
@@ -93,10 +100,13 @@ def elasticity_aware(
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
         max_swaps: cap on repair swaps per layer (default ``2 * live ranks + 4 * slots_per_rank + 16``).
+        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 4 least busy ranks;
+            ``"wide"``: at every rank under the target. Wide finds more swaps that re-route moved
+            replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
     """
     L, E = weight.shape
     S = slots_per_rank
-    _check_options(min_balance, balance_tolerance, max_swaps)
+    _check_options(min_balance, balance_tolerance, max_swaps, search)
     if S > E:
         raise ValueError(
             f"slots_per_rank ({S}) exceeds the number of logical experts ({E}): a rank would hold an expert twice"
@@ -121,7 +131,7 @@ def elasticity_aware(
             min_balance = DEFAULT_MIN_BALANCE[0 if _live_set_changed(current, live, num_ranks, S) else 1]
         target = balance_target(weight, n, S, min_balance)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
-        result = from_current(w, cur, n, S, node_of, iters, target, min_balance)
+        result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide")
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result
     return out.reshape(L, num_ranks * S)

@@ -11,14 +11,17 @@ __all__ = ["best_swaps", "refine", "rewind"]
 
 
 def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, target: np.ndarray,
-                orig_present: Optional[np.ndarray]) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
+                orig_present: Optional[np.ndarray], under: bool = False) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
     """Best swap of each of the ``H`` busiest ranks with one of its ``K`` light ranks, in layers ``g``.
 
     Returns ``(busiest_found [G], (layers, heavy ranks, heavy slots, light ranks, light slots))``.
     Heavy rank ``j`` gets the light ranks ``j, j + H, j + 2H, ...`` in ascending load order, so
-    the chosen swaps touch disjoint ranks and can all be applied at once.
+    the chosen swaps touch disjoint ranks and can all be applied at once. With ``under`` (one heavy
+    rank), only light ranks under ``target`` take part (they are the lightest: ``K`` shrinks to them).
     """
     S, G = st.S, g.size
+    if under and H == 1:
+        K = int(np.clip((load[g] < target[g][:, None]).sum(1).max(), 1, K))
     order = np.argsort(load[g], axis=1)
     hi = order[:, ::-1][:, :H]  # [G, H]
     lo = order[:, : H * K].reshape(G, K, H).transpose(0, 2, 1)  # [G, H, K]
@@ -50,6 +53,8 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
     # Validity and the movement cost are folded into per-(light rank, slot) penalties on the small
     # [G, H, K, S] arrays (inf = not allowed) and meet the [G, H, K, S, S] scores in one addition.
     va &= (th > target[g][:, None])[:, :, None, None]
+    if under:
+        va &= (load[g3, lo] < target[g][:, None, None])[..., None]
     zero = np.float32(0)
     if orig_present is not None:
         op = orig_present.reshape(-1)
@@ -76,7 +81,7 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
 
 def refine(st: SlotState, max_iters: int, target: np.ndarray,
             orig_present: Optional[np.ndarray] = None, heavy: int = 4, light: int = 2,
-            widen: bool = True, trace: Optional[list] = None) -> None:
+            widen: bool = True, trace: Optional[list] = None, wide_search: bool = False) -> None:
     """Swap replicas from the busiest live ranks to the least busy ones while that helps.
 
     Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
@@ -90,6 +95,10 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
     With ``trace`` (a list, and ``orig_present``), every step appends ``(its swaps, busiest rank load
     [L], experts fetched so far [L])``, the start first (no swaps), so a caller can stop each layer at
     any step afterwards with :func:`rewind` (layers never interact).
+
+    ``wide_search``: the busiest rank looks at every rank under ``target`` from the start
+    (``light`` is ignored). With ``orig_present`` that finds more swaps that re-route already moved
+    replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
     """
     L, n = st.L, st.n
     load = st.loads()
@@ -101,6 +110,8 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
         return
     if st.node_of is not None:
         heavy = 1  # concurrent swaps could each take an expert's last replica off a node
+    if wide_search:
+        heavy, light = 1, n - 1
     H = max(1, min(heavy, n // (light + 1)))
     K = max(1, min(light, (n - H) // H))
     active = load.max(1) > target
@@ -113,7 +124,7 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
         for g, h, k, narrow in ((g_all[~wide[g_all]], H, K, True), (g_all[wide[g_all]], 1, n - 1, False)):
             if g.size == 0:
                 continue
-            found, swaps = best_swaps(st, g, load, h, k, target, orig_present)
+            found, swaps = best_swaps(st, g, load, h, k, target, orig_present, under=wide_search and narrow)
             if narrow and widen:
                 wide[g[~found]] = True
             else:  # the busiest rank cannot improve: other swaps cannot lower this layer's max

@@ -141,7 +141,7 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
 
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
-                 iters: int, target: np.ndarray, min_balance: float) -> np.ndarray:
+                 iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -151,6 +151,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         iters: swap budget per layer. target: float64 ``[L]`` busiest-rank load to reach (``inf``: any).
         min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
+        wide_search: swaps look at every rank under the target, not the 4 least busy (see :func:`refine`).
 
     Returns:
         int64 ``[L, n, S]``.
@@ -176,7 +177,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
     # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
     trace: list = []
-    refine(st, iters, target, orig_present=orig, heavy=1, light=4, trace=trace)
+    refine(st, iters, target, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
     got = trace[-1][1]
     missed = np.flatnonzero(got > target)
     if missed.size:
