@@ -4,7 +4,7 @@ DS-V3 58 x 256, EP32 x 9, ranks 1 and 17 dead, ``current=`` our healthy placemen
 (the cell of target (1) in bench_eplb.py). On a shared machine single timings swing by 2-5x, so the
 calls alternate (ours, upstream, ours, ...) and medians and minima are printed side by side.
 
-    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2]
+    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2] [--search wide]
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=40, help="timed calls of each, alternating (default 40)")
     ap.add_argument("--family", default="lognormal1", help="synthetic load family (default lognormal1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--search", choices=("narrow", "wide"), default="narrow",
+                    help="ours: elasticity_aware's search option (default narrow, the default of rebalance)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     L, E, R, S = 58, 256, 32, 9
@@ -35,7 +37,7 @@ def main() -> int:
     cur = rebalance(w, R, S)
     live = np.ones(R, dtype=bool)
     live[[1, R // 2 + 1]] = False
-    ours = lambda: rebalance(w, R, S, live_ranks=live, current=cur)  # noqa: E731
+    ours = lambda: rebalance(w, R, S, live_ranks=live, current=cur, search=args.search)  # noqa: E731
     up_call, up_convert = _upstream.prepare_elasticity_aware(w, R, S, live_ranks=live)
     p_ours, p_up = ours(), up_convert(up_call())  # warm-up
     t_ours, t_up = [], []
@@ -47,7 +49,7 @@ def main() -> int:
     mo, mu = np.median(t_ours) * 1e3, np.median(t_up) * 1e3
     print(f"DS-V3 58x256 EP32x9, 2 dead, {args.family}, {args.calls} alternating calls, "
           f"{args.threads} torch threads, loadavg {os.getloadavg()[0]:.1f}")
-    print(f"  ours (current=)        median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
+    print(f"  ours (current=, {args.search:6s}) median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_ours)}  balancedness {balancedness(w, p_ours):.4f}")
     print(f"  upstream elasticity_aware median {mu:7.2f} ms  min {min(t_up) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_up)}  balancedness {balancedness(w, p_up):.4f}")

@@ -14,6 +14,8 @@ from .slots import SlotState, drop_duplicates
 
 __all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
 
+_AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
+
 
 def _count(ids: np.ndarray, size: int) -> np.ndarray:
     """int64 ``[L, size]``: occurrences of each id in ``[0, size)`` per row of ``ids`` ``[L, K]``."""
@@ -177,7 +179,10 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
     # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
     trace: list = []
-    refine(st, iters, target, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
+    # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
+    # trade against layers above them (~1 % fewer transfers, no measurable time).
+    aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
+    refine(st, iters, aim, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
     got = trace[-1][1]
     missed = np.flatnonzero(got > target)
     if missed.size:
