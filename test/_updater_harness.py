@@ -51,3 +51,30 @@ def placements(seed: int):
     w1 = drift(w0, 0.4, seed=seed + 1)
     p1 = rebalance(w1, R, S, current=p0, balance_tolerance=0.0)
     return w1, p0, p1
+
+
+def agreed_failure_hook(member, load, current, record: list):
+    """``on_failure`` for an updater: report the dead to membership, wait for the agreed view and
+    re-plan over it (deterministic, so every survivor gets the same target); ``record`` gets each
+    call's dead ranks."""
+    import numpy as np
+
+    def on_failure(dead):
+        record.append(sorted(dead))
+        for d in dead:  # tell membership; it decides, and every survivor sees the same verdict
+            member.report_dead(d, "updater PeerFailure")
+        view = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
+        live = np.zeros(R, dtype=bool)
+        live[list(view.live)] = True
+        return live, rebalance(load, R, S, live_ranks=live, current=current)
+
+    return on_failure
+
+
+def stop_cluster(procs, membership, timeout: float = 10) -> None:
+    """Join the rank processes (killing any left), then stop the membership server."""
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    membership.close()

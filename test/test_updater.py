@@ -19,7 +19,8 @@ import torch
 from sglang_elastic.eplb import Placement, orphans, rebalance
 from sglang_elastic.eplb.synthetic import drift, synthetic_load
 
-from _updater_harness import D, E, L, R, S, expert_value, free_port, placements, weights_for, wrong_slots
+from _updater_harness import (D, E, L, R, S, agreed_failure_hook, expert_value, free_port, placements, stop_cluster,
+                              weights_for, wrong_slots)
 
 TIMEOUT = 5.0
 
@@ -79,17 +80,7 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
             upd.set_live(live)  # re-homes and fills the backups the failed fill left unassigned
             p1 = rebalance(load, R, S, live_ranks=live, current=upd.placement)
 
-        def on_failure(dead):
-            epochs.append(sorted(dead))
-            for d in dead:  # tell membership; it decides, and every survivor sees the same verdict
-                member.report_dead(d, "transport PeerFailure")
-            view = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
-            live = np.zeros(R, dtype=bool)
-            live[list(view.live)] = True
-            # Deterministic on every survivor: the same inputs give the same placement.
-            return live, rebalance(load, R, S, live_ranks=live, current=p1)
-
-        upd.begin(p1, on_failure)
+        upd.begin(p1, agreed_failure_hook(member, load, p1, epochs))
         steps, restored = 0, 0
         while not upd.done:
             if rank == victim and steps == 1:
@@ -139,11 +130,7 @@ def run_cluster(kind: str, chunk: int, seed: int, victim: int = -1, mode: str = 
     finally:
         if victim >= 0 and procs[victim].is_alive():  # a frozen victim never exits by itself
             procs[victim].kill()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        membership.close()
+        stop_cluster(procs, membership)
         del master
 
 
@@ -338,11 +325,7 @@ def test_rank_dies_and_a_fresh_process_rejoins_with_its_experts(kind):
             threads = [t for _, t in cycles[r][1:]]
             assert max(fds) - min(fds) <= 2 and max(threads) - min(threads) <= 1, cycles[r]
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-        membership.close()
+        stop_cluster(procs, membership, timeout=5)
         del master
 
 

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_elastic.eplb import rebalance
-
-from _updater_harness import D, L, R, S, free_port, placements, weights_for, wrong_slots
+from _updater_harness import D, L, R, S, agreed_failure_hook, free_port, placements, stop_cluster, weights_for, wrong_slots
 
 MAX_STEPS = 60
 
@@ -63,16 +61,7 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
         upd.fill_backup()
         failures = []
 
-        def on_failure(dead):
-            failures.append(sorted(dead))
-            for d in dead:
-                member.report_dead(d, "updater PeerFailure")
-            view = member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=60)
-            live = np.zeros(R, dtype=bool)
-            live[list(view.live)] = True
-            return live, rebalance(load, R, S, live_ranks=live, current=p1)
-
-        upd.begin(p1, on_failure)
+        upd.begin(p1, agreed_failure_hook(member, load, p1, failures))
         peak = upd.staging_bytes()
         live = list(range(R))
         history, bad, commits = [], [], 0
@@ -119,11 +108,7 @@ def run_cluster(seed: int, victim: int = -1, depth: int = 2) -> dict:
             results[rank] = payload
         return results
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        membership.close()
+        stop_cluster(procs, membership)
         del master
 
 
