@@ -422,3 +422,42 @@ def test_without_reload_a_lost_expert_is_an_update_failure_naming_it():
 
     with pytest.raises(UpdateFailure, match="lost every replica and its backup"):
         _reload_case(False, reload=False)
+
+
+def test_a_suspicion_membership_does_not_confirm_is_withdrawn_after_a_bounded_wait():
+    """The updater side's agreement on a reported death waits at most 2 x heartbeat_timeout + 1 s; a
+    rank the view still lists live (it kept heartbeating) is then alive again: the Liveness forgets
+    it, the report is forgotten, the collective is retried over the view's live set, and it is
+    counted (suspicion_withdrawn)."""
+    from types import SimpleNamespace
+
+    from sglang_elastic.membership import MembershipTimeout
+    from sglang_elastic.membership.view import MembershipView
+    from sglang_elastic.rehearsal.rank_update import UpdaterSide
+    from sglang_elastic.transport.liveness import Liveness
+
+    waits = []
+
+    class Member:
+        def report_dead(self, rank, reason=""):
+            pass
+
+        def wait_for_epoch(self, pred, timeout):
+            waits.append(timeout)
+            raise MembershipTimeout("no epoch without rank 2")
+
+        def current(self):
+            return MembershipView(epoch=3, live=(0, 1, 2, 3), incarnations={0: 0, 1: 0, 2: 0, 3: 0})
+
+    side = UpdaterSide()
+    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.25))
+    side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
+    side.liveness.mark_dead(2, "a transport gave up on it")
+    counted = []
+    side._count = lambda mode, n=1, kind="degraded": counted.append((mode, n, kind))
+    marked = []
+    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": marked.extend(ranks))
+    live = side._agreed_live_without([2])
+    assert live == [0, 1, 2, 3] and waits == [1.5]
+    assert not side.liveness.is_dead(2) and 2 not in side.reported_dead and marked == []
+    assert counted == [("suspicion_withdrawn", 1, "recoveries")]

@@ -146,7 +146,7 @@ class UpdaterSide:
         except MembershipTimeout:
             view = self.member.current()
             for d in sorted(set(dead) & set(view.live)):  # membership is the truth: forget the suspicion
-                self._count("suspicion_withdrawn")
+                self._count("suspicion_withdrawn", kind="recoveries")
                 self.reported_dead.discard(d)
                 self.liveness.mark_alive(d, view.incarnations.get(d))
         gone = [d for d in dead if d not in view.live]
