@@ -116,8 +116,10 @@ def test_metrics_during_a_rehearsal_with_a_kill(tmp_path):
                 time.sleep(0.2)
                 continue
             seen = text
+            # the kill counted and recovered, and the orphans it left restored (by later chunks)
             if 'sglang_elastic_rank_failures_total{reason="killed"} 1.0' in text and \
-                    "sglang_elastic_failover_seconds_count 1.0" in text:
+                    "sglang_elastic_failover_seconds_count 1.0" in text and \
+                    "sglang_elastic_orphans_restored_total 0.0" not in text:
                 break
             time.sleep(0.2)
     finally:

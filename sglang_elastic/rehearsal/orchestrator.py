@@ -36,7 +36,7 @@ import torch
 
 from ..eplb import Placement, balancedness, rebalance
 from .config import RehearsalConfig
-from .protocol import FaultFired, FaultSpec, InitInfo, Keys, StepPlan, StepResult
+from .protocol import FaultFired, FaultSpec, InitInfo, Keys, PassResult, Served, StepPlan, StepResult
 from .rank import BATCHES_PER_PASS, health_of, rank_main
 from .events import EventSource, ScenarioEvents
 from .tracking import ExecutedEvent, FailureRecord, JoinRecord, RunState, StepRecord
@@ -90,6 +90,7 @@ class Orchestrator:
         self._ver = 0
         self._ctx = mp.get_context("spawn")
         self._suspects: set = set()   # ranks some rank gave up on in the last step (StepResult.suspects)
+        self._served: Dict[int, List[PassResult]] = {}   # passes of ranks that died after serving (this step)
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, rank: int, joiner: bool) -> None:
@@ -406,24 +407,16 @@ class Orchestrator:
         """Step figures; batches not served correctly go back to the queue. True if all were."""
         st = self.st
         all_ok = len(results) == len(plan.live)
-        for r in plan.live:
-            if r not in results:
-                st.queue.extend(plan.batches_of(r))
+        # A rank that died after serving (e.g. while moving weights) served its passes: they count.
+        self._served = {r: self._served_passes(plan.step, r) for r in plan.live if r not in results}
+        for r, passes in self._served.items():
+            st.queue.extend(b for b in plan.batches_of(r) if b not in {p.batch for p in passes})
+        for p in [p for res in results.values() for p in res.passes] + sum(self._served.values(), []):
+            if not rec.add_pass(p):
+                st.queue.append(p.batch)
+                all_ok = False
         for res in results.values():
             self._suspects.update(res.suspects)
-            for p in res.passes:
-                if p.ok:
-                    rec.batches_done += 1
-                    rec.tokens += p.tokens
-                    rec.mismatches += p.mismatch
-                    rec.degraded_tokens += p.degraded
-                    rec.degraded_mismatches += p.degraded_mismatch
-                    rec.latencies.append(p.latency)
-                else:
-                    st.queue.append(p.batch)
-                    rec.batches_retried += 1
-                    rec.lost_pairs += p.lost_pairs
-                    all_ok = False
             rec.bytes_moved += res.update.bytes
             rec.restored += res.update.restored
             rec.update_pause_max = max(rec.update_pause_max, res.update_pause)
@@ -462,6 +455,10 @@ class Orchestrator:
                     j.scale_up_s = j.t_filled - j.t_spawn
         return all_ok
 
+    def _served_passes(self, step: int, rank: int) -> List[PassResult]:
+        key = Keys.served(step, rank)
+        return Served.from_json(self.store.get(key)).passes if self.store.check([key]) else []
+
     def _note_landed_faults(self, events: List[str]) -> None:
         """Armed faults whose rank wrote its :class:`FaultFired` record landed: executed events."""
         st = self.st
@@ -480,7 +477,8 @@ class Orchestrator:
     def _track_recovery(self, step: int, results: Dict[int, StepResult], all_ok: bool, rec: StepRecord) -> None:
         """Close each adopted failure whose in-flight requests (the batches it made us serve again)
         are now all served correctly; one with none closes at the first step where everything was."""
-        t_done = {p.batch: p.t_done for res in results.values() for p in res.passes if p.ok and p.mismatch == 0}
+        passes = [p for res in results.values() for p in res.passes] + sum(self._served.values(), [])
+        t_done = {p.batch: p.t_done for p in passes if p.ok and p.mismatch == 0}
         t_served = max((res.t_served for res in results.values()), default=rec.t_end)
         for f in self.st.close_recovered(step, t_done, all_ok and rec.mismatches == 0, t_served):
             if self.metrics is not None:

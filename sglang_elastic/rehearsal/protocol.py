@@ -13,6 +13,8 @@ key                       writer     value
 ``ready/<rank>``          rank       its membership incarnation, once its stack is up
 ``start/<rank>/<inc>``    orch.      the first step a joiner serves
 ``plan/<step>``           orch.      :class:`StepPlan`
+``served/<step>/<rank>``  rank       :class:`Served`: its passes, as soon as it served them (before
+                                     moving weights: a death then loses no served request)
 ``res/<step>/<rank>``     rank       :class:`StepResult`
 ``fault/<rank>/<inc>``    rank       :class:`FaultFired`, written just before it kills/freezes itself
 ``error/<rank>``          rank       the traceback of a crash
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
 __all__ = ["Keys", "InitInfo", "FaultSpec", "FaultFired", "StepPlan", "PassResult", "UpdateFigures",
-           "Health", "StepResult", "FAULT_PHASES", "SERVING_PHASES", "UPDATE_PHASES"]
+           "Health", "StepResult", "Served", "FAULT_PHASES", "SERVING_PHASES", "UPDATE_PHASES"]
 
 # Where a scripted kill or freeze lands (see docs/rehearsal.md, "Event phases").
 SERVING_PHASES = ("dispatch", "combine")
@@ -67,6 +69,10 @@ class Keys:
     @staticmethod
     def result(step: int, rank: int) -> str:
         return f"res/{step}/{rank}"
+
+    @staticmethod
+    def served(step: int, rank: int) -> str:
+        return f"served/{step}/{rank}"
 
     @staticmethod
     def fault(rank: int, incarnation: int) -> str:
@@ -227,4 +233,16 @@ class StepResult(_Message):
     recoveries: Dict[str, int] = field(default_factory=dict)  # collectives re-planned after a death
 
     _nested = {"update": UpdateFigures}
+    _nested_lists = {"passes": PassResult}
+
+
+@dataclass(frozen=True)
+class Served(_Message):
+    """A rank's passes of one step (``served/<step>/<rank>``), written when serving ends: the
+    orchestrator counts them even when the rank dies later in the step (moving weights)."""
+
+    rank: int
+    step: int
+    passes: List[PassResult]
+
     _nested_lists = {"passes": PassResult}

@@ -38,7 +38,7 @@ from ..transport.liveness import Liveness
 from .config import RehearsalConfig
 from .faults import FaultInjector
 from .model import MoEModel
-from .protocol import Health, InitInfo, Keys, PassResult, StepPlan, StepResult, UpdateFigures
+from .protocol import Health, InitInfo, Keys, PassResult, Served, StepPlan, StepResult, UpdateFigures
 from .rank_update import MAX_RECOVERIES, UpdaterSide, placement_from_store
 
 __all__ = ["rank_main", "RTOL", "ATOL", "BATCHES_PER_PASS", "health_of"]
@@ -174,7 +174,12 @@ class Rank(UpdaterSide):
     def forward(self, batch_ids: List[int]) -> List[PassResult]:
         """One forward pass over the concatenated tokens of ``batch_ids`` (possibly none: this rank
         still takes part in every exchange); one result per batch. Outputs are checked against the
-        single-process reference after the pass: the check is not serving, so it is not timed."""
+        single-process reference after the pass: the check is not serving, so it is not timed.
+
+        A pass that lost pairs to a failing peer is served again in the next step, so from that
+        layer on this rank sends none of its own tokens (it still takes part in every exchange and
+        runs its experts on its peers' tokens): the survivors of a death finish the doomed pass
+        with empty exchanges, and its batches are retried sooner."""
         c, m = self.cfg.cluster, self.cfg.model
         T = c.tokens_per_rank
         x = (torch.cat([self.model.batch(b, T) for b in batch_ids]) if batch_ids
@@ -185,6 +190,8 @@ class Rank(UpdaterSide):
         trace = []
         t0 = time.perf_counter()
         for l in range(self.L):
+            if self.dispatcher.stats.lost_pairs != lost0:
+                x = x[:0]  # doomed: only the peers' tokens are served from here on
             h = self.model.norm(x)
             ids, w, logits = self.model.route(l, h)
             self.faults.at("dispatch", l)
@@ -194,16 +201,17 @@ class Rank(UpdaterSide):
             o = self.dispatcher.combine(y, out.handle)
             routed = out.handle.routed
             trace.append((l, h, routed.logical, routed.weights, o))
-            degraded |= routed.affected
+            if x.shape[0] == n:
+                degraded |= routed.affected
             x = x + o
         dt = time.perf_counter() - t0
         t_done = time.time()
         lost = self.dispatcher.stats.lost_pairs - lost0
+        ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
         mismatch = torch.zeros(n, dtype=torch.bool)
-        for l, h, logical, weights, o in trace:
+        for l, h, logical, weights, o in (trace if ok else []):
             ref = self.model.reference_layer(l, h, logical, weights, self.ref_experts[l])
             mismatch |= ~torch.isclose(o, ref, rtol=RTOL, atol=ATOL).all(1)
-        ok = lost == 0  # a batch that lost pairs to a failing peer is served again, not delivered
         res = []
         for i, b in enumerate(batch_ids):
             mm, dg = mismatch[i * T:(i + 1) * T], degraded[i * T:(i + 1) * T]
@@ -284,6 +292,8 @@ class Rank(UpdaterSide):
         passes: List[PassResult] = []
         for p in range(plan.passes):
             passes += self.forward(mine[p * per:(p + 1) * per])
+        # Served now, whatever happens while weights move next (a death then loses no request).
+        self.store.set(Keys.served(plan.step, self.rank), Served(rank=self.rank, step=plan.step, passes=passes).to_json())
         self._report_failures()
         t_served = time.time()
         self.adopt_update_membership(plan, changed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import FaultSpec
+from .protocol import FaultSpec, PassResult
 
 __all__ = ["StepRecord", "ExecutedEvent", "FailureRecord", "JoinRecord", "RunState"]
 
@@ -34,6 +34,20 @@ class StepRecord:
     events: List[str] = field(default_factory=list)
     degraded_modes: Dict[str, int] = field(default_factory=dict)
     recoveries: Dict[str, int] = field(default_factory=dict)
+
+    def add_pass(self, p: PassResult) -> bool:
+        """Count one batch's pass; False when it must be served again (it lost pairs)."""
+        if not p.ok:
+            self.batches_retried += 1
+            self.lost_pairs += p.lost_pairs
+            return False
+        self.batches_done += 1
+        self.tokens += p.tokens
+        self.mismatches += p.mismatch
+        self.degraded_tokens += p.degraded
+        self.degraded_mismatches += p.degraded_mismatch
+        self.latencies.append(p.latency)
+        return True
 
 
 @dataclass
