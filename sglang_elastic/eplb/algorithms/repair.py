@@ -234,10 +234,12 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     if not fin.any():
         return last, np.zeros(missed.size, dtype=bool)
     scale = np.abs(m[:, fin][np.isfinite(m[:, fin])]).max()
-    mm = np.where(np.isfinite(m), m / scale, np.inf)
+    none = ~np.isfinite(m)  # no such point (a from-scratch row of a layer that has none)
+    mm = np.where(none, 0.0, m / scale)
 
     def pick(lam: float) -> np.ndarray:
-        obj = np.where(np.isfinite(mm), c + lam * np.where(np.isfinite(mm), mm, 0.0), np.inf)
+        obj = c + lam * mm
+        obj[none] = np.inf
         return obj.argmin(0)
 
     def total(k: np.ndarray) -> float:
@@ -249,7 +251,7 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     if total(pick(hi)) > budget:  # even the most balanced points miss: take them
         k = pick(hi)
     else:
-        for _ in range(40):
+        for _ in range(30):  # ties at the end are settled one layer at a time below
             mid = (lo + hi) / 2
             if total(pick(mid)) > budget:
                 lo = mid
