@@ -300,6 +300,11 @@ class Orchestrator:
                 continue
             st.executed.append(ExecutedEvent(step=ctx.step, action=ev.action, rank=ev.rank, phase=None, t=t))
             ctx.events.append(ev.label() if ev.action != "leave" else f"drain {ev.rank}")
+        if st.pending_target is None and not st.update_active and any(
+                f.phase in ("transfer", "vote", "rehome") and f.step < ctx.step for f in st.armed.values()):
+            # Its update ended without reaching that phase (nothing to move, or abandoned): another one.
+            st.pending_target = self._plan_rebalance(self._serving(), from_scratch=True)
+            ctx.events.append("rebalance (an armed fault waits for an update)")
         ctx.faults = list(st.armed.values())
 
     def _adopt_deaths(self, ctx: _Step) -> None:
@@ -408,7 +413,8 @@ class Orchestrator:
         st = self.st
         all_ok = len(results) == len(plan.live)
         # A rank that died after serving (e.g. while moving weights) served its passes: they count.
-        self._served = {r: self._served_passes(plan.step, r) for r in plan.live if r not in results}
+        self._served = {r: Served.from_json(self.store.get(Keys.served(plan.step, r))).passes
+                        if self.store.check([Keys.served(plan.step, r)]) else [] for r in plan.live if r not in results}
         for r, passes in self._served.items():
             st.queue.extend(b for b in plan.batches_of(r) if b not in {p.batch for p in passes})
         for p in [p for res in results.values() for p in res.passes] + sum(self._served.values(), []):
@@ -454,10 +460,6 @@ class Orchestrator:
                     j.t_filled = time.time()
                     j.scale_up_s = j.t_filled - j.t_spawn
         return all_ok
-
-    def _served_passes(self, step: int, rank: int) -> List[PassResult]:
-        key = Keys.served(step, rank)
-        return Served.from_json(self.store.get(key)).passes if self.store.check([key]) else []
 
     def _note_landed_faults(self, events: List[str]) -> None:
         """Armed faults whose rank wrote its :class:`FaultFired` record landed: executed events."""
