@@ -387,3 +387,41 @@ def test_wide_search_keeps_the_promise_and_moves_no_more_on_skewed_loads():
     assert movement(p, wide) <= movement(p, narrow)
     with pytest.raises(ValueError, match="search must be one of narrow, wide, got 'all'"):
         rebalance(w, 16, 8, live_ranks=live, current=p, search="all")
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**16), st.floats(0.0, 1.0))
+def test_choose_stops_property(L, K, seed, slack):
+    """Random refinement traces: the chosen points keep the sum of busiest ranks under the budget
+    whenever some choice can, and cost nothing beyond the cheapest points when those already fit."""
+    from sglang_elastic.eplb.algorithms.repair import choose_stops
+
+    rng = np.random.default_rng(seed)
+    maxes = np.sort(rng.uniform(1.0, 2.0, size=(K + 1, L)), axis=0)[::-1]  # busiest never rises
+    fetched = np.cumsum(rng.integers(-1, 3, size=(K + 1, L)), axis=0)
+    fetched -= fetched[0]
+    missed = np.flatnonzero(rng.random(L) < 0.3)
+    fresh_max = rng.uniform(1.0, 2.0, size=missed.size)
+    fresh_cost = rng.integers(0, 50, size=missed.size)
+    lo_sum = sum(min(maxes[:, l].min(), fresh_max[list(missed).index(l)] if l in missed else np.inf) for l in range(L))
+    hi_sum = maxes[0].sum()
+    budget = lo_sum + slack * (hi_sum - lo_sum)
+    target = np.full(L, budget / L)
+    k, use_fresh = choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost)
+    got = maxes[k, np.arange(L)].copy()
+    got[missed[use_fresh]] = fresh_max[use_fresh]
+    assert got.sum() <= budget * (1 + 1e-9) + 1e-12
+    assert ((k >= 0) & (k <= K)).all()
+    # Where the cheapest point of every layer already fits, nothing more is paid.
+    cost = fetched[k, np.arange(L)].astype(float)
+    cost[missed[use_fresh]] = fresh_cost[use_fresh]
+    cheapest = fetched.min(0).astype(float)
+    cheapest[missed] = np.minimum(cheapest[missed], fresh_cost)
+    at_cheapest = []
+    for l in range(L):
+        pts = [(fetched[i, l], maxes[i, l]) for i in range(K + 1)]
+        if l in missed:
+            pts.append((fresh_cost[list(missed).index(l)], fresh_max[list(missed).index(l)]))
+        at_cheapest.append(max(m for c_, m in pts if c_ == cheapest[l]))
+    if sum(at_cheapest) <= budget:
+        assert cost.sum() == cheapest.sum()
