@@ -24,6 +24,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "scipy>=1.10",  # EPLB: assignment solvers
+        "numba>=0.60",  # EPLB: the compiled swap refinement (a numpy fallback runs without it)
         "prometheus_client>=0.17",  # metrics (SGLang uses it too)
     ],
     extras_require={

@@ -22,7 +22,7 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
     S, G = st.S, g.size
     if under and H == 1:
         K = int(np.clip((load[g] < target[g][:, None]).sum(1).max(), 1, K))
-    order = np.argsort(load[g], axis=1)
+    order = np.argsort(load[g], axis=1, kind="stable")  # stable: ties in a fixed order (refine_jit matches it)
     hi = order[:, ::-1][:, :H]  # [G, H]
     lo = order[:, : H * K].reshape(G, K, H).transpose(0, 2, 1)  # [G, H, K]
     g2, g3, g4 = g[:, None], g[:, None, None], g[:, None, None, None]
@@ -61,8 +61,9 @@ def best_swaps(st: SlotState, g: np.ndarray, load: np.ndarray, H: int, K: int, t
         fa = (op[ia_lo] == 0).astype(np.int8) - (op[row_hi + xa] == 0)[:, :, None, :]
         fb = (op[ib_hi] == 0).astype(np.int8) - (op[row_lo + xb] == 0)
         # Experts fetched (minus those sent home) first, balance second: |score| < gap < step.
-        # fa, fb are in {-1, 0, 1}: step * fa + step * fb == step * (fa + fb) exactly.
-        step = np.float32(2 * gap.max() + 1)
+        # fa, fb are in {-1, 0, 1}: step * fa + step * fb == step * (fa + fb) exactly. One step per
+        # layer (its largest gap), so that layers never interact (refine_jit runs them apart).
+        step = 2 * gap.max((1, 2), keepdims=True)[..., 0] + 1  # float32 [G, 1, 1, 1]
         pa, pb = step * fa, step * fb
     else:
         pa = pb = zero

@@ -9,12 +9,15 @@ from scipy.optimize import linear_sum_assignment
 from .conflicts import fix_conflicts
 from .counts import BIG, replica_counts
 from .packing import from_scratch
+from . import refine_jit
 from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
 
 __all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
+# The compiled refinement (same decisions as refine.refine, ~20x faster); tests switch it off to compare.
+USE_JIT = refine_jit.AVAILABLE
 
 
 def _count(ids: np.ndarray, size: int) -> np.ndarray:
@@ -178,12 +181,16 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
     # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
-    trace: list = []
     # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
     # trade against layers above them (~1 % fewer transfers, no measurable time).
     aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
-    refine(st, iters, aim, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
-    got = trace[-1][1]
+    if USE_JIT:
+        maxes, fetched, record = refine_jit.refine_traced(st, iters, aim, orig, light=4, wide_search=wide_search)
+    else:
+        trace: list = []
+        refine(st, iters, aim, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
+        maxes, fetched = np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace])
+    got = maxes[-1]
     missed = np.flatnonzero(got > target)
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
@@ -196,10 +203,12 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # placement, its busiest rank (over min_balance) replaces the bound-based target in the budget.
     allowed = target.copy()
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
-    k, use_fresh = choose_stops(np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace]), allowed,
-                                missed, fresh_max, fresh_cost)
+    k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
     x = st.x
-    rewind(x, trace, k)
+    if USE_JIT:
+        refine_jit.rewind_traced(x, record, k)
+    else:
+        rewind(x, trace, k)
     if use_fresh.any():
         x[missed[use_fresh]] = fresh[use_fresh]
     return x
