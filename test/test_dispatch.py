@@ -256,12 +256,12 @@ def _worker(rank, port, case, out):
         out.put((rank, "error", traceback.format_exc(), None))
 
 
-def _run(case, nranks=R, timeout=120):
+def _run(case, nranks=R, timeout=120, target=None):
     port = free_port()
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, case, out), daemon=True) for r in range(nranks)]
+    procs = [ctx.Process(target=target or _worker, args=(r, port, case, out), daemon=True) for r in range(nranks)]
     for p in procs:
         p.start()
     res = {}
@@ -326,7 +326,7 @@ def test_torch_dispatcher_survives_a_killed_rank():
 LATE = 2.0  # the deadline of the exchange left by knowledge: its gloo work times out then, after the rebuild
 
 
-def _broken_worker(rank, port, out):
+def _broken_worker(rank, port, case, out):
     """Two ranks. (1) A wait on a raw group left by knowledge (deadline an hour away) marks that
     group broken. (2) Rank 0's exchange is left by knowledge while rank 1 stays silent (its gloo
     work stays posted, to time out at LATE); rank 1 was alive after all: both rebuild with
@@ -377,34 +377,16 @@ def _broken_worker(rank, port, out):
         hdr, rows = got[1 - rank]
         res["second"] = (failed, ex.broken, int(hdr[2]), rows.tolist() == [[11 - rank] * W] * (3 - rank))
         res["dead"] = sorted(lv.dead())
-        out.put((rank, "ok", res))
+        out.put((rank, "ok", res, None))
     except Exception:
-        out.put((rank, "error", traceback.format_exc()))
+        out.put((rank, "error", traceback.format_exc(), None))
     out.close()
     out.join_thread()
     os._exit(0)  # helper threads of the abandoned waits may still block; nothing is left to flush
 
 
 def test_torch_group_broken_by_knowledge_until_rebuilt():
-    port = free_port()
-    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_broken_worker, args=(r, port, out), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = {}
-    try:
-        for _ in range(2):
-            rank, status, payload = out.get(timeout=120)
-            assert status == "ok", f"rank {rank}:\n{payload}"
-            res[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        del store
+    res = {r: payload for r, (payload, _) in _run({}, nranks=2, target=_broken_worker).items()}
     assert res[0]["knowledge"] == (1, True, True)          # left by knowledge: the group is broken
     got, failed, broken, again = res[0]["first"]
     assert got == [] and failed == [1] and broken           # ... and so is the dispatcher's
