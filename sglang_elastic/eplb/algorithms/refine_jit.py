@@ -3,22 +3,27 @@
 :func:`.refine.refine` (with ``orig_present``, ``trace``, ``heavy=1``) is the reference: it takes one
 swap per layer and step, vectorised over layers with numpy, and each step costs ~0.3 ms of numpy call
 overhead on tiny arrays (~28-38 steps). Here every layer runs its whole swap sequence as a compiled
-loop, ``prange`` over layers; the decisions are exactly the reference's (same float32 scores, same
+loop, layers dealt over threads (the kernels release the GIL); the decisions are exactly the reference's (same float32 scores, same
 first-minimum tie-breaking, same stable rank order), which ``test/test_elasticity_aware.py`` checks
 over the bench families and random shapes. Without numba, :mod:`.repair` uses the reference.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
 
 from .slots import SlotState
 
-__all__ = ["AVAILABLE", "refine_traced", "rewind_traced"]
+__all__ = ["AVAILABLE", "THREADS", "refine_traced", "rewind_traced"]
+
+# Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
+THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
 
 try:  # numba is optional: without it the numpy reference runs (same placements, ~10x slower)
-    from numba import njit, prange
+    from numba import njit
     AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     AVAILABLE = False
@@ -42,19 +47,24 @@ if AVAILABLE:
         tgt = target[l]
         active = ld.max() > tgt
         wide = False
-        order = np.empty(n, np.int64)
+        order = np.arange(n)
         pa = np.empty(S, np.float32)
         pb = np.empty(S, np.float32)
+        wa2 = np.empty(S, np.float32)
+        wb2 = np.empty(S, np.float32)
+        xl, pres, og, p32 = x[l], present[l], orig[l], per32[l]
         t = 0
         while active and t < max_iters:
-            # Stable ascending order of rank loads (insertion sort: n is small).
-            for i in range(n):
-                v = ld[i]
+            # Ranks by (load, id), as the reference's stable argsort: insertion sort from the last
+            # step's order, which one swap only perturbs (two ranks move).
+            for i in range(1, n):
+                c = order[i]
+                v = ld[c]
                 j = i - 1
-                while j >= 0 and ld[order[j]] > v:
+                while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
                     order[j + 1] = order[j]
                     j -= 1
-                order[j + 1] = i
+                order[j + 1] = c
             hi = order[n - 1]
             th = ld[hi]
             K = n - 1 if wide else k_narrow
@@ -64,30 +74,34 @@ if AVAILABLE:
             bk = -1
             bsa = -1
             bsb = -1
+            for s in range(S):
+                ea = xl[hi, s]
+                wa2[s] = np.float32(2) * p32[ea if ea >= 0 else E + ea]
             for k in range(K):
                 r = order[k]
                 gap = np.float32(th - ld[r])
                 ok_a = th > tgt and (not under or ld[r] < tgt)
                 for s in range(S):
-                    ea = x[l, hi, s]
-                    va = ok_a and present[l, r, ea + 1] == 0
+                    ea = xl[hi, s]
+                    va = ok_a and pres[r, ea + 1] == 0
                     if va and has_nodes:
                         va = not _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r])
-                    fa = np.int8(orig[l, r, ea + 1] == 0) - np.int8(orig[l, hi, ea + 1] == 0)
+                    fa = np.int8(og[r, ea + 1] == 0) - np.int8(og[hi, ea + 1] == 0)
                     pa[s] = step * np.float32(fa) if va else inf
-                    eb = x[l, r, s]
-                    vb = present[l, hi, eb + 1] == 0
+                    eb = xl[r, s]
+                    wb2[s] = np.float32(2) * p32[eb if eb >= 0 else E + eb]
+                    vb = pres[hi, eb + 1] == 0
                     if vb and has_nodes:
                         vb = not _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi])
-                    fb = np.int8(orig[l, hi, eb + 1] == 0) - np.int8(orig[l, r, eb + 1] == 0)
+                    fb = np.int8(og[hi, eb + 1] == 0) - np.int8(og[r, eb + 1] == 0)
                     pb[s] = step * np.float32(fb) if vb else inf
                 for sa in range(S):
-                    ea = x[l, hi, sa]
-                    wa2 = np.float32(2) * per32[l, ea if ea >= 0 else E + ea]
+                    if pa[sa] == inf:  # every pair of this slot scores inf: none can be the first minimum
+                        continue
                     for sb in range(S):
-                        eb = x[l, r, sb]
-                        wb2 = np.float32(2) * per32[l, eb if eb >= 0 else E + eb]
-                        sc = abs(gap - (wa2 - wb2)) - gap
+                        if pb[sb] == inf:
+                            continue
+                        sc = abs(gap - (wa2[sa] - wb2[sb])) - gap
                         if sc >= 0:
                             continue
                         sc = sc + (pa[sa] + pb[sb])
@@ -132,10 +146,11 @@ if AVAILABLE:
             fetched[l, t] = f
         return t
 
-    @njit(cache=True, nogil=True, parallel=True)
-    def _refine_all(x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, f0, max_iters,
+    @njit(cache=True, nogil=True)
+    def _refine_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, f0, max_iters,
                     k_narrow, wide_search, maxes, fetched, swaps, nsteps):
-        for l in prange(x.shape[0]):
+        for i in range(layers.size):
+            l = layers[i]
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, orig,
                                f0[l], max_iters, k_narrow, wide_search, maxes, fetched, swaps)
 
@@ -146,6 +161,38 @@ if AVAILABLE:
                 r1, s1, r2, s2 = swaps[l, t, 0], swaps[l, t, 1], swaps[l, t, 2], swaps[l, t, 3]
                 if r1 >= 0:
                     x[l, r1, s1], x[l, r2, s2] = x[l, r2, s2], x[l, r1, s1]
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without affinity
+        cpus = os.cpu_count() or 1
+    return max(1, min(THREADS, cpus))
+
+
+def _run_split(fn, L: int, args: tuple) -> None:
+    """``fn(layers, *args)`` over all ``L`` layers, interleaved across up to :data:`THREADS` threads.
+
+    The kernels release the GIL (``nogil``) and layers never interact, so plain threads run them in
+    parallel; numba's own ``parallel=True`` (OpenMP layer) waited ~2x longer for its threads on the
+    shared 2-core machine than this. Layers are dealt round-robin: alike costs per thread.
+    """
+    global _POOL
+    k = _threads() if L >= 8 else 1  # a thread hand-off costs ~50 us: not worth it for a few layers
+    layers = np.arange(L)
+    if k == 1:
+        fn(layers, *args)
+        return
+    if _POOL is None or _POOL._max_workers < k - 1:
+        _POOL = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="eplb-refine")
+    futs = [_POOL.submit(fn, layers[i::k], *args) for i in range(1, k)]
+    fn(layers[0::k], *args)
+    for f in futs:
+        f.result()
 
 
 def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_present: np.ndarray,
@@ -173,9 +220,10 @@ def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_presen
     has_nodes = st.node_of is not None
     node_of = st.node_of if has_nodes else np.zeros(n, dtype=np.int64)
     node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), dtype=np.int64)
-    _refine_all(st.x, st.present, node_cnt, np.ascontiguousarray(node_of, dtype=np.int64), has_nodes, st.per,
-                st.per32, load, np.asarray(target, dtype=np.float64), orig_present, fetched0.astype(np.int64),
-                cap, K, bool(wide_search), maxes, fetched, swaps, nsteps)
+    args = (st.x, st.present, node_cnt, np.ascontiguousarray(node_of, dtype=np.int64), has_nodes, st.per,
+            st.per32, load, np.asarray(target, dtype=np.float64), orig_present, fetched0.astype(np.int64),
+            cap, K, bool(wide_search), maxes, fetched, swaps, nsteps)
+    _run_split(_refine_all, L, args)
     T = int(nsteps.max()) if L else 0
     # Pad every layer with its last point, as the reference's global steps do.
     t = np.minimum(np.arange(T + 1)[:, None], nsteps[None, :])

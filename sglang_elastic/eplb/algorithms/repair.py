@@ -9,14 +9,15 @@ from scipy.optimize import linear_sum_assignment
 from .conflicts import fix_conflicts
 from .counts import BIG, replica_counts
 from .packing import from_scratch
-from . import refine_jit
+from . import refine_jit, repair_jit
 from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
 
 __all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
-# The compiled refinement (same decisions as refine.refine, ~20x faster); tests switch it off to compare.
+# The compiled refinement and repair steps (same decisions as the numpy references refine.refine,
+# drop_surplus, pool_items + place_pool; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
 
 
@@ -173,9 +174,12 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     rep_bound = np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
     counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
     per = w / counts
-    x = drop_surplus(cur, counts, per)
+    x = (repair_jit.drop_surplus_jit if USE_JIT else drop_surplus)(cur, counts, per)
     st = SlotState(x, per, node_of)
-    place_pool(st, pool_items(x, counts, per))
+    if USE_JIT:
+        repair_jit.place_pool_jit(st, counts)
+    else:
+        place_pool(st, pool_items(x, counts, per))
     fix_conflicts(st, max_iters=n * S)
     orig = SlotState(cur, per, None).present
     target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
