@@ -172,7 +172,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     k = min(S - 1, E - 1)
     fill = np.partition(per_opt, k - 1, axis=1)[:, :k].sum(1) if k > 0 else np.zeros(L)
     rep_bound = np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
-    counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
+    counts = (repair_jit.replica_counts_jit if USE_JIT else replica_counts)(w, n * S, n, start=start[:, 1:],
+                                                                             bound=rep_bound)
     per = w / counts
     x = (repair_jit.drop_surplus_jit if USE_JIT else drop_surplus)(cur, counts, per)
     st = SlotState(x, per, node_of)

@@ -1,8 +1,8 @@
-"""The repair steps of :mod:`.repair` (surplus drop, pool placement) compiled with numba.
+"""The repair steps of :mod:`.repair` (replica counts, surplus drop, pool placement) compiled with numba.
 
-:func:`.repair.drop_surplus`, :func:`.repair.pool_items` and :func:`.repair.place_pool` are the
-references (vectorised over layers; ~2 ms of numpy call overhead per call on DS-V3); these make the
-same decisions per layer in compiled loops (``test/test_eplb_jit.py`` compares them). Rank loads come
+:func:`.counts.replica_counts`, :func:`.repair.drop_surplus`, :func:`.repair.pool_items` and
+:func:`.repair.place_pool` are the references (vectorised over layers; ~2.5 ms of numpy call overhead
+per call on DS-V3); these make the same decisions per layer in compiled loops (``test/test_eplb_jit.py`` compares them). Rank loads come
 from numpy (:meth:`.slots.SlotState.loads`) so every float is the reference's.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .counts import BIG
 from .refine_jit import AVAILABLE
 from .slots import SlotState
 
-__all__ = ["drop_surplus_jit", "place_pool_jit"]
+__all__ = ["drop_surplus_jit", "place_pool_jit", "replica_counts_jit"]
 
 if AVAILABLE:
     from numba import njit
@@ -104,6 +104,53 @@ if AVAILABLE:
                     node_cnt[l, e + 1, node_of[br]] += 1
                 load[l, br] += per[l, e]
                 free[br] -= 1
+
+
+    @njit(cache=True, nogil=True)
+    def _replica_counts(weight, num_slots, cap, c, bound, big):
+        L, E = weight.shape
+        gain = np.empty(E)
+        loss = np.empty(E)
+        for l in range(L):
+            w, cl = weight[l], c[l]
+            for e in range(E):
+                gain[e] = w[e] / cl[e] if cl[e] < cap else -1.0
+                loss[e] = w[e] / max(cl[e] - 1, 1) if cl[e] > 1 else big
+            diff = cl.sum() - num_slots
+            while diff != 0:
+                if diff < 0:
+                    e = np.argmax(gain)
+                    cl[e] += 1
+                    diff += 1
+                else:
+                    e = np.argmin(loss)
+                    cl[e] -= 1
+                    diff -= 1
+                gain[e] = w[e] / cl[e] if cl[e] < cap else -1.0
+                loss[e] = w[e] / max(cl[e] - 1, 1) if cl[e] > 1 else big
+            for _ in range(E):
+                hot = np.argmax(gain)
+                hot_load = gain[hot]
+                keep = loss[hot]
+                loss[hot] = big
+                cold = np.argmin(loss)
+                cold_load = loss[cold]
+                loss[hot] = keep
+                if not (hot_load > bound[l] * (1 + 1e-12) and cold_load < hot_load):
+                    break
+                for e, d in ((hot, 1), (cold, -1)):
+                    cl[e] += d
+                    gain[e] = w[e] / cl[e] if cl[e] < cap else -1.0
+                    loss[e] = w[e] / max(cl[e] - 1, 1) if cl[e] > 1 else big
+
+
+def replica_counts_jit(weight: np.ndarray, num_slots: int, max_per_expert: int, start: np.ndarray,
+                       bound: np.ndarray) -> np.ndarray:
+    """:func:`.counts.replica_counts` with ``start`` and ``bound``, compiled (same counts)."""
+    c = np.clip(start, 1, max_per_expert).astype(np.int64)
+    _replica_counts(np.ascontiguousarray(weight, dtype=np.float64), int(num_slots), int(max_per_expert), c,
+                    np.ascontiguousarray(bound, dtype=np.float64), BIG)
+    return c
 
 
 def drop_surplus_jit(x: np.ndarray, counts: np.ndarray, per: np.ndarray) -> np.ndarray:
