@@ -71,6 +71,7 @@ if AVAILABLE:
             under = wide_search and not wide
             step = np.float32(2) * np.float32(th - ld[order[0]]) + np.float32(1)
             best = inf
+            best_pen = inf
             bk = -1
             bsa = -1
             bsb = -1
@@ -95,18 +96,23 @@ if AVAILABLE:
                         vb = not _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi])
                     fb = np.int8(og[hi, eb + 1] == 0) - np.int8(og[r, eb + 1] == 0)
                     pb[s] = step * np.float32(fb) if vb else inf
+                # A pair's score is its penalty class pen = step * (fa + fb) (exact in float32) plus a
+                # balance term in (-gap, 0), |gap| < step / 2: a pair of a higher class than the best so
+                # far scores strictly more even after rounding, so it is skipped unevaluated (same argmin).
+                pb_min = pb.min()
                 for sa in range(S):
-                    if pa[sa] == inf:  # every pair of this slot scores inf: none can be the first minimum
+                    if pa[sa] == inf or pa[sa] + pb_min > best_pen:
                         continue
                     for sb in range(S):
-                        if pb[sb] == inf:
+                        pen = pa[sa] + pb[sb]
+                        if pen > best_pen or pb[sb] == inf:
                             continue
                         sc = abs(gap - (wa2[sa] - wb2[sb])) - gap
                         if sc >= 0:
                             continue
-                        sc = sc + (pa[sa] + pb[sb])
+                        sc = sc + pen
                         if sc < best:
-                            best, bk, bsa, bsb = sc, r, sa, sb
+                            best, best_pen, bk, bsa, bsb = sc, pen, r, sa, sb
             if bk < 0:
                 if wide:
                     active = False
