@@ -81,14 +81,24 @@ if AVAILABLE:
             for k in range(K):
                 r = order[k]
                 gap = np.float32(th - ld[r])
-                ok_a = th > tgt and (not under or ld[r] < tgt)
+                if under and not ld[r] < tgt:
+                    break  # ranks come lightest first: none after this one is under the target either
+                if not th > tgt:
+                    break
+                pa_min = inf
                 for s in range(S):
                     ea = xl[hi, s]
-                    va = ok_a and pres[r, ea + 1] == 0
+                    va = pres[r, ea + 1] == 0
                     if va and has_nodes:
                         va = not _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r])
                     fa = np.int8(og[r, ea + 1] == 0) - np.int8(og[hi, ea + 1] == 0)
                     pa[s] = step * np.float32(fa) if va else inf
+                    pa_min = min(pa_min, pa[s])
+                # Every pair with this rank has pen >= pa_min - step (fb >= -1): skip the rank when that
+                # is a higher class than the best so far (or no slot of the heavy rank may come here).
+                if pa_min == inf or pa_min - step > best_pen:
+                    continue
+                for s in range(S):
                     eb = xl[r, s]
                     wb2[s] = np.float32(2) * p32[eb if eb >= 0 else E + eb]
                     vb = pres[hi, eb + 1] == 0
