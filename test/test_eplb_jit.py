@@ -53,3 +53,13 @@ def test_same_placements_property(prob, min_balance, search, max_swaps):
                     ranks_per_node=prob["ranks_per_node"], current=prob["current"], min_balance=min_balance,
                     search=search, max_swaps=max_swaps)
     np.testing.assert_array_equal(ref, jit)
+
+
+def test_warm_up_compiles_then_placements_are_unchanged():
+    from sglang_elastic.eplb import warm_up
+
+    assert warm_up() >= 0.0
+    w = synthetic_load("hot", 9, 48, seed=3)
+    cur = rebalance(w, 10, 7)
+    ref, jit = both(w, 10, 7, live_ranks=[r for r in range(10) if r != 4], current=cur)
+    np.testing.assert_array_equal(ref, jit)

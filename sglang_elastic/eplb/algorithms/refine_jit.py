@@ -17,7 +17,7 @@ import numpy as np
 
 from .slots import SlotState
 
-__all__ = ["AVAILABLE", "THREADS", "refine_traced", "rewind_traced"]
+__all__ = ["AVAILABLE", "THREADS", "refine_traced", "rewind_traced", "warm_up"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
@@ -251,3 +251,24 @@ def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
     """:func:`.refine.rewind` for :func:`refine_traced`'s record: undo layer ``l``'s swaps after step ``stop[l]``."""
     swaps, nsteps = record
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel of the movement-aware path, with and
+    without nodes, so that the first failover does not pay for it; returns the seconds it took.
+
+    The first process on a machine compiles (~3-7 s on the 2-core box); later processes load the
+    cache (``cache=True``, next to the sources or in ``NUMBA_CACHE_DIR``) in ~0.3 s. Call it at start-up
+    (e.g. in a background thread) where a failover must not wait for it. A no-op without numba.
+    """
+    import time
+
+    from . import rebalance  # the package imports this module: import it at call time
+
+    t = time.perf_counter()
+    if AVAILABLE:
+        w = np.arange(1, 9 * 12 + 1, dtype=np.float64).reshape(9, 12) ** 1.5
+        for rpn, search in ((None, "narrow"), (2, "wide")):
+            cur = rebalance(w, 4, 4, ranks_per_node=rpn)
+            rebalance(w, 4, 4, live_ranks=[0, 1, 2], ranks_per_node=rpn, current=cur, search=search)
+    return time.perf_counter() - t
