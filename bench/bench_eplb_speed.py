@@ -4,7 +4,7 @@ DS-V3 58 x 256, EP32 x 9, ranks 1 and 17 dead, ``current=`` our healthy placemen
 (the cell of target (1) in bench_eplb.py). On a shared machine single timings swing by 2-5x, so the
 calls alternate (ours, upstream, ours, ...) and medians and minima are printed side by side.
 
-    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2] [--search wide]
+    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2] [--search wide] [--reference]
 """
 from __future__ import annotations
 
@@ -27,10 +27,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=40, help="timed calls of each, alternating (default 40)")
     ap.add_argument("--family", default="lognormal1", help="synthetic load family (default lognormal1)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads and ours' kernel threads (default 2)")
     ap.add_argument("--search", choices=("narrow", "wide"), default="narrow",
                     help="ours: elasticity_aware's search option (default narrow, the default of rebalance)")
+    ap.add_argument("--reference", action="store_true",
+                    help="ours: the numpy reference instead of the numba kernels (same placements)")
     args = ap.parse_args()
+    from sglang_elastic.eplb.algorithms import refine_jit, repair
+
+    if args.reference:
+        repair.USE_JIT = False
+    impl = "numba kernels" if repair.USE_JIT else "numpy reference"
+    if repair.USE_JIT:
+        refine_jit.THREADS = args.threads
     torch.set_num_threads(args.threads)
     L, E, R, S = 58, 256, 32, 9
     w = synthetic_load(args.family, L, E, seed=0)
@@ -39,7 +48,10 @@ def main() -> int:
     live[[1, R // 2 + 1]] = False
     ours = lambda: rebalance(w, R, S, live_ranks=live, current=cur, search=args.search)  # noqa: E731
     up_call, up_convert = _upstream.prepare_elasticity_aware(w, R, S, live_ranks=live)
-    p_ours, p_up = ours(), up_convert(up_call())  # warm-up
+    t = time.perf_counter()
+    p_ours = ours()  # warm-up: numba compiles here (or loads its on-disk cache)
+    t_first = time.perf_counter() - t
+    p_up = up_convert(up_call())
     t_ours, t_up = [], []
     for _ in range(args.calls):
         for fn, acc in ((ours, t_ours), (up_call, t_up)):
@@ -49,6 +61,7 @@ def main() -> int:
     mo, mu = np.median(t_ours) * 1e3, np.median(t_up) * 1e3
     print(f"DS-V3 58x256 EP32x9, 2 dead, {args.family}, {args.calls} alternating calls, "
           f"{args.threads} torch threads, loadavg {os.getloadavg()[0]:.1f}")
+    print(f"  ours: {impl}, first call (compile or cache load included) {t_first * 1e3:.0f} ms")
     print(f"  ours (current=, {args.search:6s}) median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_ours)}  balancedness {balancedness(w, p_ours):.4f}")
     print(f"  upstream elasticity_aware median {mu:7.2f} ms  min {min(t_up) * 1e3:7.2f} ms  "
