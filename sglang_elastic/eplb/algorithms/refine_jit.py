@@ -34,12 +34,16 @@ if AVAILABLE:
         return frm != to and node_cnt[l, e + 1, frm] == 1 and node_cnt[l, e + 1, to] > 0
 
     @njit(cache=True, nogil=True)
-    def _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, orig, f0, max_iters,
+    def _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, orig, max_iters,
                k_narrow, wide_search, maxes, fetched, swaps):
         n, S = x.shape[1], x.shape[2]
         E = per.shape[1]
         inf = np.float32(np.inf)
-        f = f0
+        f = 0  # experts fetched: filled slots whose expert was not on that rank before
+        for r in range(n):
+            for s in range(S):
+                if x[l, r, s] >= 0 and orig[l, r, x[l, r, s] + 1] == 0:
+                    f += 1
         maxes[l, 0] = ld.max()
         fetched[l, 0] = f
         if n < 2:
@@ -163,12 +167,12 @@ if AVAILABLE:
         return t
 
     @njit(cache=True, nogil=True)
-    def _refine_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, f0, max_iters,
+    def _refine_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, max_iters,
                     k_narrow, wide_search, maxes, fetched, swaps, nsteps):
         for i in range(layers.size):
             l = layers[i]
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, orig,
-                               f0[l], max_iters, k_narrow, wide_search, maxes, fetched, swaps)
+                               max_iters, k_narrow, wide_search, maxes, fetched, swaps)
 
     @njit(cache=True, nogil=True)
     def _rewind_all(x, swaps, nsteps, stop):
@@ -212,9 +216,11 @@ def _run_split(fn, L: int, args: tuple) -> None:
 
 
 def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_present: np.ndarray,
-                  light: int = 4, wide_search: bool = False) -> Tuple[np.ndarray, np.ndarray, Tuple]:
+                  light: int = 4, wide_search: bool = False,
+                  load: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, Tuple]:
     """:func:`.refine.refine` ``(st, max_iters, target, orig_present, heavy=1, light, trace=[...],
     wide_search)``, compiled; updates ``st.x`` / ``st.present`` / ``st.node_cnt`` the same way.
+    ``load``: ``st.loads()`` if the caller has it (it is modified).
 
     Returns:
         ``(maxes [T + 1, L], fetched [T + 1, L], record)``: the reference trace's busiest rank and
@@ -222,9 +228,7 @@ def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_presen
         :func:`rewind_traced` needs.
     """
     L, n, S = st.x.shape
-    load = st.loads()
-    fetched0 = ((orig_present[st.rows[:, None, None], np.arange(n)[None, :, None], st.x + 1] == 0)
-                & (st.x >= 0)).sum((1, 2))
+    load = st.loads() if load is None else load
     heavy, light = (1, n - 1) if wide_search else (1, light)
     H = max(1, min(heavy, n // (light + 1)))
     K = max(1, min(light, (n - H) // H))
@@ -237,7 +241,7 @@ def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_presen
     node_of = st.node_of if has_nodes else np.zeros(n, dtype=np.int64)
     node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), dtype=np.int64)
     args = (st.x, st.present, node_cnt, np.ascontiguousarray(node_of, dtype=np.int64), has_nodes, st.per,
-            st.per32, load, np.asarray(target, dtype=np.float64), orig_present, fetched0.astype(np.int64),
+            st.per32, load, np.asarray(target, dtype=np.float64), orig_present,
             cap, K, bool(wide_search), maxes, fetched, swaps, nsteps)
     _run_split(_refine_all, L, args)
     T = int(nsteps.max()) if L else 0

@@ -183,14 +183,16 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         place_pool(st, pool_items(x, counts, per))
     fix_conflicts(st, max_iters=n * S)
     orig = SlotState(cur, per, None).present
-    target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
+    load = st.loads()
+    target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
     # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
     # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
     # trade against layers above them (~1 % fewer transfers, no measurable time).
     aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
     if USE_JIT:
-        maxes, fetched, record = refine_jit.refine_traced(st, iters, aim, orig, light=4, wide_search=wide_search)
+        maxes, fetched, record = refine_jit.refine_traced(st, iters, aim, orig, light=4, wide_search=wide_search,
+                                                          load=load)
     else:
         trace: list = []
         refine(st, iters, aim, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
