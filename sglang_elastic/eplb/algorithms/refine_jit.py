@@ -1,11 +1,12 @@
-"""The movement-aware swap refinement of :mod:`.repair`, compiled with numba: one layer per thread.
+"""The movement-aware swap refinement of :mod:`.repair`, compiled with numba: layers over 2 threads.
 
 :func:`.refine.refine` (with ``orig_present``, ``trace``, ``heavy=1``) is the reference: it takes one
 swap per layer and step, vectorised over layers with numpy, and each step costs ~0.3 ms of numpy call
 overhead on tiny arrays (~28-38 steps). Here every layer runs its whole swap sequence as a compiled
-loop, layers dealt over threads (the kernels release the GIL); the decisions are exactly the reference's (same float32 scores, same
-first-minimum tie-breaking, same stable rank order), which ``test/test_elasticity_aware.py`` checks
-over the bench families and random shapes. Without numba, :mod:`.repair` uses the reference.
+loop, layers dealt over plain threads (the kernels release the GIL); the decisions are exactly the
+reference's (same float32 scores, same first-minimum tie-breaking, same stable rank order), which
+``test/test_eplb_jit.py`` checks over the bench families and random problems. Without numba,
+:mod:`.repair` uses the reference.
 """
 from __future__ import annotations
 

@@ -252,14 +252,16 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     scale = np.abs(m[:, fin][np.isfinite(m[:, fin])]).max()
     none = ~np.isfinite(m)  # no such point (a from-scratch row of a layer that has none)
     mm = np.where(none, 0.0, m / scale)
+    c_none = np.where(none, np.inf, c)  # inf + lam * 0 stays inf: no mask per pick
+    cols_fin = np.flatnonzero(fin)
 
     def pick(lam: float) -> np.ndarray:
-        obj = c + lam * mm
-        obj[none] = np.inf
+        obj = np.multiply(mm, lam)
+        obj += c_none
         return obj.argmin(0)
 
     def total(k: np.ndarray) -> float:
-        return m[k, np.arange(L)][fin].sum()
+        return m[k[cols_fin], cols_fin].sum()
 
     lo, hi = 0.0, 1.0
     while total(pick(hi)) > budget and hi < 1e12:

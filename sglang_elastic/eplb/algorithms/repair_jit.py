@@ -107,15 +107,10 @@ if AVAILABLE:
 
 
     @njit(cache=True, nogil=True)
-    def _replica_counts(weight, num_slots, cap, c, bound, big):
+    def _replica_counts(weight, num_slots, cap, c, bound, big, gains, losses):
         L, E = weight.shape
-        gain = np.empty(E)
-        loss = np.empty(E)
         for l in range(L):
-            w, cl = weight[l], c[l]
-            for e in range(E):
-                gain[e] = w[e] / cl[e] if cl[e] < cap else -1.0
-                loss[e] = w[e] / max(cl[e] - 1, 1) if cl[e] > 1 else big
+            w, cl, gain, loss = weight[l], c[l], gains[l], losses[l]
             diff = cl.sum() - num_slots
             while diff != 0:
                 if diff < 0:
@@ -148,8 +143,12 @@ def replica_counts_jit(weight: np.ndarray, num_slots: int, max_per_expert: int, 
                        bound: np.ndarray) -> np.ndarray:
     """:func:`.counts.replica_counts` with ``start`` and ``bound``, compiled (same counts)."""
     c = np.clip(start, 1, max_per_expert).astype(np.int64)
-    _replica_counts(np.ascontiguousarray(weight, dtype=np.float64), int(num_slots), int(max_per_expert), c,
-                    np.ascontiguousarray(bound, dtype=np.float64), BIG)
+    weight = np.ascontiguousarray(weight, dtype=np.float64)
+    # The starting gains and losses as the reference computes them (vectorised divisions are cheaper).
+    gain = np.where(c < max_per_expert, weight / c, -1.0)
+    loss = np.where(c > 1, weight / np.maximum(c - 1, 1), BIG)
+    _replica_counts(weight, int(num_slots), int(max_per_expert), c, np.ascontiguousarray(bound, dtype=np.float64),
+                    BIG, gain, loss)
     return c
 
 
