@@ -11,6 +11,7 @@ reference's (same float32 scores, same first-minimum tie-breaking, same stable r
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
@@ -196,11 +197,13 @@ def _threads() -> int:
 
 
 def _run_split(fn, L: int, args: tuple) -> None:
-    """``fn(layers, *args)`` over all ``L`` layers, interleaved across up to :data:`THREADS` threads.
+    """``fn(layers, *args)`` over all ``L`` layers, shared among up to :data:`THREADS` threads.
 
     The kernels release the GIL (``nogil``) and layers never interact, so plain threads run them in
     parallel; numba's own ``parallel=True`` (OpenMP layer) waited ~2x longer for its threads on the
-    shared 2-core machine than this. Layers are dealt round-robin: alike costs per thread.
+    shared 2-core machine than this. The layers come in small interleaved chunks that each thread
+    takes as it gets free: where another process holds a core, the caller's thread does the work
+    instead of waiting for a worker that is not scheduled. Which thread takes a layer changes nothing.
     """
     global _POOL
     k = _threads() if L >= 8 else 1  # a thread hand-off costs ~50 us: not worth it for a few layers
@@ -210,8 +213,20 @@ def _run_split(fn, L: int, args: tuple) -> None:
         return
     if _POOL is None or _POOL._max_workers < k - 1:
         _POOL = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="eplb-refine")
-    futs = [_POOL.submit(fn, layers[i::k], *args) for i in range(1, k)]
-    fn(layers[0::k], *args)
+    n_chunks = min(L, 4 * k)
+    chunks = iter([layers[i::n_chunks] for i in range(n_chunks)])
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                c = next(chunks, None)
+            if c is None:
+                return
+            fn(c, *args)
+
+    futs = [_POOL.submit(work) for _ in range(k - 1)]
+    work()
     for f in futs:
         f.result()
 
