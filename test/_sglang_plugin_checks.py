@@ -61,7 +61,7 @@ def check_inproc(workdir: str) -> None:
 
     # every hook in the list is queued here (the main process also gets the drain routes' hook)
     assert plugin.registered_targets() == [t for t, _, _ in plugin._hooks()], plugin.registered_targets()
-    assert len(plugin.registered_targets()) == 13, plugin.registered_targets()
+    assert len(plugin.registered_targets()) == 14, plugin.registered_targets()
     check_parse(workdir)
     check_names()
     check_rebalance()

@@ -73,6 +73,35 @@ def test_sglang_update_entry_point_runs_our_updater_over_gloo(tmp_path):
     assert "restored_from_backup=1" in out and "missing_reloaded_from_disk={}" in out
 
 
+BG_CHECKS = ROOT / "test" / "_sglang_background_checks.py"
+
+
+@pytest.mark.parametrize("mode", ["background", "synchronous"])
+def test_eplb_manager_drives_the_background_bridge(tmp_path, mode):
+    """SGLang's EPLBManager.on_forward_pass_end (our AROUND hook applied) drives a 3-layer rebalance
+    one layer per pass, 3 processes over gloo: background: layers commit at later passes (the last
+    through the hook after SGLang's last update()); synchronous: each inside its update(). At every
+    pass every slot the routing table can route to holds its expert's weights; weights, metadata and
+    table end at the target; staging freed."""
+    out = _run([BG_CHECKS, mode, tmp_path], tmp_path)
+    assert _checks(out) == [f"CHECK background bridge ({mode}) ok"], out[-4000:]
+    assert ("committed in background" in out) == (mode == "background"), out[-4000:]
+
+
+def test_bad_background_option_is_one_line(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(options.ENV_PREFIX):
+            monkeypatch.delenv(k)
+    assert options.current().elastic_eplb_background is True
+    monkeypatch.setenv("SGLANG_ELASTIC_ELASTIC_EPLB_BACKGROUND", "0")
+    assert options.current().elastic_eplb_background is False
+    monkeypatch.setenv("SGLANG_ELASTIC_ELASTIC_EPLB_BACKGROUND", "maybe")
+    with pytest.raises(ValueError) as exc:
+        options.current()
+    assert str(exc.value) == ("SGLANG_ELASTIC_ELASTIC_EPLB_BACKGROUND='maybe' (from --elastic-eplb-background): "
+                              "expected true/false, got 'maybe'")
+
+
 def test_options_from_environment(monkeypatch):
     for k in list(os.environ):
         if k.startswith(options.ENV_PREFIX):

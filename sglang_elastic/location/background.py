@@ -22,7 +22,6 @@ Staging (``depth`` chunks) is allocated at :meth:`begin` and freed when the upda
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -37,9 +36,10 @@ from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
 from .commit_rule import backup_copies, decide, spare_rows
 from .staging import StagingBuffers, bg_staging_name
+from .threads import SharedThreads
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
 
-__all__ = ["BackgroundUpdater", "bg_staging_name", "decide"]
+__all__ = ["BackgroundUpdater", "SharedThreads", "bg_staging_name", "decide"]
 
 log = logging.getLogger(__name__)
 
@@ -83,38 +83,41 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             chunk's commit will install (e.g. its routing tables); the commit sets :attr:`prepared` to
             ``(placement, result)``, so the caller's own per-commit host work leaves the boundary too
             (valid while ``prepared[0] is updater.placement``).
+        shared: a :class:`SharedThreads` several updaters over one transport use (then ``store`` is
+            not needed and :meth:`close` leaves the threads to their owner); default: one of its own.
+        keep_sync_staging: keep the synchronous updater's staging allocated (a caller that shares one
+            across updaters and moves some updates synchronously: peers never see it shrink).
     """
 
     def __init__(self, *args, store=None, background: bool = True, depth: int = 2,
                  prefix: str = "sgle/ready", prepare: Optional[Callable[[Placement], object]] = None,
-                 **kwargs) -> None:
+                 shared: Optional[SharedThreads] = None, keep_sync_staging: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prepare, self.prepared = prepare, None
         if depth not in (1, 2):
             raise ValueError(f"depth must be 1 or 2, got {depth!r}")
         self.background = bool(background)
         store = store if store is not None else getattr(self.vote, "store", None)
-        if self.background and store is None:
+        if self.background and store is None and shared is None:
             raise ValueError("background mode needs a store for ready marks (store= or a StoreVote)")
-        self.store = _own_client(store) if self.background else store
+        self._own_threads = shared is None
+        self._threads = (shared or SharedThreads(store, f"sgle-{self.rank}")) if self.background else None
+        self.store = self._threads.store if self.background else store
         # The transport thread posts marks and the poller reads them on a connection of their own.
-        self._bg_store = _own_client(store) if self.background else None
+        self._bg_store = self._threads.bg_store if self.background else None
         self.depth, self.prefix = depth, prefix
         self._boundary = 0
         self._label_lock = threading.Lock()   # a mark's label is the boundary it was written before
-        self._polls: "queue.Queue" = queue.Queue()
-        self._poller: Optional[threading.Thread] = None
         self._closing = False
         self._uid = 0          # bumps at every (re)plan: keys of an abandoned plan are never read again
         self._inflight: Deque[_Job] = deque()
         self._next = 0         # chunks enqueued in the current plan
         self._bufs: List[Dict[str, torch.Tensor]] = []
-        self._jobs: "queue.Queue" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
         self._broken: Optional[BaseException] = None  # a job failed: the thread skips the rest
         self._stream = None
         self.staging_peak = 0
-        if self.background:  # the synchronous staging is not used: keep one row registered
+        self._keep_sync = keep_sync_staging
+        if self.background and not keep_sync_staging:  # the synchronous staging is not used: keep one row registered
             self._sync_staging(False)
 
     # ------------------------------------------------------------------ public surface
@@ -150,17 +153,11 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         """Stop the transport thread (after the jobs it has) and free staging."""
         self._drain()
         self._closing = True
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
-        if self._poller is not None:
-            self._polls.put(None)
-            self._poller.join()
-            self._poller = None
+        if self.background and self._own_threads:  # its own store connections (see _own_client) close too
+            self._threads.close()
         self._inflight.clear()
         self._free_staging()
-        if self.background:  # its own store connections (see _own_client) close with it
+        if self.background:
             self.store = self._bg_store = None
 
     def step(self) -> Optional[ChunkReport]:
@@ -218,7 +215,18 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                     return
                 yield rep
         finally:
-            self._sync_staging(False)
+            if not self._keep_sync:
+                self._sync_staging(False)
+
+    def update_now(self, target: Placement, on_failure=None) -> List[ChunkReport]:
+        """Move to ``target`` and commit it now, synchronously (no forward pass in between, e.g.
+        SGLang's fault path): chunks in flight are drained and discarded, then :meth:`run`."""
+        if not self.background:
+            return self.update(target, on_failure)
+        self._drain()
+        self._inflight.clear()
+        ExpertLocationUpdater.begin(self, target, on_failure)
+        return list(self.run())
 
     # ------------------------------------------------------------------ boundary work
     def _key(self, job: _Job, rank: int) -> str:
@@ -235,32 +243,25 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         with self._label_lock:
             self._bg_store.compare_set(self._key(job, self.rank), "", f"{_READY}{self._boundary}")
             job.posted, job.posted_at = True, time.monotonic()
-        if self._poller is None:
-            self._poller = threading.Thread(target=self._poll_marks, name=f"sgle-marks-{self.rank}", daemon=True)
-            self._poller.start()
-        self._polls.put(job)
+        self._threads.poll(self, job)
 
-    def _poll_marks(self) -> None:
-        """Read every live rank's mark of each posted job once all exist (then they are final), so the
-        boundary decides without a store round trip. Gives up on a job that was re-planned or whose
-        ranks include one known dead (the boundary writes its verdict)."""
-        while True:
-            job = self._polls.get()
-            if job is None:
-                return
-            delay = 0.001
-            while job.final is None and not self._closing and job.uid == self._uid:
-                if any(self.liveness.is_dead(r) for r in job.live):
+    def _poll_job(self, job: _Job) -> None:
+        """On the poller: read every live rank's mark of a posted job once all exist (then they are
+        final), so the boundary decides without a store round trip. Gives up on a job that was
+        re-planned or whose ranks include one known dead (the boundary writes its verdict)."""
+        delay = 0.001
+        while job.final is None and not self._closing and job.uid == self._uid:
+            if any(self.liveness.is_dead(r) for r in job.live):
+                break
+            try:
+                if self._bg_store.check(job.keys):
+                    job.final = {r: v.decode() for r, v in zip(job.live, self._bg_store.multi_get(job.keys))}
                     break
-                try:
-                    if self._bg_store.check(job.keys):
-                        job.final = {r: v.decode() for r, v in zip(job.live, self._bg_store.multi_get(job.keys))}
-                        break
-                except RuntimeError as exc:  # the store is going away (shutdown): the boundary reads instead
-                    log.debug("rank %d: mark poll stopped: %r", self.rank, exc)
-                    break
-                self.liveness.wait(delay)  # a death wakes it at once
-                delay = min(2 * delay, 0.02)
+            except RuntimeError as exc:  # the store is going away (shutdown): the boundary reads instead
+                log.debug("rank %d: mark poll stopped: %r", self.rank, exc)
+                break
+            self.liveness.wait(delay)  # a death wakes it at once
+            delay = min(2 * delay, 0.02)
 
     def _read_posts(self, job: _Job, t: int) -> Dict[int, Optional[str]]:
         """Every live rank's post for ``job`` (``None``: not posted). A rank known dead, or silent for
@@ -351,48 +352,39 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
 
     # ------------------------------------------------------------------ transport thread
     def _submit(self, fn: Callable[[], None], job: Optional[_Job] = None) -> None:
-        if self._thread is None:
-            if self.weights and next(iter(self.weights.values())).is_cuda:
-                self._stream = torch.cuda.Stream(device=next(iter(self.weights.values())).device)
-            self._thread = threading.Thread(target=self._worker, name=f"sgle-updater-{self.rank}", daemon=True)
-            self._thread.start()
-        self._jobs.put((fn, job))
+        if self._stream is None and self.weights and next(iter(self.weights.values())).is_cuda:
+            self._stream = torch.cuda.Stream(device=next(iter(self.weights.values())).device)
+        self._threads.submit(self, fn, job)
 
-    def _worker(self) -> None:
-        while True:
-            item = self._jobs.get()
+    def _run_job(self, fn: Callable[[], None], job: Optional[_Job]) -> None:
+        """On the transport thread: one job of this updater, then its ready mark."""
+        try:
+            if self._broken is not None and job is not None:  # every rank skips the same chunks after an agreed failure
+                job.error = self._broken
+                return
             try:
-                if item is None:
-                    return
-                fn, job = item
-                if self._broken is not None and job is not None:  # every rank skips the same chunks after an agreed failure
-                    if job is not None:
-                        job.error = self._broken
-                    continue
-                try:
-                    if self._stream is not None:
-                        with torch.cuda.stream(self._stream):
-                            fn()
-                    else:
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
                         fn()
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the boundary
-                    self._broken = exc
-                    if job is not None:
-                        job.error = exc
-            finally:
-                if item is not None and item[1] is not None:
-                    try:  # failed jobs post too: the vote gave every rank the same outcome
-                        self._post_from_thread(item[1])
-                    except RuntimeError as exc:  # the boundary posts instead (its fallback)
-                        log.debug("rank %d: ready mark from the thread failed: %r", self.rank, exc)
-                    item[1].done.set()
-                self._jobs.task_done()
+                else:
+                    fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the boundary
+                self._broken = exc
+                if job is not None:
+                    job.error = exc
+        finally:
+            if job is not None:
+                try:  # failed jobs post too: the vote gave every rank the same outcome
+                    self._post_from_thread(job)
+                except RuntimeError as exc:  # the boundary posts instead (its fallback)
+                    log.debug("rank %d: ready mark from the thread failed: %r", self.rank, exc)
+                job.done.set()
 
     def _drain(self) -> None:
         """Wait for the thread's queued jobs (collective: they end on every rank, by knowledge if a
         peer died), then clear the failure mark for what follows."""
-        if self._thread is not None:
-            self._jobs.join()
+        if self._threads is not None:
+            self._threads.join()
         self._broken = None
 
     def _exec(self, copies: List[Copy]) -> None:
@@ -464,10 +456,3 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             h, r = int(prev.holder[l, e]), int(prev.row[l, e])
             if h >= 0 and (h, r) not in written:  # its row is intact (rows are unique per layout)
                 holder[l, e], row[l, e] = h, r
-
-
-def _own_client(store):
-    """A connection of its own to ``store`` when it is a ``TCPStore`` (else ``store`` itself)."""
-    if isinstance(store, torch.distributed.TCPStore):
-        return torch.distributed.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
-    return store

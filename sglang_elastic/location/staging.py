@@ -14,7 +14,7 @@ def bg_staging_name(weight_name: str, buf: int) -> str:
 
 class StagingBuffers:
     """Mixin of :class:`~.background.BackgroundUpdater` (uses its ``weights, transport, placement,
-    layers_per_chunk, depth, _staging, _bufs, _thread, _submit`` and sets ``staging_peak``)."""
+    layers_per_chunk, depth, _staging, _bufs, _threads, _submit`` and sets ``staging_peak``)."""
 
     def _placeholder(self, t: torch.Tensor) -> torch.Tensor:
         return torch.empty((1,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
@@ -54,7 +54,7 @@ class StagingBuffers:
                 for name, t in self.weights.items():
                     self.transport.register(bg_staging_name(name, b), self._placeholder(t).view(1, -1))
 
-        if later and self._thread is not None:
+        if later and self._threads is not None and self._threads.thread is not None:
             self._submit(unregister)
         else:
             unregister()

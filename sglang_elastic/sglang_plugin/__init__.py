@@ -11,6 +11,7 @@ What is replaced or hooked (see ``docs/sglang.md``):
 =======================================================================================  ==========================
 ``sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts``                   REPLACE: our algorithm
 ``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater``                        REPLACE: our updater
+``sglang.srt.eplb.eplb_manager.EPLBManager.on_forward_pass_end``                          AROUND: background commits
 ``sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager``                               REPLACE: our state
 ``sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher``                         REPLACE: our dispatcher
 ``sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher``                 REPLACE: our dispatcher
@@ -96,6 +97,11 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
 
         return ElasticMooncakeEPDispatcher
 
+    def pass_end():
+        from .updater import around_forward_pass_end
+
+        return around_forward_pass_end
+
     def layer_id():
         from .dispatcher import set_layer_id_after_init
 
@@ -143,6 +149,7 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
     return [
         ("sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts", algorithm, "REPLACE"),
         ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater", updater, "REPLACE"),
+        ("sglang.srt.eplb.eplb_manager.EPLBManager.on_forward_pass_end", pass_end, "AROUND"),
         ("sglang.srt.elastic_ep.elastic_ep.ElasticEPStateManager", state, "REPLACE"),
         ("sglang.srt.layers.moe.token_dispatcher.nixl.NixlEPDispatcher", nixl, "REPLACE"),
         ("sglang.srt.layers.moe.token_dispatcher.mooncake.MooncakeEPDispatcher", mooncake, "REPLACE"),

@@ -65,6 +65,8 @@ class PluginContext:
     scheduler_drain: Any = None  # this scheduler's drain.SchedulerDrain, made on the first drain step
     routing: Optional["SGLangRouting"] = None  # the routing hook's device tables (routing_hook.routing())
     dispatchers: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # dispatcher adapters
+    eplb_updaters: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # ElasticExpertLocationUpdater s
+    in_forward_pass_end: bool = False  # inside SGLang's EPLBManager.on_forward_pass_end (its periodic EPLB)
     _options: Optional[_options.PluginOptions] = None
     _metrics: Optional["ElasticMetrics"] = None
 

@@ -43,6 +43,9 @@ class PluginOptions:
         elastic_backup_store: keep one host-memory copy of every expert on another rank.
         elastic_dispatch_path: ``gpu`` (NIXL-EP / Mooncake EP kernels) or ``host`` (agents).
         elastic_dispatch_timeout: seconds a dispatch/combine waits for a silent peer.
+        elastic_eplb_background: SGLang's periodic EPLB moves each chunk beside serving (our
+            background updater: a forward pass pays the commit only); off: each chunk moves and
+            commits inside its ``update()`` call, as upstream.
         run_dir: folder the schedulers publish the elastic state and drain progress to, for the HTTP
             process (not a flag: the launcher makes one per server, ``SGLANG_ELASTIC_RUN_DIR``).
     """
@@ -56,6 +59,7 @@ class PluginOptions:
     elastic_backup_store: bool = True
     elastic_dispatch_path: str = "gpu"
     elastic_dispatch_timeout: float = 5.0
+    elastic_eplb_background: bool = True
     run_dir: Optional[str] = None
 
 
@@ -132,6 +136,12 @@ FLAGS: Dict[str, Tuple[str, Callable[[str], Any], Dict[str, Any]]] = {
     "elastic_dispatch_timeout": ("--elastic-dispatch-timeout", _pos_float, dict(
         metavar="SEC", help="Seconds a dispatch/combine waits for a silent peer before masking it "
                             "(default 5).")),
+    "elastic_eplb_background": ("--elastic-eplb-background", _bool, dict(
+        help="Periodic EPLB (--eplb-rebalance-layers-per-chunk): each chunk's expert weights move on a "
+             "transport thread while forward passes go on; a later forward pass commits it (weights "
+             "and routing together). Default on; --no-elastic-eplb-background moves and commits each "
+             "chunk inside SGLang's update call. The fault path, drains and post-scale rebalances are "
+             "always synchronous.")),
 }
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..eplb.placement import Placement
+from ..location.background import BackgroundUpdater, SharedThreads
 from ..location.repair import lost_experts, lost_on_rank, repair_target
 from ..location.updater import ChunkReport, ExpertLocationUpdater, staging_name
 from ..state import ElasticEPStateManager as _OurManager
@@ -57,6 +58,14 @@ class UpdateSummary(ChunkReport):
 
     missing: Dict[int, List[int]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def add(self, rep: ChunkReport) -> None:
+        """Add one chunk's figures."""
+        self.copies_remote += rep.copies_remote
+        self.copies_local += rep.copies_local
+        self.restored += rep.restored
+        self.bytes_moved += rep.bytes_moved
+        self.replans += rep.replans
 
     @property
     def restored_from_backup(self) -> int:
@@ -85,10 +94,15 @@ class LayerwiseBridge:
         vote: optional agreement hook for our updater (e.g. :class:`~sglang_elastic.location.updater.StoreVote`).
         liveness: the process's :class:`~sglang_elastic.transport.Liveness` (the plugin context's),
             so a death known anywhere in the process ends the layer updaters' waits.
+        background: per-layer :class:`~sglang_elastic.location.background.BackgroundUpdater` s sharing
+            one transport thread, mark poller and store connection pair; ``update(..., background=True)``
+            starts a layer's transfer and :meth:`tick` (once per forward pass) commits it.
+        store: the store for the background updaters' ready marks (SGLang's TCPStore).
     """
 
     def __init__(self, rank: int, make_transport: TransportFactory, *, backup: bool = True,
-                 timeout_s: float = 30.0, vote=None, liveness=None) -> None:
+                 timeout_s: float = 30.0, vote=None, liveness=None, background: bool = False,
+                 store=None) -> None:
         self.rank = int(rank)
         self._make_transport = make_transport
         self.transport = None
@@ -104,16 +118,25 @@ class LayerwiseBridge:
         # Layers whose lost experts SGLang reloads from disk after our call: their backups were filled
         # from slots that did not hold them yet, so they are refilled at the start of the next call.
         self._refill: set = set()
+        self.background, self._store = bool(background), store
+        self._threads: Optional[SharedThreads] = None
+        self._builds = 0
+        self.moving: List[int] = []  # layers whose transfer runs beside serving (begun, not committed)
 
     # ------------------------------------------------------------------ entry point
     def update(self, weights_of_layer: Dict[int, List[torch.Tensor]], old_p2l: torch.Tensor, new_p2l: torch.Tensor,
-               layer_ids: Sequence[int], num_logical: int, ranks_per_node: Optional[int] = None
-               ) -> Tuple[Dict[int, List[int]], Dict[int, Placement], UpdateSummary]:
+               layer_ids: Sequence[int], num_logical: int, ranks_per_node: Optional[int] = None,
+               background: bool = False) -> Tuple[Dict[int, List[int]], Dict[int, Placement], UpdateSummary]:
         """Move this rank's weights of ``layer_ids`` from ``old_p2l`` to ``new_p2l`` (SGLang maps, ``[L, P]``).
 
         Collective over the live ranks. Returns ``(missing, applied, summary)``: logical experts per
         layer this rank must reload from disk, and the placements applied where they differ from
         ``new_p2l`` (a peer died mid-update, or the target used a dead rank).
+
+        ``background`` (a background bridge, called once per forward pass on every rank alike): a
+        layer with nothing to reload from disk only starts moving (it joins :attr:`moving`; its
+        weights and ``applied`` come at the :meth:`tick` that commits it); a layer with experts only
+        disk can restore moves and commits now (SGLang reloads them right after this call).
         """
         t0 = time.perf_counter()
         summary = UpdateSummary(layers=list(layer_ids))
@@ -141,6 +164,11 @@ class LayerwiseBridge:
             mine = self._lost_on_rank(target, lost)
             if mine:
                 missing[l] = mine
+            if background and self.background and not lost:
+                upd.begin(target, self._on_failure(upd, l, summary))  # the transfer runs on the shared thread
+                if l not in self.moving:
+                    self.moving.append(l)
+                continue
             self._move_layer(upd, l, target, summary)
             if not torch.equal(upd.target.phy2log, wanted.phy2log):
                 applied[l] = upd.target
@@ -177,9 +205,55 @@ class LayerwiseBridge:
             if not np.array_equal(upd.live, self.live):
                 upd.set_live(self.live)
 
+    def tick(self) -> List[Tuple[int, Placement, ChunkReport]]:
+        """One forward-pass boundary of the layers :attr:`moving` (every rank calls it at the same
+        passes): each layer's updater commits its chunk when every live rank's transfer ended before
+        the previous boundary (weights swapped in from staging, staging freed after). Returns
+        ``(layer, placement now in force, report)`` per layer committed here, for the caller to
+        install SGLang's metadata of exactly those layers (the routing table changes only then)."""
+        out = []
+        for l in list(self.moving):
+            upd = self.updaters[l]
+            rep = upd.step()
+            if upd.done:
+                self.moving.remove(l)
+                out.append((l, upd.placement, rep or ChunkReport(layers=[l])))
+        return out
+
+    def _abandon(self) -> None:
+        """Drop the layers still moving and close the old background updaters (a rebuild: nothing of
+        them was committed, so SGLang's metadata and the weights still agree on the old placement)."""
+        if self.moving:
+            log.warning("[sglang_elastic] layers %s were moving when the updater was rebuilt: kept as they were",
+                        self.moving)
+        self.moving = []
+        for upd in self.updaters.values():
+            if isinstance(upd, BackgroundUpdater):
+                upd.close()
+
+    def _new_updater(self, l: int, weights, current: Placement, live: np.ndarray, ranks_per_node):
+        kw = dict(layers_per_chunk=1, ranks_per_node=ranks_per_node, backup=self.backup, timeout_s=self.timeout_s,
+                  vote=self.vote, liveness=self.liveness)
+        if not self.background:
+            upd = ExpertLocationUpdater(self.rank, self.transport, weights, current, live, **kw)
+            self._share_staging(upd, weights)
+            return upd
+        if self._threads is None:
+            if self._store is None:
+                raise RuntimeError("the background bridge needs a store for ready marks")
+            self._threads = SharedThreads(self._store, f"sgle-sglang-{self.rank}")
+        # Keys unique per build: a rebuilt layer's marks never meet the previous build's. The synchronous
+        # staging stays allocated, one buffer shared by all layers as in synchronous mode (the fault path
+        # moves layers synchronously; a peer must never see that staging shrink).
+        upd = BackgroundUpdater(self.rank, self.transport, weights, current, live, shared=self._threads, depth=1,
+                                prefix=f"sgle/sglang/b{self._builds}/L{l}", keep_sync_staging=True, **kw)
+        self._share_staging(upd, weights)
+        return upd
+
     def _build(self, live: np.ndarray, weights_of_layer, old_p2l: torch.Tensor, ranks_per_node) -> None:
         """New per-layer updaters from SGLang's metadata, and a full backup refill (collective)."""
         device = next(iter(weights_of_layer.values()))[0].device
+        self._abandon()
         if self.transport is None:
             self.transport = self._make_transport(self.rank, device)
         self.transport.set_peers(np.flatnonzero(live).tolist())
@@ -187,14 +261,11 @@ class LayerwiseBridge:
         self.live, self._rpn = live.copy(), ranks_per_node
         self.updaters = {}
         self._refill = set()
+        self._builds += 1
         for l in sorted(weights_of_layer):
             current = Placement.from_sglang(old_p2l[l:l + 1], R, self._E, live)
             weights = {_weight_name(l, i): t.unsqueeze(0) for i, t in enumerate(weights_of_layer[l])}
-            upd = ExpertLocationUpdater(self.rank, self.transport, weights, current, live, layers_per_chunk=1,
-                                        ranks_per_node=ranks_per_node, backup=self.backup,
-                                        timeout_s=self.timeout_s, vote=self.vote, liveness=self.liveness)
-            self._share_staging(upd, weights)
-            self.updaters[l] = upd
+            self.updaters[l] = self._new_updater(l, weights, current, live, ranks_per_node)
         restored = sum(upd.fill_backup() for upd in self.updaters.values())
         log.info("[sglang_elastic] updater ready: %d layers, live ranks %s, %d backup rows filled on this rank's "
                  "peers", len(self.updaters), np.flatnonzero(live).tolist(), restored)
@@ -245,7 +316,9 @@ class LayerwiseBridge:
         """The lost experts this rank's target slots hold (what this rank must reload)."""
         return lost_on_rank(target.phy2log[0], lost, self.rank, target.slots_per_rank)
 
-    def _move_layer(self, upd: ExpertLocationUpdater, layer: int, target: Placement, summary: UpdateSummary) -> None:
+    def _on_failure(self, upd: ExpertLocationUpdater, layer: int, summary: UpdateSummary):
+        """The failure hook of ``layer``'s update: the state and Liveness learn the deaths, the target
+        is repaired over the survivors."""
         def on_failure(dead: List[int]):
             for d in dead:
                 (self.liveness or context.get().liveness).mark_dead(d, "updater PeerFailure")
@@ -257,16 +330,22 @@ class LayerwiseBridge:
             summary.failed_ranks.extend(dead)
             return self.live, self._checked_target(upd.target, layer)
 
+        return on_failure
+
+    def _move_layer(self, upd: ExpertLocationUpdater, layer: int, target: Placement, summary: UpdateSummary) -> None:
+        """Move and commit ``layer`` now (the synchronous path)."""
+        on_failure = self._on_failure(upd, layer, summary)
+        if isinstance(upd, BackgroundUpdater):
+            self.moving = [l for l in self.moving if l != layer]
+            for rep in upd.update_now(target, on_failure):
+                summary.add(rep)
+            return
         upd.begin(target, on_failure)
         while not upd.done:
             rep = upd.step()
             if rep is None:
                 break
-            summary.copies_remote += rep.copies_remote
-            summary.copies_local += rep.copies_local
-            summary.restored += rep.restored
-            summary.bytes_moved += rep.bytes_moved
-            summary.replans += rep.replans
+            summary.add(rep)
 
 
 def _transport_kind(opts: options.PluginOptions) -> str:
@@ -296,15 +375,65 @@ def _default_transport(rank: int, device: torch.device):
     return make_transport(_transport_kind(ctx.options), rank, store, device=device, liveness=ctx.liveness)
 
 
+def _default_store():
+    """SGLang's global TCPStore (the background updaters' ready marks)."""
+    from sglang.srt.distributed.utils import get_global_tcp_store
+
+    return get_global_tcp_store()
+
+
 class ElasticExpertLocationUpdater:
     """Drop-in for ``sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater`` (same constructor
-    and ``update`` contract), backed by :class:`LayerwiseBridge`."""
+    and ``update`` contract), backed by :class:`LayerwiseBridge`.
+
+    Background mode (``--elastic-eplb-background``, default on), for calls SGLang's
+    ``EPLBManager.on_forward_pass_end`` makes (periodic EPLB, one chunk per forward pass): the call
+    first commits the layers whose transfers every rank finished (their weights and SGLang's
+    metadata rows, hence the routing tables, change together), then starts this chunk's transfer
+    and returns; :meth:`on_forward_pass_end` (the plugin's AROUND hook on that method) commits at
+    later passes what is still moving after SGLang's last call. Other callers (the fault path,
+    drains, post-scale rebalances) move and commit inside the call.
+    """
 
     # Tests (and tools) may swap in another transport factory: (rank, device) -> Transport.
     transport_factory: TransportFactory = staticmethod(_default_transport)
+    store_factory: Callable[[], object] = staticmethod(_default_store)
 
     def __init__(self) -> None:
         self._bridge: Optional[LayerwiseBridge] = None
+        self._targets: Dict[int, object] = {}  # layer moving -> the SGLang metadata its commit installs
+        self._ticked = False                   # this forward pass's boundary was taken inside update()
+        self._rank = 0
+        context.get().eplb_updaters.add(self)
+
+    def on_forward_pass_end(self) -> None:
+        """After SGLang's ``EPLBManager.on_forward_pass_end``: this pass's boundary, unless an
+        ``update()`` in it took it already (one boundary per forward pass on every rank)."""
+        if self._ticked:
+            self._ticked = False
+        elif self._bridge is not None and self._bridge.moving:
+            self._commit_ready()
+
+    def _commit_ready(self) -> None:
+        """Take this forward pass's boundary: install SGLang's metadata of each layer committed."""
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        done = self._bridge.tick()
+        if not done:
+            return
+        old = get_global_expert_location_metadata()
+        summary = UpdateSummary(layers=[l for l, _, _ in done])
+        for layer, placement, rep in done:
+            new_meta = self._targets.pop(layer)
+            wanted = new_meta.physical_to_logical_map_cpu[layer]
+            if not torch.equal(placement.phy2log[0], wanted):
+                _patch_metadata_row(new_meta, layer, placement, self._rank)
+            old.update(new_meta, update_layer_ids=[layer])
+            summary.add(rep)
+        bump_placement_version()  # the routing tables follow the committed rows, now
+        ctx = context.get()
+        _record(ctx, summary, reporter=self._rank == min(np.flatnonzero(self._bridge.live).tolist(), default=self._rank))
+        log.info("[sglang_elastic] updater rank %d committed in background: %s", self._rank, summary.line())
 
     def update(self, routed_experts_weights_of_layer: Dict[int, List[torch.Tensor]], new_expert_location_metadata,
                update_layer_ids: List[int], nnodes: int, rank: int, use_flat_topology: bool = False
@@ -321,22 +450,51 @@ class ElasticExpertLocationUpdater:
         ctx = context.get()
         opts = ctx.options
         if self._bridge is None or self._bridge.rank != rank:
+            bg = opts.elastic_eplb_background
             self._bridge = LayerwiseBridge(rank, type(self).transport_factory, backup=opts.elastic_backup_store,
-                                           timeout_s=opts.elastic_transfer_timeout, liveness=ctx.liveness)
+                                           timeout_s=opts.elastic_transfer_timeout, liveness=ctx.liveness,
+                                           background=bg, store=type(self).store_factory() if bg else None)
+        self._rank = rank
+        # In the background only from EPLBManager's forward-pass loop; a post-scale rebalance
+        # (flat topology) must install every chunk before NIXL resumes (SGLang barriers after each).
+        background = self._bridge.background and ctx.in_forward_pass_end and not use_flat_topology
+        if background and not self._ticked:
+            self._ticked = True
+            self._commit_ready()  # this pass's boundary: what finished moving commits first
         R = old.ep_size
         rpn = R // nnodes if nnodes > 1 and not use_flat_topology and R % nnodes == 0 else None
         missing, applied, summary = self._bridge.update(
             routed_experts_weights_of_layer, old.physical_to_logical_map_cpu,
             new_expert_location_metadata.physical_to_logical_map_cpu, list(update_layer_ids),
-            old.num_logical_experts, rpn)
+            old.num_logical_experts, rpn, background=background)
+        moving = set(self._bridge.moving)
+        self._targets = {l: m for l, m in self._targets.items() if l in moving and l not in update_layer_ids}
+        self._targets.update({l: new_expert_location_metadata for l in update_layer_ids if l in moving})
+        now = [l for l in update_layer_ids if l not in moving]
         for layer, placement in applied.items():
             _patch_metadata_row(new_expert_location_metadata, layer, placement, rank)
-        old.update(new_expert_location_metadata, update_layer_ids=update_layer_ids)
+        if now:
+            old.update(new_expert_location_metadata, update_layer_ids=now)
         bump_placement_version()  # rewrites the routing hook's device tables now (graph replays run no Python)
         _record(ctx, summary, reporter=rank == min(np.flatnonzero(self._bridge.live).tolist(), default=rank))
         ctx.flush_degraded_tokens()  # between forward passes, on the scheduler thread: the one host sync for it
         log.info("[sglang_elastic] updater rank %d: %s", rank, summary.line())
         return missing
+
+
+def around_forward_pass_end(original, manager, *args, **kwargs):
+    """AROUND hook of SGLang's ``EPLBManager.on_forward_pass_end`` (once per forward pass on every
+    rank): SGLang's own step (which may call ``update()``), then our updaters' boundary for the
+    layers still moving (see :class:`ElasticExpertLocationUpdater`)."""
+    ctx = context.get()
+    ctx.in_forward_pass_end = True
+    try:
+        result = original(manager, *args, **kwargs)
+    finally:
+        ctx.in_forward_pass_end = False
+    for upd in list(ctx.eplb_updaters):
+        upd.on_forward_pass_end()
+    return result
 
 
 def _record(ctx: "context.PluginContext", summary: UpdateSummary, reporter: bool) -> None:
