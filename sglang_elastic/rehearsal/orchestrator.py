@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..eplb import Placement, balancedness, rebalance
+from ..eplb import Placement, balancedness, rebalance, warm_up
 from .config import RehearsalConfig
 from .protocol import FaultFired, FaultSpec, InitInfo, Keys, PassResult, Served, StepPlan, StepResult
 from .rank import BATCHES_PER_PASS, health_of, rank_main
@@ -212,6 +212,7 @@ class Orchestrator:
         t_launch = time.time()
         for r in st.live:
             self._spawn(r, False)
+        warm_up()  # the compiled EPLB kernels (numba's disk cache) while the ranks start: no failover waits for them
         view = self._wait_members(st.live, timeout=180)
         st.incarnations.update({r: view.incarnations[r] for r in st.live})
         self.summary["startup_s"] = time.time() - t_launch

@@ -25,6 +25,7 @@ import ctypes
 import datetime
 import os
 import signal
+import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..eplb import warm_up
 from ..location.updater import UpdateFailure
 from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
@@ -340,6 +342,9 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
     capture_output(log_path)
     die_with_parent()
     torch.set_num_threads(1)
+    # A failover re-plans with the compiled EPLB kernels: load them now (numba's disk cache, ~0.3 s),
+    # beside joining and connecting, so the first failover does not pay for it.
+    threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True).start()
     code = 0
     r = None
     try:
