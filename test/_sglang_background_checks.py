@@ -90,7 +90,10 @@ def _rank_main(rank: int, port: int, workdir: str, background: bool) -> None:
                             assert torch.equal(weights[l][i][slot % S], expert_weights(l, e, i)), (rank, l, e, slot)
 
     bridge_pass = {}
-    for p in range(400):
+    deadline = time.monotonic() + 120  # passes go on until every layer committed (a slow box: many passes)
+    p = -1
+    while time.monotonic() < deadline:
+        p += 1
         n = len(calls)
         mgr.on_forward_pass_end()  # SGLang's method, our AROUND hook applied by SGLang's HookRegistry
         routable_slots_hold_their_experts()
@@ -98,10 +101,11 @@ def _rank_main(rank: int, port: int, workdir: str, background: bool) -> None:
         for l in range(L):
             if l not in bridge_pass and torch.equal(meta.physical_to_logical_map_cpu[l], NEW[l]):
                 bridge_pass[l] = (p, len(calls) > n)  # the pass it committed at, and whether update() ran in it
+        stop = len(bridge_pass) == L and len(calls) == L + 1 and not updater._bridge.moving
         store.add(f"pass/{p}", 1)  # the lockstep a forward pass's token exchange gives EP ranks
-        while int(store.add(f"pass/{p}", 0)) < R:
+        while int(store.add(f"pass/{p}", 0)) < R and time.monotonic() < deadline + 30:
             time.sleep(0.001)
-        if len(bridge_pass) == L and len(calls) == L + 1 and not updater._bridge.moving:
+        if stop:
             break
     meta = get_global_expert_location_metadata()
     assert torch.equal(meta.physical_to_logical_map_cpu, NEW), meta.physical_to_logical_map_cpu

@@ -234,7 +234,7 @@ def _apply_chunk(scheduler: Any, target: Any, layers: List[int]) -> None:
     from sglang.srt.runtime_context import get_exec, get_parallel
 
     from ..eplb.placement import Placement
-    from .updater import _patch_metadata_row
+    from .updater_io import patch_metadata_row as _patch_metadata_row
 
     mr = scheduler.tp_worker.model_runner
     rank = get_parallel().tp_rank
