@@ -253,3 +253,39 @@ def test_report_and_plot_without_processes(tmp_path):
     assert seen["title"].startswith("sglang-elastic rehearse: PASS") and "degraded tokens 3" in seen["title"]
     assert all(float(t).is_integer() for t in seen["ticks"])
     assert "degraded tokens" in seen["labels"] and "live ranks" in seen["labels"]
+
+
+def test_watched_updater_is_freed_without_a_garbage_collection():
+    """FaultInjector.watch_updater marks where an updater is (its own calls included) without making
+    the updater reference itself: an updater replaced on a join (backup rows, staging, threads' store
+    connections) is freed when the rank drops it, not at a rare full garbage collection."""
+    import gc
+    import weakref
+
+    from sglang_elastic.rehearsal.faults import FaultInjector
+
+    fi = FaultInjector(0, None, lambda: 0)
+    seen = []
+
+    class Updater:
+        def __init__(self):
+            self.rows = bytearray(1 << 20)
+
+        def step(self):
+            seen.append(("step", fi._where))
+            self.set_live([0])  # an internal call goes through the wrapper too
+            return self
+
+        def set_live(self, live):
+            seen.append(("set_live", fi._where))
+
+    u = fi.watch_updater(Updater())
+    assert u.step() is u
+    assert seen == [("step", "transfer"), ("set_live", "rehome")] and fi._where is None
+    ref = weakref.ref(u)
+    gc.disable()
+    try:
+        del u
+        assert ref() is None, "the watched updater is kept alive by a reference cycle"
+    finally:
+        gc.enable()

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Callable, List, Optional
 
 from .protocol import FaultFired, FaultSpec, Keys
@@ -128,20 +129,27 @@ class FaultInjector:
         return voting
 
     def watch_updater(self, updater: Any) -> Any:
-        """Mark where ``updater`` is (instance attributes shadow its methods, internal calls too)."""
+        """Mark where ``updater`` is (instance attributes shadow its methods, internal calls too).
+
+        The wrappers call the class's functions on a weak reference: an instance attribute holding
+        the instance's own bound method is a reference cycle, so every updater replaced on a join
+        (its backup rows, staging, store connections, failed jobs' tensors) would stay in memory
+        until a full garbage collection, which a long-lived process runs rarely."""
+        ref = weakref.ref(updater)
         for name, where in (("step", "transfer"), ("_transfer_job", _JOB), ("set_live", "rehome"),
                             ("fill_backup", "fill")):
-            if hasattr(updater, name):
-                setattr(updater, name, self._scoped(getattr(updater, name), where))
+            fn = getattr(type(updater), name, None)
+            if callable(fn):
+                setattr(updater, name, self._scoped(ref, fn, where))
         return updater
 
-    def _scoped(self, fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    def _scoped(self, ref: "weakref.ref[Any]", fn: Callable[..., Any], where: str) -> Callable[..., Any]:
         @functools.wraps(fn)
         def scoped(*args: Any, **kwargs: Any) -> Any:
             outer = self._where
             self._where = where
             try:
-                return fn(*args, **kwargs)
+                return fn(ref(), *args, **kwargs)
             finally:
                 # A set_live inside step() (a failure mid-chunk) is followed by the chunk again.
                 self._where = "transfer" if outer is not None and where == "rehome" else outer
