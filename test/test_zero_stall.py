@@ -169,3 +169,48 @@ def test_commit_rule_reads_only_marks_every_rank_can_see():
     assert decide({0: "ready@3", 1: "ready@5"}, 5) == (False, []), "a mark of this boundary counts from the next"
     assert decide({0: "ready@3", 1: None}, 9) == (False, []), "a rank still moving the chunk delays only its commit"
     assert decide({0: "ready@3", 1: "dead@4", 2: "dead@2"}, 5) == (True, [1, 2])
+
+
+def test_a_failed_job_keeps_its_error_but_not_its_frames():
+    """A chunk job's error is handed to the boundary with its message and line numbers, but without
+    its frames' locals: they hold the job and the updater (a reference cycle), and the chunk's copies
+    and staging, which would otherwise stay in memory until a full garbage collection."""
+    import gc
+    import traceback as tb_mod
+    import weakref
+
+    import torch.distributed as dist
+
+    from sglang_elastic.location.background import BackgroundUpdater, _Job
+    from sglang_elastic.transport.base import PeerFailure
+
+    class NoTransport:
+        def register(self, *a):
+            pass
+
+    class Rows:  # stands for a chunk's staging views, held by the failing frames
+        pass
+
+    _, p0, _ = placements(seed=1)
+    u = BackgroundUpdater(0, NoTransport(), {"w": weights_for(p0, 0)}, p0, backup=False, store=dist.HashStore())
+    rows = Rows()
+    held = weakref.ref(rows)
+
+    def transfer(job=None, rows=rows):  # a chunk job is a lambda over its job (and the copies' frames hold tensors)
+        raise PeerFailure(2, "peer rank 2 failed")
+
+    job = _Job(0, [0], 0, keys=[u._key(_Job(0, [0], 0), 0)])
+    u._run_job(transfer, job)
+    del rows, transfer
+    assert isinstance(job.error, PeerFailure) and job.error is u._broken and job.done.is_set()
+    text = "".join(tb_mod.format_exception(job.error))
+    assert "peer rank 2 failed" in text and "in transfer" in text, text
+    gc.disable()
+    try:
+        assert held() is None, "the failed frames' locals are still alive"
+        ref = weakref.ref(u)
+        u.close()
+        del u, job
+        assert ref() is None, "the updater is kept alive by its job's error"
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence
@@ -45,6 +46,24 @@ log = logging.getLogger(__name__)
 
 _READY, _DEAD = "ready@", "dead@"  # the marks commit_rule.decide reads
 _RETRIES = 3
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` (and the exceptions chained to it) without tracebacks; their text becomes a note.
+
+    A job's error is kept on the job and the updater, and its traceback's frames hold both (the
+    chunk job is a lambda over the job; the methods' frames hold the updater) and the chunk's
+    copies and staging views: a reference cycle that only a full garbage collection frees, so a
+    long-running process kept every failed chunk's tensors for minutes."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    e: Optional[BaseException] = exc
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    exc.add_note(f"raised on the updater's transport thread:\n{text}")
+    return exc
 
 
 @dataclass
@@ -369,6 +388,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                 else:
                     fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the boundary
+                exc = _without_frames(exc)
                 self._broken = exc
                 if job is not None:
                     job.error = exc
