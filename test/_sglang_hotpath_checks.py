@@ -274,8 +274,10 @@ def main(workdir: str) -> None:
     class AppliedBridge:
         """Our bridge with the weight movement done: it reports layer 0 applied differently from asked."""
         rank, live = 0, np.array([True, True])
+        background, moving = False, ()  # a synchronous bridge: the move is done inside update()
 
-        def update(self, weights, old_p2l, new_p2l, layer_ids, num_logical, rpn):
+        def update(self, weights, old_p2l, new_p2l, layer_ids, num_logical, rpn, background=False):
+            assert not background
             return {}, {0: Placement(applied_p2l, R, E)}, UpdateSummary(layers=list(layer_ids))
 
     upd = ElasticExpertLocationUpdater()
