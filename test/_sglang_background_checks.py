@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _sglang_plugin_checks import expert_weights, metadata, ok, write_tiny_moe
+from _sglang_plugin_checks import expert_weights, metadata, ok, start_rank
 
 R, S, E, L = 3, 3, 6, 3
 OLD = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2],
@@ -28,32 +28,16 @@ NEW = OLD.roll(S, dims=1)  # every rank takes its left neighbour's experts: ever
 
 
 def _rank_main(rank: int, port: int, workdir: str, background: bool) -> None:
-    import datetime
-
-    import torch.distributed as dist
-    from sglang.srt.distributed.utils import set_global_tcp_store
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
-    from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
     from sglang.srt.eplb import eplb_manager
-    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata, set_global_expert_location_metadata
-    from sglang.srt.runtime_context import publish
-    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
     from sglang_elastic.sglang_plugin import routing_hook
 
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
-    set_global_tcp_store(store)
-    os.environ["SGLANG_ELASTIC_ELASTIC_TRANSFER_BACKEND"] = "torch"
     os.environ["SGLANG_ELASTIC_ELASTIC_EPLB_BACKGROUND"] = "1" if background else "0"
-    publish(prepare_server_args(["--model-path", write_tiny_moe(workdir), "--device", "cpu", "--skip-tokenizer-init"]),
-            role="scheduler")
-    ElasticEPStateManager.init(ep_size=R, device="cpu")
-    weights = {l: [torch.stack([expert_weights(l, int(OLD[l, rank * S + s]), i) for s in range(S)]) for i in (0, 1)]
-               for l in range(L)}
-    model = type("Model", (), {"routed_experts_weights_of_layer": weights})()
-    set_global_expert_location_metadata(metadata(OLD, R, E), allow_overwrite=True)
+    store, weights, model = start_rank(rank, port, workdir, OLD, R, S, E)
     table = routing_hook.routing()
     assert table is not None
     updater = eplb_manager.ExpertLocationUpdater()  # ours, through SGLang's name

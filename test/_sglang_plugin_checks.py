@@ -320,33 +320,45 @@ def expert_weights(layer: int, e: int, i: int) -> torch.Tensor:
     return torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) + 1000 * layer + 10 * e + i / 4
 
 
-def _rank_main(rank: int, port: int, workdir: str) -> None:
+
+def start_rank(rank: int, port: int, workdir: str, old: torch.Tensor, num_ranks: int, slots: int, experts: int):
+    """One EP rank of a multi-process check, after ``load_plugins()``: the shared store, SGLang's server
+    args and our state, this rank's expert weights of placement ``old`` ([L, R*S]) and its metadata.
+    Returns ``(store, weights, model)``; ``weights[layer][i]`` is ``[S, ...]`` as SGLang holds them."""
     import datetime
 
     import torch.distributed as dist
     from sglang.srt.distributed.utils import set_global_tcp_store
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
     from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
-    from sglang.srt.eplb import eplb_manager
-    from sglang.srt.eplb.eplb_algorithms import EplbAlgorithm, rebalance_experts
-    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata, set_global_expert_location_metadata
+    from sglang.srt.eplb.expert_location import set_global_expert_location_metadata
     from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import prepare_server_args
-
-    from sglang_elastic.sglang_plugin.updater import ElasticExpertLocationUpdater
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
     set_global_tcp_store(store)
     os.environ["SGLANG_ELASTIC_ELASTIC_TRANSFER_BACKEND"] = "torch"
     publish(prepare_server_args(["--model-path", write_tiny_moe(workdir), "--device", "cpu", "--skip-tokenizer-init"]),
             role="scheduler")
-    ElasticEPStateManager.init(ep_size=R, device="cpu")
-    weights = {l: [torch.stack([expert_weights(l, int(OLD[l, rank * S + s]), i) for s in range(S)]) for i in (0, 1)]
-               for l in range(L)}
+    ElasticEPStateManager.init(ep_size=num_ranks, device="cpu")
+    weights = {l: [torch.stack([expert_weights(l, int(old[l, rank * slots + s]), i) for s in range(slots)])
+                   for i in (0, 1)] for l in range(old.shape[0])}
     model = type("Model", (), {"routed_experts_weights_of_layer": weights})()
-    set_global_expert_location_metadata(metadata(OLD, R, E), allow_overwrite=True)
+    set_global_expert_location_metadata(metadata(old, num_ranks, experts), allow_overwrite=True)
+    return store, weights, model
+
+
+def _rank_main(rank: int, port: int, workdir: str) -> None:
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
+    from sglang.srt.eplb import eplb_manager
+    from sglang.srt.eplb.eplb_algorithms import EplbAlgorithm, rebalance_experts
+    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+    from sglang_elastic.sglang_plugin.updater import ElasticExpertLocationUpdater
+
+    store, weights, model = start_rank(rank, port, workdir, OLD, R, S, E)
     reloads = []
 
     def entry(new_meta) -> None:
