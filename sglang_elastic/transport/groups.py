@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -38,7 +39,6 @@ import torch.distributed as dist
 
 from .base import PeerFailure
 from .liveness import Liveness
-from .store import store_wait
 
 __all__ = ["Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "td", "wait_work"]
 
@@ -112,29 +112,37 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
                host: str, what: str = "torch", liveness: Optional[Liveness] = None) -> Group:
     """Build process groups (gloo, plus NCCL on cuda) over ``view`` = ((rank, incarnation), ...).
 
-    Collective over the view's members, through ``store`` under ``ns``; the k-th formation of the
-    same view gets fresh keys, so a group can be rebuilt over the same members any number of times.
+    Collective over the view's members, through ``store`` under ``ns``; each formation of the same
+    view gets fresh keys, so a group can be rebuilt over the same members any number of times.
     Raises :class:`PeerFailure` naming the first member that did not arrive within ``timeout_s``,
     or at once naming a member known dead in ``liveness``.
+
+    A formation is numbered by counting arrivals (the k-th ``n`` arrivals form formation k) and is
+    decided once, in the store, by the first member to conclude: ``formed`` (every member arrived)
+    or ``abandoned`` (a member gave up: a member known dead, its deadline). A member that finds its
+    formation abandoned arrives again in the next one, so a member that gave up on a view and
+    comes back to it later (a suspicion withdrawn) never lands in another formation than its
+    peers; and no member builds gloo pairs with one that has left.
     """
     members = tuple(r for r, _ in view)
     n = len(members)
     h = hashlib.sha1(repr(view).encode()).hexdigest()[:16]
     base = f"{ns}/{h}"
-    # Every member adds once per formation of this exact view: the k-th formation is gen k.
-    gen = (int(store.add(f"{base}/join", 1)) - 1) // n
-    prefix = f"{base}/{gen}/"
     deadline = time.monotonic() + timeout_s
-    store.set(f"{prefix}arrived/{rank}", str(incarnation))
-    missing = [r for r in members if not store_wait(store, f"{prefix}arrived/{r}", deadline, liveness=liveness,
-                                                    ranks=(r,), what=f"forming the {what} group")]
-    if missing:
+    while True:
+        gen = (int(store.add(f"{base}/join", 1)) - 1) // n
+        prefix = f"{base}/{gen}/"
+        store.set(f"{prefix}arrived/{rank}", str(incarnation))
+        verdict = _formation(store, prefix, members, deadline, liveness, what)
+        if verdict == "formed":
+            break
+        if verdict == "abandoned":
+            continue  # a member left this formation: meet the others in the next one
+        missing = verdict
         raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {what} group over {list(members)}")
     idx = members.index(rank)
-    gopts = dist.ProcessGroupGloo._Options()
-    gopts._timeout = td(timeout_s)
-    gopts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    gloo = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "gloo/", store), idx, n, gopts)
+    gloo = _connect_gloo(dist.PrefixStore(prefix + "gloo/", _own_client(store, timeout_s)), members, rank, timeout_s, deadline, host,
+                         liveness, what)
     nccl = None
     if device.type == "cuda":
         nopts = dist.ProcessGroupNCCL.Options()
@@ -146,6 +154,86 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
         torch.cuda.synchronize(device)
     log.debug("rank %d: %s group gen %d over %s", rank, what, gen, list(members))
     return Group(members, gloo, nccl)
+
+
+def _own_client(store, timeout_s: float):
+    """A client of its own to ``store`` (when it is a TCPStore) with ``timeout_s``: gloo's rendezvous
+    blocks in store reads, which on a shared client would hold up every other user of the process's
+    store (step plans, marks, votes) until the store's own timeout."""
+    if isinstance(store, dist.TCPStore):
+        return dist.TCPStore(store.host, store.port, is_master=False, timeout=td(timeout_s))
+    return store
+
+
+def _connect_gloo(store, members: Tuple[int, ...], rank: int, timeout_s: float, deadline: float, host: str,
+                  liveness: Optional[Liveness], what: str):
+    """Connect the gloo pairs of a formed group on a helper thread, watching ``liveness``: a member
+    that dies between its arrival and its connection ends the wait by knowledge (gloo's own
+    rendezvous would wait for the store's timeout), as does ``deadline``."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = td(timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    box: Dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            box["pg"] = dist.ProcessGroupGloo(store, members.index(rank), len(members), opts)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who names the peer
+            box["err"] = exc.with_traceback(None)
+
+    t = threading.Thread(target=connect, name="sgle-gloo-connect", daemon=True)
+    t.start()
+    others = [r for r in members if r != rank]
+    grace = None
+    while True:
+        t.join(0.001)
+        if not t.is_alive() and "pg" in box:
+            return box["pg"]
+        if liveness is not None:
+            liveness.check(others, what=f"connecting the {what} group")
+        now = time.monotonic()
+        if not t.is_alive() and grace is None:  # a connection failed: a member died; wait to learn which
+            grace = min(deadline, now + 2.0)
+        if now >= (deadline if grace is None else grace):
+            why = box.get("err") or "timed out"
+            raise PeerFailure(others[0], f"the {what} group over {list(members)} did not connect: "
+                              f"{str(why).splitlines()[0] if str(why) else why!r}")
+        if grace is not None:
+            liveness.wait(0.01) if liveness is not None else time.sleep(0.01)
+
+
+def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, liveness: Optional[Liveness],
+               what: str):
+    """Wait for every member's arrival under ``prefix`` and decide the formation (first decision
+    wins, through ``compare_set``). Returns ``"formed"``, ``"abandoned"`` (decided by another
+    member), or the members still missing at ``deadline`` (this member abandoned it). Raises the
+    :class:`PeerFailure` of a missing member known dead, after recording the abandonment."""
+    state = f"{prefix}state"
+    delay = 0.002
+    while True:
+        if store.check([state]):
+            return store.get(state).decode()
+        missing = [r for r in members if not store.check([f"{prefix}arrived/{r}"])]
+        if not missing:
+            return store.compare_set(state, "", "formed").decode()
+        try:
+            if liveness is not None:
+                liveness.check(missing, what=f"forming the {what} group")
+        except PeerFailure:
+            if store.compare_set(state, "", "abandoned").decode() == "formed":
+                return "formed"  # every member had arrived meanwhile: gloo decides
+            raise
+        now = time.monotonic()
+        if now >= deadline:
+            if store.compare_set(state, "", "abandoned").decode() == "formed":
+                return "formed"
+            return missing
+        pause = min(delay, deadline - now)
+        if liveness is not None:
+            liveness.wait(pause)
+        else:
+            time.sleep(pause)
+        delay = min(2 * delay, 0.05)
 
 
 def wait_work(group: Group, work, deadline: float) -> Optional[BaseException]:

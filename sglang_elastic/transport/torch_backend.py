@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ._common import BaseTransport, Plan, log
 from .base import PeerFailure, slack_s
-from .groups import Group, NcclWork, PairWaiter, form_group, is_timeout
+from .groups import Group, NcclWork, PairWaiter, form_group
 
 TAG_DATA = 1
 TAG_TOKEN = 2
@@ -97,11 +97,13 @@ class TorchTransport(BaseTransport):
         bad: List[int] = []  # failed peers, first noticed first
 
         def note(r: int, why) -> None:
+            # A failed pair is no proof of death here: a live peer that learned of another death
+            # tears its group down, closing its pairs too. So it ends this execute (PeerFailure)
+            # without marking ``r`` dead in the process's Liveness (which would fail every other
+            # wait on ``r``); the caller reports it to membership, which decides.
             if r not in bad:
                 log.info("rank %d: rank %d failed: %s", self.rank, r, str(why).splitlines()[0] if why else "")
                 bad.append(r)
-            if why is not None and not isinstance(why, (PeerFailure, str)) and not is_timeout(why):
-                self.watch.dead(r, f"its connection failed: {str(why).splitlines()[0]}", self._peer_inc.get(r))
 
         for r in others:  # a participant already known dead is given up before anything is posted
             if self.liveness.is_dead(r):
