@@ -114,7 +114,8 @@ class ExpertLocationUpdater:
         stats: ``backups_uncovered`` (experts without a backup now, because the backup rows ran
             out), ``backup_shortfalls`` (re-homings that could not cover every expert),
             ``experts_reloaded`` ((layer, expert) pairs restored from the checkpoint, counted on
-            every rank).
+            every rank), ``backup_copies_failed`` (backup fills or re-homings whose copies kept
+            failing with every rank alive: served on without those backups).
     """
 
     def __init__(
@@ -168,7 +169,8 @@ class ExpertLocationUpdater:
         self.vote = vote
         self.generation = generation
         self.reload = reload
-        self.stats: Dict[str, int] = {"backups_uncovered": 0, "backup_shortfalls": 0, "experts_reloaded": 0}
+        self.stats: Dict[str, int] = {"backups_uncovered": 0, "backup_shortfalls": 0, "experts_reloaded": 0,
+                                      "backup_copies_failed": 0}
         self._seq = 0
         self.target: Optional[Placement] = None
         self._pending: List[int] = []
@@ -223,13 +225,24 @@ class ExpertLocationUpdater:
         copies, lost = self._backup_copies(pairs)
         try:
             self._execute(copies)
-        except (PeerFailure, _Transient):
+        except (PeerFailure, _Transient) as exc:
             holder, keep = self.backup_layout.holder, set(lost)
             for l, e in pairs:
                 if (l, e) not in keep:  # half-written or never written: not a valid copy
                     holder[l, e] = -1
-            raise
+            if isinstance(exc, PeerFailure):
+                raise
+            self._backups_failed(exc)  # every rank alive, copies kept failing: serve without them
+            return 0
         return len(copies) // max(len(self.weights), 1)
+
+    def _backups_failed(self, exc: BaseException) -> None:
+        """Backup copies kept failing with every rank alive (e.g. an overloaded host past the copy
+        timeout): the vote gave every rank this outcome, the pairs are unassigned on all of them,
+        and serving goes on without those backups (a degraded mode, counted; the next re-homing
+        assigns and fills them again). Insurance must never take serving down."""
+        self.stats["backup_copies_failed"] += 1
+        log.warning("rank %d: backup copies failed with every rank alive, going on without them: %s", self.rank, exc)
 
     def _backup_copies(self, pairs: Sequence[Tuple[int, int]]) -> Tuple[List[Copy], List[Tuple[int, int]]]:
         """Copies filling the backups of ``(layer, expert)`` pairs from live replicas of the committed
@@ -325,7 +338,10 @@ class ExpertLocationUpdater:
         phy.view(phy.shape[0], self.placement.num_ranks, -1)[:, torch.from_numpy(~live)] = -1
         self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
         if self.backup_layout is not None:
-            self._rehome()
+            try:
+                self._rehome()
+            except _Transient as exc:  # the moved backups were unassigned on every rank alike
+                self._backups_failed(exc)
         if self.target is not None:
             changed = (self.target.phy2log != self.placement.phy2log).any(1)
             self._pending = torch.nonzero(changed).flatten().tolist()
