@@ -119,10 +119,12 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
 
     A formation is numbered by counting arrivals (the k-th ``n`` arrivals form formation k) and is
     decided once, in the store, by the first member to conclude: ``formed`` (every member arrived)
-    or ``abandoned`` (a member gave up: a member known dead, its deadline). A member that finds its
-    formation abandoned arrives again in the next one, so a member that gave up on a view and
-    comes back to it later (a suspicion withdrawn) never lands in another formation than its
-    peers; and no member builds gloo pairs with one that has left.
+    or abandoned, naming the members it held dead or found absent at its deadline. Members absent
+    at a deadline fail the formation for everyone still waiting (``PeerFailure`` naming them); over
+    a member held dead (a suspicion, which may be withdrawn) the others arrive again in the next
+    formation, where their own knowledge or deadline ends the wait. So a
+    member that gave up on a view and comes back to it later (a suspicion withdrawn) never lands
+    in another formation than its peers, and no member builds gloo pairs with one that has left.
     """
     members = tuple(r for r, _ in view)
     n = len(members)
@@ -133,12 +135,11 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
         gen = (int(store.add(f"{base}/join", 1)) - 1) // n
         prefix = f"{base}/{gen}/"
         store.set(f"{prefix}arrived/{rank}", str(incarnation))
-        verdict = _formation(store, prefix, members, deadline, liveness, what)
+        verdict, missing = _formation(store, prefix, members, deadline, liveness, what)
         if verdict == "formed":
             break
-        if verdict == "abandoned":
-            continue  # a member left this formation: meet the others in the next one
-        missing = verdict
+        if verdict == "again":
+            continue  # a member left this formation over a suspicion: meet the others in the next one
         raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {what} group over {list(members)}")
     idx = members.index(rank)
     gloo = _connect_gloo(dist.PrefixStore(prefix + "gloo/", _own_client(store, timeout_s)), members, rank, timeout_s, deadline, host,
@@ -203,31 +204,47 @@ def _connect_gloo(store, members: Tuple[int, ...], rank: int, timeout_s: float, 
 
 
 def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, liveness: Optional[Liveness],
-               what: str):
-    """Wait for every member's arrival under ``prefix`` and decide the formation (first decision
-    wins, through ``compare_set``). Returns ``"formed"``, ``"abandoned"`` (decided by another
-    member), or the members still missing at ``deadline`` (this member abandoned it). Raises the
-    :class:`PeerFailure` of a missing member known dead, after recording the abandonment."""
+               what: str) -> Tuple[str, List[int]]:
+    """Wait for every member's arrival under ``prefix`` and decide the formation (the first decision
+    wins, through ``compare_set``): ``formed``, or ``dead:<ranks>`` / ``timeout:<ranks>`` naming the
+    members the deciding member held dead or found absent at its deadline. Returns
+    ``("formed", [])``, ``("again", [])`` (abandoned over a suspicion, which may be withdrawn, or over
+    members that did arrive since: meet in the next formation) or ``("missing", ranks)`` (members
+    absent at a deadline, still absent). Raises the :class:`PeerFailure` of a missing member known
+    dead, after recording the abandonment."""
     state = f"{prefix}state"
+
+    def arrived(r: int) -> bool:
+        return store.check([f"{prefix}arrived/{r}"])
+
+    def outcome(value: bytes) -> Tuple[str, List[int]]:
+        text = value.decode()
+        if text == "formed":
+            return "formed", []
+        why, _, listed = text.partition(":")
+        gone = [int(r) for r in listed.split(",") if r and not arrived(int(r))] if why == "timeout" else []
+        return ("missing", gone) if gone else ("again", [])
+
+    def abandon(missing: List[int], why: str) -> Tuple[str, List[int]]:
+        return outcome(store.compare_set(state, "", f"{why}:" + ",".join(map(str, missing))))
+
     delay = 0.002
     while True:
         if store.check([state]):
-            return store.get(state).decode()
-        missing = [r for r in members if not store.check([f"{prefix}arrived/{r}"])]
+            return outcome(store.get(state))
+        missing = [r for r in members if not arrived(r)]
         if not missing:
-            return store.compare_set(state, "", "formed").decode()
+            return outcome(store.compare_set(state, "", "formed"))
         try:
             if liveness is not None:
                 liveness.check(missing, what=f"forming the {what} group")
         except PeerFailure:
-            if store.compare_set(state, "", "abandoned").decode() == "formed":
-                return "formed"  # every member had arrived meanwhile: gloo decides
+            if abandon(missing, "dead")[0] == "formed":
+                return "formed", []  # every member had arrived meanwhile: gloo decides
             raise
         now = time.monotonic()
         if now >= deadline:
-            if store.compare_set(state, "", "abandoned").decode() == "formed":
-                return "formed"
-            return missing
+            return abandon(missing, "timeout")
         pause = min(delay, deadline - now)
         if liveness is not None:
             liveness.wait(pause)
