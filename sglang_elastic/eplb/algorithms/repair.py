@@ -16,8 +16,9 @@ from .slots import SlotState, drop_duplicates
 __all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
-# The compiled refinement and repair steps (same decisions as the numpy references refine.refine,
-# drop_surplus, pool_items + place_pool; ~20x faster); tests switch it off to compare.
+_NEAR = 1 + 2e-3  # a layer this close above its target is compared with from scratch (_already_there)
+# The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
+# pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
 
 
@@ -42,10 +43,9 @@ def drop_surplus(x: np.ndarray, counts: np.ndarray, per: np.ndarray) -> np.ndarr
     flat = x.reshape(L, n * S)
     load = np.where(x >= 0, np.take_along_axis(per, np.maximum(x, 0).reshape(L, -1), 1).reshape(x.shape), 0.0).sum(-1)
     rank_load = np.repeat(load, S, axis=1)
-    # Order slots by expert, busiest rank first within an expert: the first surplus ones go.
+    # Order slots by expert, busiest rank first within an expert, then by slot: the first surplus ones go.
     eid = np.where(flat >= 0, flat, E)
-    key = eid * 2.0 - rank_load / (rank_load.max() + 1.0)
-    order = np.argsort(key, axis=1, kind="stable")
+    order = np.lexsort((-rank_load, eid), axis=1)
     e_sorted = np.take_along_axis(eid, order, 1)
     have = _count(e_sorted, E + 1)
     first = np.cumsum(have, 1) - have
@@ -136,7 +136,7 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
     from-scratch placement (so that, e.g., the same load on the same ranks moves nothing even at
     ``min_balance=1``). Returns float64 ``[L]``.
     """
-    near = np.flatnonzero((got > target) & (got <= target * (1 + 2e-3)))
+    near = np.flatnonzero((got > target) & (got <= target * _NEAR))
     if near.size == 0:
         return target
     _, fresh_max = from_scratch(w[near], n, S, node_of, iters)
@@ -172,31 +172,46 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     k = min(S - 1, E - 1)
     fill = np.partition(per_opt, k - 1, axis=1)[:, :k].sum(1) if k > 0 else np.zeros(L)
     rep_bound = np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
-    counts = (repair_jit.replica_counts_jit if USE_JIT else replica_counts)(w, n * S, n, start=start[:, 1:],
-                                                                             bound=rep_bound)
-    per = w / counts
-    x = (repair_jit.drop_surplus_jit if USE_JIT else drop_surplus)(cur, counts, per)
-    st = SlotState(x, per, node_of)
-    if USE_JIT:
-        repair_jit.place_pool_jit(st, counts)
-    else:
-        place_pool(st, pool_items(x, counts, per))
-    fix_conflicts(st, max_iters=n * S)
-    orig = SlotState(cur, per, None).present
-    load = st.loads()
-    target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
-    # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds instead
-    # of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after a failure.
     # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
     # trade against layers above them (~1 % fewer transfers, no measurable time).
-    aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
-    if USE_JIT:
-        maxes, fetched, record = refine_jit.refine_traced(st, iters, aim, orig, light=4, wide_search=wide_search,
-                                                          load=load)
+    aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)
+    if USE_JIT and S <= repair_jit.MAX_SLOTS:
+        rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, _NEAR, aim_factor,
+                                      light=4, wide_search=wide_search)
+        orig, target = rp.orig, target.copy()
+        stopped = np.flatnonzero(rp.flag)
+        if stopped.size:  # conflicts to fix, or just above the target: numpy, then the compiled swaps
+            st = SlotState(rp.x[stopped], rp.per[stopped], node_of)
+            fix_conflicts(st, max_iters=n * S)
+            rp.x[stopped] = st.x
+            rp.present[stopped] = st.present
+            if node_of is not None:
+                rp.node_cnt[stopped] = st.node_cnt
+            rp.load[stopped] = load = st.loads()
+            target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
+                                             min_balance)
+            rp.aim[stopped] = target[stopped] * aim_factor
+            repair_jit.refine_layers(rp, stopped)
+        maxes, fetched, record = repair_jit.traced(rp)
+        x = rp.x
     else:
+        counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
+        per = w / counts
+        x = drop_surplus(cur, counts, per)
+        st = SlotState(x, per, node_of)
+        place_pool(st, pool_items(x, counts, per))
+        fix_conflicts(st, max_iters=n * S)
+        orig = SlotState(cur, per, None).present
+        load = st.loads()
+        target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
+        # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds
+        # instead of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after
+        # a failure.
         trace: list = []
-        refine(st, iters, aim, orig_present=orig, heavy=1, light=4, trace=trace, wide_search=wide_search)
+        refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=4, trace=trace,
+               wide_search=wide_search)
         maxes, fetched = np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace])
+        x = st.x
     got = maxes[-1]
     missed = np.flatnonzero(got > target)
     if missed.size:
@@ -211,8 +226,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     allowed = target.copy()
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
-    x = st.x
-    if USE_JIT:
+    if USE_JIT and S <= repair_jit.MAX_SLOTS:
         refine_jit.rewind_traced(x, record, k)
     else:
         rewind(x, trace, k)

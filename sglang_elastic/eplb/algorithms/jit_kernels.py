@@ -1,0 +1,464 @@
+"""Every numba kernel of the movement-aware path, in one module.
+
+One module because numba's on-disk cache (``cache=True``) only notices edits to the file that defines
+a kernel, not to kernels it calls from other files: a kernel calling another module's kernel could
+keep running stale code after an edit. :mod:`.refine_jit` and :mod:`.repair_jit` are the Python
+wrappers (threads, arrays, traces).
+
+Each kernel makes exactly the decisions of its numpy reference (same float operations in the same
+order, same first-minimum tie-breaking, same stable orders); ``test/test_eplb_jit.py`` compares the
+placements. Rank loads are summed the way numpy's ``sum(-1)`` does (:func:`_rank_sum`), so that every
+float the refinement starts from is the reference's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # numba is optional: without it the numpy reference runs (same placements, ~10x slower)
+    from numba import njit
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "MAX_SLOTS"]
+
+# _rank_sum reproduces numpy's pairwise summation up to this many addends (one block, no recursion).
+MAX_SLOTS = 128
+
+if AVAILABLE:
+    @njit(cache=True, nogil=True, inline="always")
+    def _spread_loss(node_cnt, l, e, frm, to):
+        return frm != to and node_cnt[l, e + 1, frm] == 1 and node_cnt[l, e + 1, to] > 0
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _val(xr, per_l, i):
+        return per_l[xr[i]] if xr[i] >= 0 else 0.0
+
+    @njit(cache=True, nogil=True)
+    def _rank_sum(xr, per_l):
+        """``np.where(x >= 0, per[x], 0.0).sum(-1)`` for one rank, bit for bit: numpy adds a row of
+        at most 128 values as 0 + (8 interleaved partial sums combined pairwise, then the rest)."""
+        S = xr.size
+        if S < 8:
+            res = 0.0
+            for s in range(S):
+                res += _val(xr, per_l, s)
+            return 0.0 + res
+        r0, r1, r2, r3 = _val(xr, per_l, 0), _val(xr, per_l, 1), _val(xr, per_l, 2), _val(xr, per_l, 3)
+        r4, r5, r6, r7 = _val(xr, per_l, 4), _val(xr, per_l, 5), _val(xr, per_l, 6), _val(xr, per_l, 7)
+        i = 8
+        while i < S - (S % 8):
+            r0 += _val(xr, per_l, i)
+            r1 += _val(xr, per_l, i + 1)
+            r2 += _val(xr, per_l, i + 2)
+            r3 += _val(xr, per_l, i + 3)
+            r4 += _val(xr, per_l, i + 4)
+            r5 += _val(xr, per_l, i + 5)
+            r6 += _val(xr, per_l, i + 6)
+            r7 += _val(xr, per_l, i + 7)
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < S:
+            res += _val(xr, per_l, i)
+            i += 1
+        return 0.0 + res
+
+    @njit(cache=True, nogil=True)
+    def _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, orig, max_iters,
+               k_narrow, wide_search, maxes, fetched, swaps):
+        """:func:`.refine.refine` for layer ``l`` (one heavy rank, ``k_narrow`` light ones), traced."""
+        n, S = x.shape[1], x.shape[2]
+        E = per.shape[1]
+        inf = np.float32(np.inf)
+        f = 0  # experts fetched: filled slots whose expert was not on that rank before
+        for r in range(n):
+            for s in range(S):
+                if x[l, r, s] >= 0 and orig[l, r, x[l, r, s] + 1] == 0:
+                    f += 1
+        maxes[l, 0] = ld.max()
+        fetched[l, 0] = f
+        if n < 2:
+            return 0
+        tgt = target[l]
+        active = ld.max() > tgt
+        wide = False
+        order = np.arange(n)
+        pa = np.empty(S, np.float32)
+        pb = np.empty(S, np.float32)
+        wa2 = np.empty(S, np.float32)
+        wb2 = np.empty(S, np.float32)
+        xl, pres, og, p32 = x[l], present[l], orig[l], per32[l]
+        t = 0
+        while active and t < max_iters:
+            # Ranks by (load, id), as the reference's stable argsort: insertion sort from the last
+            # step's order, which one swap only perturbs (two ranks move).
+            for i in range(1, n):
+                c = order[i]
+                v = ld[c]
+                j = i - 1
+                while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
+                    order[j + 1] = order[j]
+                    j -= 1
+                order[j + 1] = c
+            hi = order[n - 1]
+            th = ld[hi]
+            K = n - 1 if wide else k_narrow
+            under = wide_search and not wide
+            step = np.float32(2) * np.float32(th - ld[order[0]]) + np.float32(1)
+            best = inf
+            best_pen = inf
+            bk = -1
+            bsa = -1
+            bsb = -1
+            for s in range(S):
+                ea = xl[hi, s]
+                wa2[s] = np.float32(2) * p32[ea if ea >= 0 else E + ea]
+            for k in range(K):
+                r = order[k]
+                gap = np.float32(th - ld[r])
+                if under and not ld[r] < tgt:
+                    break  # ranks come lightest first: none after this one is under the target either
+                if not th > tgt:
+                    break
+                pa_min = inf
+                for s in range(S):
+                    ea = xl[hi, s]
+                    va = pres[r, ea + 1] == 0
+                    if va and has_nodes:
+                        va = not _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r])
+                    fa = np.int8(og[r, ea + 1] == 0) - np.int8(og[hi, ea + 1] == 0)
+                    pa[s] = step * np.float32(fa) if va else inf
+                    pa_min = min(pa_min, pa[s])
+                # Every pair with this rank has pen >= pa_min - step (fb >= -1): skip the rank when that
+                # is a higher class than the best so far (or no slot of the heavy rank may come here).
+                if pa_min == inf or pa_min - step > best_pen:
+                    continue
+                for s in range(S):
+                    eb = xl[r, s]
+                    wb2[s] = np.float32(2) * p32[eb if eb >= 0 else E + eb]
+                    vb = pres[hi, eb + 1] == 0
+                    if vb and has_nodes:
+                        vb = not _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi])
+                    fb = np.int8(og[hi, eb + 1] == 0) - np.int8(og[r, eb + 1] == 0)
+                    pb[s] = step * np.float32(fb) if vb else inf
+                # A pair's score is its penalty class pen = step * (fa + fb) (exact in float32) plus a
+                # balance term in (-gap, 0), |gap| < step / 2: a pair of a higher class than the best so
+                # far scores strictly more even after rounding, so it is skipped unevaluated (same argmin).
+                pb_min = pb.min()
+                for sa in range(S):
+                    if pa[sa] == inf or pa[sa] + pb_min > best_pen:
+                        continue
+                    for sb in range(S):
+                        pen = pa[sa] + pb[sb]
+                        if pen > best_pen or pb[sb] == inf:
+                            continue
+                        sc = abs(gap - (wa2[sa] - wb2[sb])) - gap
+                        if sc >= 0:
+                            continue
+                        sc = sc + pen
+                        if sc < best:
+                            best, best_pen, bk, bsa, bsb = sc, pen, r, sa, sb
+            if bk < 0:
+                if wide:
+                    active = False
+                else:
+                    wide = True
+            else:
+                e1, e2 = x[l, hi, bsa], x[l, bk, bsb]
+                dl = per[l, e1 if e1 >= 0 else E + e1] - per[l, e2 if e2 >= 0 else E + e2]
+                f += (np.int64(orig[l, hi, e2 + 1] == 0) + np.int64(orig[l, bk, e1 + 1] == 0)
+                      - np.int64(orig[l, hi, e1 + 1] == 0) - np.int64(orig[l, bk, e2 + 1] == 0))
+                x[l, hi, bsa] = -1
+                x[l, bk, bsb] = -1
+                present[l, hi, e1 + 1] = 0
+                present[l, bk, e2 + 1] = 0
+                for s in range(S):  # a rank may hold a second copy (a conflict not yet fixed)
+                    if x[l, hi, s] == e1:
+                        present[l, hi, e1 + 1] = 1
+                    if x[l, bk, s] == e2:
+                        present[l, bk, e2 + 1] = 1
+                x[l, hi, bsa] = e2
+                x[l, bk, bsb] = e1
+                present[l, hi, e2 + 1] = 1
+                present[l, bk, e1 + 1] = 1
+                if has_nodes:
+                    m1, m2 = node_of[hi], node_of[bk]
+                    node_cnt[l, e1 + 1, m1] -= 1
+                    node_cnt[l, e2 + 1, m2] -= 1
+                    node_cnt[l, e2 + 1, m1] += 1
+                    node_cnt[l, e1 + 1, m2] += 1
+                ld[hi] -= dl
+                ld[bk] += dl
+                swaps[l, t, 0], swaps[l, t, 1], swaps[l, t, 2], swaps[l, t, 3] = hi, bsa, bk, bsb
+            mx = ld.max()
+            active = active and mx > tgt
+            t += 1
+            maxes[l, t] = mx
+            fetched[l, t] = f
+        return t
+
+    @njit(cache=True, nogil=True)
+    def _refine_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, max_iters,
+                    k_narrow, wide_search, maxes, fetched, swaps, nsteps):
+        for i in range(layers.size):
+            l = layers[i]
+            nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, orig,
+                               max_iters, k_narrow, wide_search, maxes, fetched, swaps)
+
+    @njit(cache=True, nogil=True)
+    def _rewind_all(x, swaps, nsteps, stop):
+        for l in range(x.shape[0]):
+            for t in range(nsteps[l] - 1, stop[l] - 1, -1):  # the swap of step t + 1, latest first
+                r1, s1, r2, s2 = swaps[l, t, 0], swaps[l, t, 1], swaps[l, t, 2], swaps[l, t, 3]
+                if r1 >= 0:
+                    x[l, r1, s1], x[l, r2, s2] = x[l, r2, s2], x[l, r1, s1]
+
+    # ----------------------------------------------------------------- the repair, one layer at a time
+
+    @njit(cache=True, nogil=True)
+    def _argmin_loss(loss, multi, m, skip):
+        """np.argmin(loss) with ``loss[skip]`` taken as ``big``: only experts with two or more replicas
+        (``multi[:m]``) have a loss below ``big``; with none, every entry is ``big`` and the first wins."""
+        best = -1
+        for i in range(m):
+            e = multi[i]
+            if e == skip:
+                continue
+            if best < 0 or loss[e] < loss[best] or (loss[e] == loss[best] and e < best):
+                best = e
+        return 0 if best < 0 else best
+
+    @njit(cache=True, nogil=True)
+    def _set_count(w, cl, gain, loss, multi, m, e, d, cap, big):
+        """``cl[e] += d`` with its gain, loss and the ``multi`` list kept in step; returns the new length."""
+        cl[e] += d
+        c = cl[e]
+        gain[e] = w[e] / c if c < cap else -1.0
+        loss[e] = w[e] / max(c - 1, 1) if c > 1 else big
+        if d > 0 and c == 2:
+            multi[m] = e
+            m += 1
+        elif d < 0 and c == 1:
+            for i in range(m):
+                if multi[i] == e:
+                    multi[i] = multi[m - 1]
+                    m -= 1
+                    break
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _counts_layer(w, cl, num_slots, cap, bound, big, gain, loss, multi):
+        """:func:`.counts.replica_counts` with ``start`` (in ``cl``, clipped) and ``bound``, one layer.
+        ``multi``: int64 scratch ``[E]``."""
+        E = w.size
+        m = 0
+        for e in range(E):  # x / 1 == x exactly: most experts have one replica, skip their divisions
+            c = cl[e]
+            gain[e] = (w[e] if c == 1 else w[e] / c) if c < cap else -1.0
+            loss[e] = (w[e] if c == 2 else w[e] / (c - 1)) if c > 1 else big
+            if c > 1:
+                multi[m] = e
+                m += 1
+        diff = cl.sum() - num_slots
+        while diff != 0:
+            if diff < 0:
+                m = _set_count(w, cl, gain, loss, multi, m, np.argmax(gain), 1, cap, big)
+                diff += 1
+            else:
+                m = _set_count(w, cl, gain, loss, multi, m, _argmin_loss(loss, multi, m, -1), -1, cap, big)
+                diff -= 1
+        for _ in range(E):
+            hot = np.argmax(gain)
+            hot_load = gain[hot]
+            cold = _argmin_loss(loss, multi, m, hot)
+            cold_load = loss[cold] if cold != hot else big
+            if not (hot_load > bound * (1 + 1e-12) and cold_load < hot_load):
+                break
+            m = _set_count(w, cl, gain, loss, multi, m, hot, 1, cap, big)
+            m = _set_count(w, cl, gain, loss, multi, m, cold, -1, cap, big)
+
+    @njit(cache=True, nogil=True)
+    def _drop_layer(xl, cl, per_l, rank_load, have, pos, key):
+        """:func:`.repair.drop_surplus` for one layer: an expert's surplus replicas leave its busiest
+        ranks first (ties: lowest slot first). ``have``: ``E + 1`` scratch; ``pos``, ``key``: ``n * S``."""
+        n, S = xl.shape
+        E = cl.size
+        for r in range(n):
+            rank_load[r] = _rank_sum(xl[r], per_l)
+        have[:] = 0
+        for r in range(n):
+            for s in range(S):
+                if xl[r, s] >= 0:
+                    have[xl[r, s] + 1] += 1
+        # Bucket the slots of experts with a surplus by expert (slot order), have[e + 1] -> bucket start.
+        m = 0
+        for e in range(E):
+            c = have[e + 1]
+            have[e + 1] = m if c > cl[e] else -1
+            if c > cl[e]:
+                m += c
+        have[0] = m
+        for r in range(n):
+            k = rank_load[r]
+            for s in range(S):
+                e = xl[r, s]
+                if e >= 0 and have[e + 1] >= 0:
+                    j = have[e + 1]
+                    key[j], pos[j] = k, r * S + s
+                    have[e + 1] = j + 1
+        # have[e + 1] is now each bucket's end; walk the buckets in expert order.
+        start = 0
+        for e in range(E):
+            if have[e + 1] < 0:
+                continue
+            end = have[e + 1]
+            for i in range(start + 1, end):  # busiest rank first, stable
+                kk, pp = key[i], pos[i]
+                j = i
+                while j > start and key[j - 1] < kk:
+                    key[j], pos[j] = key[j - 1], pos[j - 1]
+                    j -= 1
+                key[j], pos[j] = kk, pp
+            for i in range(start, start + (end - start) - cl[e]):
+                xl[pos[i] // S, pos[i] % S] = -1
+            start = end
+
+    @njit(cache=True, nogil=True)
+    def _pool_layer(l, x, present, node_cnt, node_of, has_nodes, cl, per, ld, big, have, items, free):
+        """:func:`.repair.place_pool` ``(pool_items(...))`` for layer ``l``; ``ld``: its rank loads (updated)."""
+        n, S = x.shape[1], x.shape[2]
+        E = cl.size
+        M = node_cnt.shape[2]
+        have[:] = 0
+        for r in range(n):
+            free[r] = 0
+            for s in range(S):
+                if x[l, r, s] >= 0:
+                    have[x[l, r, s]] += 1
+                else:
+                    free[r] += 1
+        # Replicas still needed, heaviest first, ties by expert id (the reference's stable argsort).
+        w = 0
+        for e in range(E):
+            for _ in range(cl[e] - have[e]):
+                j = w
+                while j > 0 and -per[l, items[j - 1]] > -per[l, e]:
+                    items[j] = items[j - 1]
+                    j -= 1
+                items[j] = e
+                w += 1
+        for i in range(w):
+            e = items[i]
+            lacks = False
+            if has_nodes:
+                for m in range(M):
+                    if node_cnt[l, e + 1, m] == 0:
+                        lacks = True
+            br = 0
+            best = 0.0
+            for r in range(n):
+                v = ld[r] + (0.0 if free[r] > 0 else np.inf)
+                v = v + np.float64(present[l, r, e + 1]) * big
+                if has_nodes:
+                    v = v + (big / 4 if node_cnt[l, e + 1, node_of[r]] > 0 and lacks else 0.0)
+                if r == 0 or v < best:
+                    best, br = v, r
+            si = 0
+            for s in range(S):
+                if x[l, br, s] < 0:
+                    si = s
+                    break
+            x[l, br, si] = e
+            present[l, br, e + 1] = 1
+            if has_nodes:
+                node_cnt[l, e + 1, node_of[br]] += 1
+            ld[br] += per[l, e]
+            free[br] -= 1
+
+    @njit(cache=True, nogil=True)
+    def _conflicted(l, x, node_cnt, node_of, has_nodes):
+        """Whether :func:`.conflicts.fix_conflicts` has work in layer ``l`` (a rank holds an expert
+        twice, or a node holds two replicas of an expert that another node lacks)."""
+        n, S = x.shape[1], x.shape[2]
+        M = node_cnt.shape[2]
+        for r in range(n):
+            for s in range(S):
+                e = x[l, r, s]
+                if e < 0:
+                    continue
+                for s2 in range(s + 1, S):
+                    if x[l, r, s2] == e:
+                        return True
+                if has_nodes and node_cnt[l, e + 1, node_of[r]] > 1:
+                    for m in range(M):
+                        if node_cnt[l, e + 1, m] == 0:
+                            return True
+        return False
+
+    @njit(cache=True, nogil=True)
+    def _repair_refine_all(layers, w, cur, x, counts, per, per32, present, orig, node_cnt, node_of, has_nodes,
+                           load, num_slots, cap, rep_bound, big, target, near_factor, aim_factor, aim, max_iters,
+                           k_narrow, wide_search, maxes, fetched, swaps, nsteps, flag):
+        """From ``cur`` to the traced refinement, layer by layer (``from_current``'s steps up to the swaps).
+
+        ``flag[l]``: 0 done; 1 stopped before the refinement with conflicts to fix; 2 stopped before
+        it because the layer is within ``near_factor`` above its target (``_already_there`` decides).
+        """
+        L, n, S = x.shape
+        E = w.shape[1]
+        gain = np.empty(E)
+        loss = np.empty(E)
+        multi = np.empty(E, np.int64)
+        have = np.zeros(E + 1, np.int64)
+        pos = np.empty(n * S, np.int64)
+        key = np.empty(n * S)
+        items = np.empty(n * S, np.int64)
+        free = np.empty(n, np.int64)
+        for i in range(layers.size):
+            l = layers[i]
+            xl, cl, ld = x[l], counts[l], load[l]
+            # replicas that survive (orphans get one), then the counts
+            cl[:] = 0
+            for r in range(n):
+                for s in range(S):
+                    xl[r, s] = cur[l, r, s]
+                    if cur[l, r, s] >= 0:
+                        cl[cur[l, r, s]] += 1
+            for e in range(E):
+                cl[e] = min(max(cl[e], 1), cap)
+            _counts_layer(w[l], cl, num_slots, cap, rep_bound[l], big, gain, loss, multi)
+            for e in range(E):
+                per[l, e] = w[l, e] if cl[e] == 1 else w[l, e] / cl[e]  # x / 1 == x exactly
+                per32[l, e] = np.float32(per[l, e])
+            _drop_layer(xl, cl, per[l], ld, have, pos, key)
+            # the slot indexes of the dropped state, its rank loads, and the current placement's presence
+            # Zeroed through flat views: a contiguous 1-D fill compiles to memset, a 2-D one to a loop.
+            present.reshape(-1)[l * n * (E + 1):(l + 1) * n * (E + 1)] = 0
+            orig.reshape(-1)[l * n * (E + 1):(l + 1) * n * (E + 1)] = 0
+            if has_nodes:
+                node_cnt[l] = 0
+            for r in range(n):
+                ld[r] = _rank_sum(xl[r], per[l])
+                for s in range(S):
+                    if cur[l, r, s] >= 0:
+                        orig[l, r, cur[l, r, s] + 1] = 1
+                    e = xl[r, s]
+                    if e >= 0:
+                        present[l, r, e + 1] = 1
+                        if has_nodes:
+                            node_cnt[l, e + 1, node_of[r]] += 1
+            _pool_layer(l, x, present, node_cnt, node_of, has_nodes, cl, per, ld, big, have, items, free)
+            if _conflicted(l, x, node_cnt, node_of, has_nodes):
+                flag[l] = 1
+                continue
+            for r in range(n):
+                ld[r] = _rank_sum(xl[r], per[l])
+            got = ld.max()
+            if got > target[l] and got <= target[l] * near_factor:
+                flag[l] = 2
+                continue
+            flag[l] = 0
+            aim[l] = target[l] * aim_factor
+            swaps[l] = -1
+            nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, aim, orig,
+                               max_iters, k_narrow, wide_search, maxes, fetched, swaps)
