@@ -214,3 +214,37 @@ def test_a_failed_job_keeps_its_error_but_not_its_frames():
         assert ref() is None, "the updater is kept alive by its job's error"
     finally:
         gc.enable()
+
+
+def test_a_held_boundary_starts_no_background_work_until_it_ends():
+    """While a step boundary is held, a job submitted to the transport thread is not even queued (the
+    boundary pays none of its CPU); it runs once the (nested) hold ends, or at once when the boundary
+    itself waits for the thread (a recovery draining must not deadlock)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from sglang_elastic.location.threads import SharedThreads
+
+    ran = []
+
+    class Owner:
+        def _run_job(self, fn, job):
+            fn()
+
+    th, owner = SharedThreads(dist.HashStore()), Owner()
+    try:
+        with th.quiet():
+            with th.quiet():
+                th.submit(owner, lambda: ran.append("a"), None)
+            assert not th.open.is_set() and th.jobs.unfinished_tasks == 0, "the inner release opened the threads"
+        th.join()
+        assert ran == ["a"], ran
+        with th.quiet():
+            th.submit(owner, lambda: ran.append(threading.current_thread().name), None)
+            assert ran == ["a"], "a job ran during a held boundary"
+            th.join()  # the boundary waits for the thread: the job runs now
+            assert ran[-1].endswith("-updater"), ran
+        assert th.open.is_set() and th._holds == 0
+    finally:
+        th.close()

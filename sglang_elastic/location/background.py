@@ -11,7 +11,9 @@ placement in force. :meth:`BackgroundUpdater.step`, called once per step boundar
    boundary, under a lock that boundary takes), and a poller reads every rank's once all exist
    (marks never change): the boundary then reads nothing. Commit = one fused copy of the staged rows
    into the weights and the placement the thread prepared; no token is routed to an uncommitted slot;
-2. keeps ``depth`` chunks moving.
+2. keeps ``depth`` chunks moving. The boundary is *quiet*: the transport thread and the poller start
+   nothing while it lasts (the chunks it submits start when it ends); a caller whose own boundary
+   work follows (installing the committed routing table) holds it longer with :meth:`boundary`.
 
 **Faults**: a rank known dead (or silent for ``timeout_s``) that has not posted gets ``dead@t`` in
 place of its mark (compare-and-set); a chunk whose vote found a death, or whose marks hold a verdict,
@@ -26,8 +28,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, ContextManager, Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
 from .commit_rule import backup_copies, decide, spare_rows
 from .staging import StagingBuffers, bg_staging_name
-from .threads import SharedThreads
+from .threads import QUIET_MAX_S, SharedThreads
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
 
 __all__ = ["BackgroundUpdater", "SharedThreads", "bg_staging_name", "decide"]
@@ -179,12 +182,23 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         if self.background:
             self.store = self._bg_store = None
 
+    def boundary(self) -> ContextManager[None]:
+        """Hold a quiet step boundary around the caller's own boundary work (e.g. :meth:`step` and
+        installing the committed routing table): the transport thread and the poller start nothing
+        until it ends, so it pays neither their CPU nor the interpreter lock. Nestable; a wait for
+        the thread inside it (a recovery draining) lets the thread run. No-op in synchronous mode."""
+        return self._threads.quiet() if self._threads is not None else nullcontext()
+
     def step(self) -> Optional[ChunkReport]:
         """One step boundary: commit the oldest chunk if every rank is ready, post this rank's ready
         mark, keep ``depth`` chunks moving. Returns the committed chunk's report, else ``None``
         (in synchronous mode: move and commit one chunk, as the updater does)."""
         if not self.background:
             return super().step()
+        with self.boundary():
+            return self._boundary_step()
+
+    def _boundary_step(self) -> Optional[ChunkReport]:
         with self._label_lock:  # a mark the thread writes from now on is labelled t + 1
             t = self._boundary
             self._boundary += 1
@@ -272,6 +286,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         while job.final is None and not self._closing and job.uid == self._uid:
             if any(self.liveness.is_dead(r) for r in job.live):
                 break
+            self._threads.open.wait(QUIET_MAX_S)  # not during a boundary (which reads marks itself if needed)
             try:
                 if self._bg_store.check(job.keys):
                     job.final = {r: v.decode() for r, v in zip(job.live, self._bg_store.multi_get(job.keys))}
@@ -419,6 +434,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
     def _transfer_job(self, job: _Job) -> None:
         """Plan the chunk from live sources and move it into staging buffer ``job.buf``, with the
         backups re-homed for the placement after its commit, in one execute and one vote."""
+        self._threads.open.wait(QUIET_MAX_S)  # checkpoints: no CPU (or GIL) taken from a boundary
         bufs = self._bufs[job.buf]
         staged = self._stage(job.layers, bufs, lambda name: bg_staging_name(name, job.buf))
         # The placement once this chunk commits: chunks commit in order and any other change re-plans
@@ -430,6 +446,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         if self.prepare is not None:  # e.g. the routing tables of that placement, off the boundary
             job.prepared = self.prepare(staged.future)
         rehome = self._rehome_copies(job, cur, staged.future) if self.backup_layout is not None else None
+        self._threads.open.wait(QUIET_MAX_S)
         try:
             self._exec(staged.copies + (rehome[0] if rehome else []))
         except (PeerFailure, UpdateFailure):
