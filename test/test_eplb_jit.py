@@ -63,3 +63,74 @@ def test_warm_up_compiles_then_placements_are_unchanged():
     cur = rebalance(w, 10, 7)
     ref, jit = both(w, 10, 7, live_ranks=[r for r in range(10) if r != 4], current=cur)
     np.testing.assert_array_equal(ref, jit)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 140), st.integers(0, 40), st.integers(0, 2**16), st.floats(0.0, 1.2),
+       st.sampled_from([0.0, 0.2]))
+def test_choose_stops_compiled_search_is_the_reference(L, K, seed, slack, p_inf):
+    """choose_stops' compiled bisection picks exactly what the numpy loop picks (sums added as numpy
+    adds them); over 128 finite layers both run numpy."""
+    from sglang_elastic.eplb.algorithms.repair import choose_stops
+
+    rng = np.random.default_rng(seed)
+    maxes = np.sort(rng.uniform(1.0, 2.0, size=(K + 1, L)), axis=0)[::-1]
+    maxes[:, rng.random(L) < 0.2] = np.round(maxes[:, :1], 2)  # ties: alike layers
+    fetched = np.cumsum(rng.integers(-1, 3, size=(K + 1, L)), axis=0)
+    missed = np.flatnonzero(rng.random(L) < 0.3)
+    fresh_max = rng.uniform(1.0, 2.0, size=missed.size)
+    fresh_cost = rng.integers(0, 50, size=missed.size)
+    target = np.full(L, maxes.min(0).mean() + slack * (maxes[0].mean() - maxes.min(0).mean()))
+    target[rng.random(L) < p_inf] = np.inf
+    old = repair.USE_JIT
+    try:
+        repair.USE_JIT = False
+        ref = choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost)
+        repair.USE_JIT = True
+        jit = choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost)
+    finally:
+        repair.USE_JIT = old
+    np.testing.assert_array_equal(ref[0], jit[0])
+    np.testing.assert_array_equal(ref[1], jit[1])
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 6), st.integers(1, 4), st.integers(0, 2**16),
+       st.sampled_from(["none", "dup", "missing", "live_empty", "dead_used", "range", "dead_rank"]),
+       st.booleans())
+def test_compiled_output_check_agrees_with_validate(L, R, S, seed, defect, allow_dup):
+    """rebalance's compiled output check passes exactly the placements Placement.validate passes."""
+    import torch
+
+    from sglang_elastic.eplb import Placement, PlacementError
+    from sglang_elastic.eplb.algorithms import repair_jit
+
+    rng = np.random.default_rng(seed)
+    live = np.ones(R, dtype=bool)
+    if R > 2:
+        live[rng.integers(R)] = False
+    E = max(1, int(live.sum()) * S - int(rng.integers(0, S + 1)))
+    x = np.full((L, R, S), -1, dtype=np.int64)
+    for l in range(L):
+        ids = np.concatenate([rng.permutation(E), rng.integers(0, E, size=int(live.sum()) * S - E)])
+        x[l, live] = ids.reshape(-1, S)
+    l, r, s = rng.integers(L), rng.choice(np.flatnonzero(live)), rng.integers(S)
+    if defect == "dup" and S > 1:
+        x[l, r, s] = x[l, r, (s + 1) % S]
+    elif defect == "missing":
+        x[l, live] = np.where(x[l, live] == x[l, r, s], (x[l, r, s] + 1) % E, x[l, live]) if E > 1 else x[l, live]
+    elif defect == "live_empty":
+        x[l, r, s] = -1
+    elif defect == "dead_used" and not live.all():
+        x[l, np.flatnonzero(~live)[0], 0] = 0
+    elif defect == "range":
+        x[l, r, s] = E
+    elif defect == "dead_rank":
+        x[:, r] = -1
+    p = Placement(torch.from_numpy(x.reshape(L, R * S)), R, E)
+    try:
+        p.validate(live, allow_duplicates=allow_dup)
+        ok = True
+    except PlacementError:
+        ok = False
+    assert repair_jit.valid(p.phy2log.numpy(), R, E, live, allow_dup) == ok

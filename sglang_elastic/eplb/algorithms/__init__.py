@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..placement import Placement, PlacementError
-from . import deepseek, elasticity_aware  # noqa: F401  (register the built-in algorithms)
+from . import deepseek, elasticity_aware, repair_jit  # noqa: F401  (register the built-in algorithms)
 from .inputs import check_current, live_mask_from, normalize_load
 from .registry import ALGORITHMS, AlgorithmFn, register_algorithm
 
@@ -83,8 +83,11 @@ def rebalance(
     cur = None if current is None else check_current(current, L, num_ranks, slots_per_rank, E)
     fn = ALGORITHMS[algorithm]
     phy2log = fn(w, num_ranks, slots_per_rank, live, ranks_per_node, cur, **options)
+    allow_dup = getattr(fn, "allows_duplicates", False)
     try:
         placement = Placement(torch.from_numpy(np.ascontiguousarray(phy2log)), num_ranks, E)
-        return placement.validate(live, allow_duplicates=getattr(fn, "allows_duplicates", False))
+        if repair_jit.valid(placement.phy2log.numpy(), num_ranks, E, live, allow_dup):
+            return placement  # the compiled check passed: validate would too (it finds the message)
+        return placement.validate(live, allow_duplicates=allow_dup)
     except PlacementError as exc:  # an algorithm bug, not bad input: say so
         raise RuntimeError(f"EPLB algorithm {algorithm!r} produced an invalid placement: {exc}") from exc

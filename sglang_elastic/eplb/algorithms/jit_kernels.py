@@ -462,3 +462,103 @@ if AVAILABLE:
             swaps[l] = -1
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, aim, orig,
                                max_iters, k_narrow, wide_search, maxes, fetched, swaps)
+
+    # ----------------------------------------------------------------- choose_stops' search for lam
+
+    @njit(cache=True, nogil=True)
+    def _sum_block(v, n):
+        """``v[:n].sum()`` bit for bit as numpy adds at most 128 values (see :func:`_rank_sum`)."""
+        if n < 8:
+            res = 0.0
+            for i in range(n):
+                res += v[i]
+            return 0.0 + res
+        r0, r1, r2, r3, r4, r5, r6, r7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+        i = 8
+        while i < n - (n % 8):
+            r0 += v[i]
+            r1 += v[i + 1]
+            r2 += v[i + 2]
+            r3 += v[i + 3]
+            r4 += v[i + 4]
+            r5 += v[i + 5]
+            r6 += v[i + 6]
+            r7 += v[i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += v[i]
+            i += 1
+        return 0.0 + res
+
+    @njit(cache=True, nogil=True)
+    def _pick(mm, c_none, lam, k):
+        """``k[:] = (mm * lam + c_none).argmin(0)`` (first minimum)."""
+        K2, L = mm.shape
+        for j in range(L):
+            best = mm[0, j] * lam + c_none[0, j]
+            bi = 0
+            for i in range(1, K2):
+                v = mm[i, j] * lam + c_none[i, j]
+                if v < best:
+                    best, bi = v, i
+            k[j] = bi
+
+    @njit(cache=True, nogil=True)
+    def _total(m, k, cols, buf):
+        for i in range(cols.size):
+            buf[i] = m[k[cols[i]], cols[i]]
+        return _sum_block(buf, cols.size)
+
+    @njit(cache=True, nogil=True)
+    def _stops_search(mm, c_none, m, cols, budget, k_lo, k_hi):
+        """:func:`.repair.choose_stops`' search for the smallest ``lam`` whose picks keep the sum of
+        busiest ranks over ``cols`` (at most 128) within ``budget``: fills ``k_lo`` / ``k_hi`` with the
+        picks at the bracket's ends; returns False when even the most balanced points miss (``k_hi``)."""
+        buf = np.empty(cols.size)
+        k_mid = np.empty_like(k_hi)
+        lo, hi = 0.0, 1.0
+        _pick(mm, c_none, hi, k_hi)
+        while _total(m, k_hi, cols, buf) > budget and hi < 1e12:
+            hi *= 4.0
+            _pick(mm, c_none, hi, k_hi)
+        if _total(m, k_hi, cols, buf) > budget:
+            return False
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            _pick(mm, c_none, mid, k_mid)
+            if _total(m, k_mid, cols, buf) > budget:
+                lo = mid
+            else:
+                hi = mid
+        _pick(mm, c_none, lo, k_lo)
+        _pick(mm, c_none, hi, k_hi)
+        return True
+
+    # ----------------------------------------------------------------- the output check
+
+    @njit(cache=True, nogil=True)
+    def _valid(x, E, live, allow_duplicates):
+        """Whether ``x`` (int64 ``[L, R, S]``) passes :meth:`..placement.Placement.validate` with the
+        live mask ``live``: ids in ``[-1, E)``, live ranks full and dead ones empty, every expert placed
+        in every layer, no expert twice on a rank (unless allowed). False: validate says what is wrong."""
+        L, R, S = x.shape
+        stamp = np.full(E, -1, np.int64)  # the last (layer, rank) that held each expert
+        for l in range(L):
+            placed = 0
+            for r in range(R):
+                tag = l * R + r
+                for s in range(S):
+                    e = x[l, r, s]
+                    if e < -1 or e >= E or (e < 0) == live[r]:
+                        return False
+                    if e < 0:
+                        continue
+                    if stamp[e] < l * R:  # first replica of e in this layer
+                        placed += 1
+                    elif stamp[e] == tag and not allow_duplicates:
+                        return False
+                    stamp[e] = tag
+            if placed != E:
+                return False
+        return True

@@ -277,21 +277,25 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     def total(k: np.ndarray) -> float:
         return m[k[cols_fin], cols_fin].sum()
 
-    lo, hi = 0.0, 1.0
-    while total(pick(hi)) > budget and hi < 1e12:
-        hi *= 4.0
-    if total(pick(hi)) > budget:  # even the most balanced points miss: take them
-        k = pick(hi)
+    if USE_JIT and cols_fin.size <= repair_jit.MAX_SLOTS:  # the same search, compiled
+        k_lo, k = np.empty(L, np.int64), np.empty(L, np.int64)
+        bracketed = repair_jit.stops_search(mm, c_none, m, cols_fin, budget, k_lo, k)
     else:
-        for _ in range(30):  # ties at the end are settled one layer at a time below
-            mid = (lo + hi) / 2
-            if total(pick(mid)) > budget:
-                lo = mid
-            else:
-                hi = mid
+        lo, hi = 0.0, 1.0
+        while total(pick(hi)) > budget and hi < 1e12:
+            hi *= 4.0
+        bracketed = total(pick(hi)) <= budget
+        if bracketed:
+            for _ in range(30):  # ties at the end are settled one layer at a time below
+                mid = (lo + hi) / 2
+                if total(pick(mid)) > budget:
+                    lo = mid
+                else:
+                    hi = mid
+        k_lo, k = pick(lo), pick(hi)
+    if bracketed:
         # Layers alike (same load shape) switch at the same lam: switch only as many as the sum needs,
         # cheapest transfers per unit of balance first.
-        k_lo, k = pick(lo), pick(hi)
         cols = np.arange(L)
         d = np.flatnonzero((k_lo != k) & fin)
         if d.size:
@@ -300,8 +304,9 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
             order = np.argsort(dc / np.maximum(dm, 1e-300), kind="stable")
             need = m[k_lo, cols][fin].sum() - budget
             cnt = int(np.searchsorted(np.cumsum(dm[order]), need * (1 - 1e-12))) + 1
+            k_hi = k
             k = k_lo.copy()
-            k[d[order[:cnt]]] = pick(hi)[d[order[:cnt]]]
+            k[d[order[:cnt]]] = k_hi[d[order[:cnt]]]
     k = np.where(fin, k, last)
     use_fresh = k[missed] == K1
     k = np.where(k == K1, last, k)
