@@ -134,3 +134,18 @@ def test_compiled_output_check_agrees_with_validate(L, R, S, seed, defect, allow
     except PlacementError:
         ok = False
     assert repair_jit.valid(p.phy2log.numpy(), R, E, live, allow_dup) == ok
+
+
+def test_same_placements_from_a_current_placement_with_duplicates():
+    # A foreign placement may hold an expert twice on a rank: the later copy is dropped on both paths.
+    w = synthetic_load("lognormal1", 12, 64, seed=5)
+    cur = rebalance(w, 8, 10).phy2log.numpy().copy().reshape(12, 8, 10)
+    cur[:, 2, 3] = cur[:, 2, 7]
+    cur[::2, 5, 0] = cur[::2, 5, 9]
+    for dead in ([], [4]):
+        live = np.ones(8, dtype=bool)
+        live[dead] = False
+        cur_d = cur.copy()
+        cur_d[:, ~live] = -1
+        ref, jit = both(w, 8, 10, live_ranks=live, current=cur_d.reshape(12, 80))
+        np.testing.assert_array_equal(ref, jit)

@@ -417,13 +417,20 @@ if AVAILABLE:
         for i in range(layers.size):
             l = layers[i]
             xl, cl, ld = x[l], counts[l], load[l]
-            # replicas that survive (orphans get one), then the counts
+            # (Tables are zeroed through flat views: a contiguous 1-D fill compiles to memset.)
+            # The current placement's presence; a later copy of an expert on a rank is dropped
+            # (:func:`.slots.drop_duplicates`); the replicas that survive (orphans get one), the counts.
+            orig.reshape(-1)[l * n * (E + 1):(l + 1) * n * (E + 1)] = 0
             cl[:] = 0
             for r in range(n):
                 for s in range(S):
-                    xl[r, s] = cur[l, r, s]
-                    if cur[l, r, s] >= 0:
-                        cl[cur[l, r, s]] += 1
+                    e = cur[l, r, s]
+                    if e >= 0 and orig[l, r, e + 1] == 0:
+                        orig[l, r, e + 1] = 1
+                        cl[e] += 1
+                        xl[r, s] = e
+                    else:
+                        xl[r, s] = -1
             for e in range(E):
                 cl[e] = min(max(cl[e], 1), cap)
             _counts_layer(w[l], cl, num_slots, cap, rep_bound[l], big, gain, loss, multi)
@@ -431,17 +438,13 @@ if AVAILABLE:
                 per[l, e] = w[l, e] if cl[e] == 1 else w[l, e] / cl[e]  # x / 1 == x exactly
                 per32[l, e] = np.float32(per[l, e])
             _drop_layer(xl, cl, per[l], ld, have, pos, key)
-            # the slot indexes of the dropped state, its rank loads, and the current placement's presence
-            # Zeroed through flat views: a contiguous 1-D fill compiles to memset, a 2-D one to a loop.
+            # the slot indexes of the dropped state and its rank loads
             present.reshape(-1)[l * n * (E + 1):(l + 1) * n * (E + 1)] = 0
-            orig.reshape(-1)[l * n * (E + 1):(l + 1) * n * (E + 1)] = 0
             if has_nodes:
                 node_cnt[l] = 0
             for r in range(n):
                 ld[r] = _rank_sum(xl[r], per[l])
                 for s in range(S):
-                    if cur[l, r, s] >= 0:
-                        orig[l, r, cur[l, r, s] + 1] = 1
                     e = xl[r, s]
                     if e >= 0:
                         present[l, r, e + 1] = 1

@@ -163,8 +163,6 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         int64 ``[L, n, S]``.
     """
     L, E = w.shape
-    cur = drop_duplicates(cur)
-    start = _count(cur.reshape(L, -1) + 1, E + 1)
     opt_counts = replica_counts(w, n * S, n)
     per_opt = w / opt_counts
     # A replica's rank also carries S - 1 others: keep the heaviest replica well below the target
@@ -195,6 +193,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         maxes, fetched, record = repair_jit.traced(rp)
         x = rp.x
     else:
+        cur = drop_duplicates(cur)
+        start = _count(cur.reshape(L, -1) + 1, E + 1)
         counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
         per = w / counts
         x = drop_surplus(cur, counts, per)

@@ -58,7 +58,7 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
     refinement towards ``target * aim_factor``, per layer (see the module docstring).
 
     Parameters:
-        w: float64 ``[L, E]`` positive load. cur: int64 ``[L, n, S]`` without duplicates on a rank.
+        w: float64 ``[L, E]`` positive load. cur: int64 ``[L, n, S]`` (a later copy of an expert on a rank is dropped).
         node_of: int64 ``[n]`` or ``None``. max_iters: swaps per layer. target, rep_bound: float64 ``[L]``.
         near_factor: a layer with ``target < busiest <= target * near_factor`` after the repair stops
             (flag 2). aim_factor: the refinement aims at ``target * aim_factor``.
