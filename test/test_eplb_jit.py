@@ -149,3 +149,30 @@ def test_same_placements_from_a_current_placement_with_duplicates():
         cur_d[:, ~live] = -1
         ref, jit = both(w, 8, 10, live_ranks=live, current=cur_d.reshape(12, 80))
         np.testing.assert_array_equal(ref, jit)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([7, 48, 128, 129, 256, 384, 1000]), st.integers(1, 40), st.integers(1, 12),
+       st.sampled_from(sorted(SYNTHETIC_LOADS) + ["zero", "flat"]), st.sampled_from([0.9, 0.99, 1.0]),
+       st.integers(0, 2**16))
+def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, seed):
+    """balance_target and replica_bound, compiled: the same floats (sums in numpy's order)."""
+    from sglang_elastic.eplb.algorithms import repair_jit
+    from sglang_elastic.eplb.algorithms.elasticity_aware import _SCRATCH_SLACK, balance_target
+    from sglang_elastic.eplb.algorithms.inputs import scale_to_unit
+    from sglang_elastic.eplb.algorithms.repair import replica_bound
+
+    S = min(S, E)
+    assume(n * S >= E)
+    if family == "zero":
+        weight = np.zeros((L, E))
+    elif family == "flat":
+        weight = np.full((L, E), 3.0)
+    else:
+        weight = scale_to_unit(np.asarray(synthetic_load(family, L, E, seed=seed), dtype=np.float64))
+    w = weight + (weight.sum(1, keepdims=True) / (E * 1e9) + 1e-300)
+    target = balance_target(weight, n, S, min_balance)
+    bound = replica_bound(w, n, S, target, min_balance)
+    t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
+    np.testing.assert_array_equal(target, t_jit)
+    np.testing.assert_array_equal(bound, b_jit)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["BIG", "greedy_counts", "replica_counts", "max_load_bound"]
+__all__ = ["BIG", "greedy_counts", "replica_counts", "lightest_sum", "max_load_bound"]
 
 BIG = 1e30  # "never pick this" score that stays finite (inf would poison sums)
 
@@ -78,6 +78,14 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_per_expert: int,
 
 
 
+def lightest_sum(per: np.ndarray, k: int) -> np.ndarray:
+    """float64 ``[L]``: the ``k`` smallest entries of each row of ``per`` ``[L, E]``, summed smallest first
+    (a fixed order, so that the compiled path adds them the same way); ``0`` for ``k = 0``."""
+    if k <= 0:
+        return np.zeros(per.shape[0])
+    return np.sort(np.partition(per, k - 1, axis=1)[:, :k], axis=1).sum(1)
+
+
 def max_load_bound(weight: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
     """float64 ``[L]``: a lower bound on the busiest rank's load of any placement with these ``counts``.
 
@@ -98,5 +106,5 @@ def max_load_bound(weight: np.ndarray, counts: np.ndarray, num_ranks: int, slots
     fill = 0.0
     if slots_per_rank > 1:
         k = min(slots_per_rank - 1, per.shape[1] - 1)
-        fill = np.partition(per, k - 1, axis=1)[:, :k].sum(1) if k > 0 else 0.0
+        fill = lightest_sum(per, k)
     return np.maximum(mean, per.max(1) + fill)

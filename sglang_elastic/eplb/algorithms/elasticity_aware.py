@@ -21,6 +21,7 @@ import numpy as np
 from .counts import greedy_counts, max_load_bound
 from .packing import from_scratch
 from .registry import register_algorithm
+from . import repair, repair_jit
 from .repair import from_current
 
 __all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES"]
@@ -129,9 +130,13 @@ def elasticity_aware(
             min_balance = 1.0 / (1.0 + balance_tolerance)
         elif min_balance is None:
             min_balance = DEFAULT_MIN_BALANCE[0 if _live_set_changed(current, live, num_ranks, S) else 1]
-        target = balance_target(weight, n, S, min_balance)
+        if repair.USE_JIT:
+            target, rep_bound = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
+        else:
+            target, rep_bound = balance_target(weight, n, S, min_balance), None
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
-        result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide")
+        result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide",
+                              rep_bound=rep_bound)
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result
     return out.reshape(L, num_ranks * S)

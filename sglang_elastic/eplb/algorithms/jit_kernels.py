@@ -565,3 +565,112 @@ if AVAILABLE:
             if placed != E:
                 return False
         return True
+
+    # ----------------------------------------------------------------- targets and replica bounds
+
+    @njit(cache=True, nogil=True)
+    def _sum_pairwise(v):
+        """``v.sum()`` bit for bit as numpy adds it: blocks of at most 128 (:func:`_sum_block`), longer
+        ranges split at half rounded down to a multiple of 8 and the halves added (numpy's recursion,
+        unrolled onto a stack: numba's cache cannot hold self-recursive kernels)."""
+        n = v.size
+        if n <= 128:
+            return _sum_block(v, n)
+        los = np.empty(64, np.int64)
+        ns = np.empty(64, np.int64)
+        stage = np.empty(64, np.int64)
+        left = np.empty(64)
+        top = 0
+        los[0], ns[0], stage[0] = 0, n, 0
+        ret = 0.0
+        while top >= 0:
+            lo, m = los[top], ns[top]
+            if m <= 128:
+                ret = _sum_block(v[lo:lo + m], m)  # its 0.0 + x == x for x >= 0
+                top -= 1
+                continue
+            m2 = m // 2
+            m2 -= m2 % 8
+            if stage[top] == 0:
+                stage[top] = 1
+                top += 1
+                los[top], ns[top], stage[top] = lo, m2, 0
+            elif stage[top] == 1:
+                left[top] = ret
+                stage[top] = 2
+                top += 1
+                los[top], ns[top], stage[top] = lo + m2, m - m2, 0
+            else:
+                ret = left[top] + ret
+                top -= 1
+        return 0.0 + ret
+
+    @njit(cache=True, nogil=True)
+    def _greedy_layer(w, num_slots, cap, c, gain, cand):
+        """:func:`.counts.greedy_counts` for one layer into ``c``. Only the ``D = num_slots - E`` heaviest
+        experts (ties: lower id) can be picked in ``D`` steps (each heavier one must be picked first),
+        so the argmax runs over them; ``cand``: int64 scratch ``[E]``."""
+        E = w.size
+        D = min(max(num_slots - E, 0), E)
+        m = 0
+        for e in range(E if D > 0 else 0):  # the D heaviest, heaviest first, ties by id (insertion; D is small)
+            if m < D or w[e] > w[cand[m - 1]]:
+                j = m if m < D else D - 1
+                while j > 0 and w[cand[j - 1]] < w[e]:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = e
+                m = min(m + 1, D)
+        for e in range(E):
+            c[e] = 1
+            gain[e] = w[e]
+        for _ in range(num_slots - E):
+            b = cand[0]
+            for i in range(1, m):
+                e = cand[i]
+                if gain[e] > gain[b] or (gain[e] == gain[b] and e < b):
+                    b = e
+            c[b] += 1
+            gain[b] = w[b] / c[b] if c[b] < cap else -1.0
+
+    @njit(cache=True, nogil=True)
+    def _fill(w, c, k, small):
+        """The ``k`` lightest of ``w / c`` summed lightest first; also returns the heaviest ``w / c``."""
+        m = 0
+        top = -np.inf
+        for e in range(w.size):
+            p = w[e] if c[e] == 1 else w[e] / c[e]
+            top = max(top, p)
+            if k > 0 and (m < k or p < small[m - 1]):
+                j = m if m < k else k - 1
+                while j > 0 and small[j - 1] > p:
+                    small[j] = small[j - 1]
+                    j -= 1
+                small[j] = p
+                m = min(m + 1, k)
+        return (_sum_block(small, k) if k > 0 else 0.0), top
+
+    @njit(cache=True, nogil=True)
+    def _targets_all(layers, weight, w, n, S, min_balance, slack, target, rep_bound):
+        """:func:`.elasticity_aware.balance_target` and ``from_current``'s replica bound, per layer."""
+        E = weight.shape[1]
+        c = np.empty(E, np.int64)
+        gain = np.empty(E)
+        cand = np.empty(E, np.int64)
+        k = min(S - 1, E - 1) if S > 1 else 0
+        small = np.empty(max(k, 1))
+        for i in range(layers.size):
+            l = layers[i]
+            wl = weight[l]
+            _greedy_layer(wl, n * S, n, c, gain, cand)
+            fill, top = _fill(wl, c, k, small)
+            mean = _sum_pairwise(wl) / n
+            bound = max(mean, top + fill) * slack
+            if wl.max() <= wl.min():
+                target[l] = np.inf
+                rep_bound[l] = np.inf
+                continue
+            target[l] = bound / min_balance
+            _greedy_layer(w[l], n * S, n, c, gain, cand)
+            fill, top = _fill(w[l], c, k, small)
+            rep_bound[l] = min(top / min_balance, target[l] - 2 * fill)

@@ -7,13 +7,13 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .conflicts import fix_conflicts
-from .counts import BIG, replica_counts
+from .counts import BIG, lightest_sum, replica_counts
 from .packing import from_scratch
 from . import refine_jit, repair_jit
 from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
 
-__all__ = ["drop_surplus", "pool_items", "place_pool", "from_current", "choose_stops"]
+__all__ = ["drop_surplus", "pool_items", "place_pool", "replica_bound", "from_current", "choose_stops"]
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
 _NEAR = 1 + 2e-3  # a layer this close above its target is compared with from scratch (_already_there)
@@ -146,8 +146,22 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
     return target
 
 
+def replica_bound(w: np.ndarray, n: int, S: int, target: np.ndarray, min_balance: float) -> np.ndarray:
+    """float64 ``[L]``: the heaviest replica the counts from a current placement may leave.
+
+    A replica's rank also carries ``S - 1`` others: the heaviest replica stays well below the target
+    (twice the lightest possible companions' load) so the ranks holding it can be balanced, and never
+    above the greedy optimum's heaviest replica over ``min_balance``. ``inf`` where the target is.
+    """
+    E = w.shape[1]
+    per_opt = w / replica_counts(w, n * S, n)
+    fill = lightest_sum(per_opt, min(S - 1, E - 1))
+    return np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
+
+
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
-                 iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False) -> np.ndarray:
+                 iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False,
+                 rep_bound: Optional[np.ndarray] = None) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -158,18 +172,14 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
         wide_search: swaps look at every rank under the target, not the 4 least busy (see :func:`refine`).
+        rep_bound: :func:`replica_bound` if the caller has it.
 
     Returns:
         int64 ``[L, n, S]``.
     """
     L, E = w.shape
-    opt_counts = replica_counts(w, n * S, n)
-    per_opt = w / opt_counts
-    # A replica's rank also carries S - 1 others: keep the heaviest replica well below the target
-    # (twice the lightest possible companions' load) so the ranks holding it can be balanced.
-    k = min(S - 1, E - 1)
-    fill = np.partition(per_opt, k - 1, axis=1)[:, :k].sum(1) if k > 0 else np.zeros(L)
-    rep_bound = np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
+    if rep_bound is None:
+        rep_bound = replica_bound(w, n, S, target, min_balance)
     # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
     # trade against layers above them (~1 % fewer transfers, no measurable time).
     aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)

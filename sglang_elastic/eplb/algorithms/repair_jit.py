@@ -21,9 +21,9 @@ from .jit_kernels import AVAILABLE, MAX_SLOTS
 from .refine_jit import _run_split
 
 if AVAILABLE:
-    from .jit_kernels import _refine_all, _repair_refine_all, _stops_search, _valid
+    from .jit_kernels import _refine_all, _repair_refine_all, _stops_search, _targets_all, _valid
 
-__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "stops_search", "valid"]
+__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "stops_search", "targets", "valid"]
 
 
 @dataclass
@@ -126,3 +126,16 @@ def valid(phy2log: np.ndarray, num_ranks: int, num_experts: int, live: np.ndarra
         return False
     x = np.ascontiguousarray(phy2log, dtype=np.int64).reshape(phy2log.shape[0], num_ranks, -1)
     return bool(_valid(x, int(num_experts), np.ascontiguousarray(live, dtype=np.bool_), bool(allow_duplicates)))
+
+
+def targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: float,
+            slack: float) -> Tuple[np.ndarray, np.ndarray]:
+    """``(balance_target(weight, n, S, min_balance), replica_bound(w, n, S, that target, min_balance))``
+    compiled, per layer over the threads (same floats; ``slack``: the factor ``balance_target`` puts on
+    the bound). ``weight``: the caller's load ``[L, E]``; ``w``: it with the zero-load floor."""
+    L = weight.shape[0]
+    target, rep_bound = np.empty(L), np.empty(L)
+    _run_split(_targets_all, np.arange(L), (np.ascontiguousarray(weight, dtype=np.float64),
+                                            np.ascontiguousarray(w, dtype=np.float64), int(n), int(S),
+                                            float(min_balance), float(slack), target, rep_bound))
+    return target, rep_bound
