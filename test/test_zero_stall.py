@@ -248,3 +248,24 @@ def test_a_held_boundary_starts_no_background_work_until_it_ends():
         assert th.open.is_set() and th._holds == 0
     finally:
         th.close()
+
+
+def test_copies_into_empty_slots_write_the_weights_and_leave_the_commit():
+    """A slot that holds no expert (e.g. a joining rank's) is written in place; its commit row goes."""
+    from sglang_elastic.location.commit_rule import direct_to_empty
+    from sglang_elastic.transport.base import Copy
+
+    S, chunk = 2, [3]
+    w = torch.zeros(4 * S, 5)
+    stage = {"w": "staging/bg0/w"}
+    buf = torch.zeros(S, 5)
+    rows = ([w[3 * S + 0], w[3 * S + 1]], [buf[0], buf[1]])  # rank 1's commit rows: slots 0 and 1
+    empty = torch.tensor([[False, False, True, False]])        # [1 layer, R=2 x S=2]: rank 1 slot 0 is empty
+    copies = [Copy(0, 1, "w", 1, "staging/bg0/w", 0), Copy(0, 1, "w", 2, "staging/bg0/w", 1),
+              Copy(1, 0, "w", 7, "staging/bg0/w", 0), Copy(0, 2, "backup/w", 0, "backup/w", 3)]
+    out, kept = direct_to_empty(copies, rows, chunk, empty, 1, S, stage, {"w": buf})
+    assert out[0] == Copy(0, 1, "w", 1, "w", 3 * S + 0), out[0]
+    assert out[1:] == copies[1:], "only copies into an empty slot change"
+    assert len(kept[0]) == 1 and kept[0][0].data_ptr() == w[3 * S + 1].data_ptr() and kept[1][0].data_ptr() == buf[1].data_ptr()
+    out0, kept0 = direct_to_empty(copies, rows, chunk, empty, 0, S, stage, {"w": buf})
+    assert out0 == out and len(kept0[0]) == 2, "every rank redirects the same copies; only the receiver drops its row"

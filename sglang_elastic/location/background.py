@@ -38,7 +38,7 @@ import torch
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
-from .commit_rule import backup_copies, decide, spare_rows
+from .commit_rule import backup_copies, decide, direct_to_empty, spare_rows
 from .staging import StagingBuffers, bg_staging_name
 from .threads import QUIET_MAX_S, SharedThreads
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
@@ -437,6 +437,9 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         self._threads.open.wait(QUIET_MAX_S)  # checkpoints: no CPU (or GIL) taken from a boundary
         bufs = self._bufs[job.buf]
         staged = self._stage(job.layers, bufs, lambda name: bg_staging_name(name, job.buf))
+        staged.copies, staged.rows = direct_to_empty(
+            staged.copies, staged.rows, job.layers, self.placement.phy2log[job.layers] < 0, self.rank,
+            self.placement.slots_per_rank, {w: bg_staging_name(w, job.buf) for w in self.weights}, bufs)
         # The placement once this chunk commits: chunks commit in order and any other change re-plans
         # every chunk in flight, so it is the committed one with the chunks up to this one stamped.
         cur = self.placement.phy2log

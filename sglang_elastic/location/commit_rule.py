@@ -17,7 +17,7 @@ from ..eplb.placement import Placement
 from ..transport.base import Copy
 from .backup import BackupLayout, backup_tensor_name
 
-__all__ = ["decide", "spare_rows", "backup_copies"]
+__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty"]
 
 _DEAD = "dead@"
 
@@ -79,3 +79,48 @@ def backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, 
             copies.append(Copy(src // S, int(holder[l, e]), name, l * S + src % S, backup_tensor_name(name),
                                int(row[l, e])))
     return copies, lost
+
+
+def direct_to_empty(copies: List[Copy], rows: Tuple[List[torch.Tensor], List[torch.Tensor]], chunk: List[int],
+                    empty: torch.Tensor, rank: int, S: int, stage: Dict[str, str], stage_rows: Dict[str, torch.Tensor]
+                    ) -> Tuple[List[Copy], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    """A chunk's copies into slots that hold no expert now write the weights directly (pure).
+
+    No token is routed to an empty slot and none is a copy's source, so its row can be written while
+    serving goes on; the commit (which only stamps the placement for it) then copies nothing for it.
+    A joining rank's experts thus cost its step boundaries no copy at all. The same on every rank
+    (``empty`` comes from the committed placement of the chunk's layers, which no other chunk changes).
+
+    Parameters:
+        copies: the chunk's copies; those into staging name ``stage[w]`` row ``li * S + p`` go to
+            row ``chunk[li] * S + p`` of weight ``w`` when ``empty[li, dst * S + p]``.
+        rows: ``(weight rows, staging rows)`` of this rank's commit, weight by weight (views).
+        empty: bool ``[len(chunk), R * S]``, the chunk's slots that hold no expert now.
+        stage: weight name -> its staging buffer's registered name; ``stage_rows``: that buffer.
+
+    Returns:
+        ``(copies, rows)`` with the redirected copies, and the commit rows of this rank that no
+        longer need copying dropped (rows written otherwise, e.g. reloaded, stay).
+    """
+    names = {v: k for k, v in stage.items()}
+    out, direct = [], set()
+    for c in copies:
+        w = names.get(c.dst_name)
+        li, p = divmod(c.dst_row, S)
+        if w is not None and bool(empty[li, c.dst * S + p]):
+            c = Copy(c.src, c.dst, c.src_name, c.src_row, w, chunk[li] * S + p)
+            if c.dst == rank:
+                direct.add((w, li * S + p))
+        out.append(c)
+    if not direct:
+        return out, rows
+    keep: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+    per = len(rows[0]) // max(len(stage), 1)
+    for i, (dst, src) in enumerate(zip(*rows)):
+        w = list(stage)[i // per]
+        buf = stage_rows[w]
+        row = (src.data_ptr() - buf.data_ptr()) // (buf[0].numel() * buf.element_size())
+        if (w, row) not in direct:
+            keep[0].append(dst)
+            keep[1].append(src)
+    return out, keep
