@@ -87,6 +87,8 @@ if AVAILABLE:
         pb = np.empty(S, np.float32)
         wa2 = np.empty(S, np.float32)
         wb2 = np.empty(S, np.float32)
+        val = np.empty(S, np.float32)
+        away = np.empty(S, np.int8)  # the heavy rank's slot held its expert before (it may go home)
         xl, pres, og, p32 = x[l], present[l], orig[l], per32[l]
         t = 0
         while active and t < max_iters:
@@ -113,6 +115,7 @@ if AVAILABLE:
             for s in range(S):
                 ea = xl[hi, s]
                 wa2[s] = np.float32(2) * p32[ea if ea >= 0 else E + ea]
+                away[s] = np.int8(og[hi, ea + 1] == 0)
             for k in range(K):
                 r = order[k]
                 gap = np.float32(th - ld[r])
@@ -126,7 +129,7 @@ if AVAILABLE:
                     va = pres[r, ea + 1] == 0
                     if va and has_nodes:
                         va = not _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r])
-                    fa = np.int8(og[r, ea + 1] == 0) - np.int8(og[hi, ea + 1] == 0)
+                    fa = np.int8(og[r, ea + 1] == 0) - away[s]
                     pa[s] = step * np.float32(fa) if va else inf
                     pa_min = min(pa_min, pa[s])
                 # Every pair with this rank has pen >= pa_min - step (fb >= -1): skip the rank when that
@@ -144,20 +147,19 @@ if AVAILABLE:
                 # A pair's score is its penalty class pen = step * (fa + fb) (exact in float32) plus a
                 # balance term in (-gap, 0), |gap| < step / 2: a pair of a higher class than the best so
                 # far scores strictly more even after rounding, so it is skipped unevaluated (same argmin).
+                # A row's scores are computed without branches (inf: useless or not allowed), then
+                # scanned; higher-class pairs of a row that is kept lose to the best anyway.
                 pb_min = pb.min()
                 for sa in range(S):
                     if pa[sa] == inf or pa[sa] + pb_min > best_pen:
                         continue
+                    pas, was = pa[sa], wa2[sa]
                     for sb in range(S):
-                        pen = pa[sa] + pb[sb]
-                        if pen > best_pen or pb[sb] == inf:
-                            continue
-                        sc = abs(gap - (wa2[sa] - wb2[sb])) - gap
-                        if sc >= 0:
-                            continue
-                        sc = sc + pen
-                        if sc < best:
-                            best, best_pen, bk, bsa, bsb = sc, pen, r, sa, sb
+                        sc = abs(gap - (was - wb2[sb])) - gap
+                        val[sb] = sc + (pas + pb[sb]) if sc < 0 else inf
+                    for sb in range(S):
+                        if val[sb] < best:
+                            best, best_pen, bk, bsa, bsb = val[sb], pas + pb[sb], r, sa, sb
             if bk < 0:
                 if wide:
                     active = False
