@@ -57,7 +57,8 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
         w = weights_for(p0, rank)
         # Hour-long timeouts: only knowledge (the Liveness) can end a wait on the dead rank.
         upd = BackgroundUpdater(rank, transport, {"w": w}, p0, live_ranks=np.ones(R, dtype=bool), timeout_s=3600,
-                                vote=StoreVote(store, rank, 3600), liveness=lv, depth=depth, store=store)
+                                vote=StoreVote(store, rank, 3600), liveness=lv, depth=depth, store=store,
+                                keep_slots=victim >= 0)  # the kill case keeps experts in their slots
         upd.fill_backup()
         failures = []
 
@@ -134,7 +135,8 @@ def test_background_update_commits_together_and_weights_are_exact_at_every_step(
 
 
 def test_kill_during_a_background_chunk_replans_from_survivors():
-    """Single staging (depth 1) here; double staging in the test above."""
+    """Single staging (depth 1) and targets kept in place (keep_slots) here; the test above: double
+    staging, targets as given."""
     victim = 2
     results = run_cluster(seed=7, victim=victim, depth=1)
     assert sorted(results) == [r for r in range(R) if r != victim]
@@ -269,3 +271,17 @@ def test_copies_into_empty_slots_write_the_weights_and_leave_the_commit():
     assert len(kept[0]) == 1 and kept[0][0].data_ptr() == w[3 * S + 1].data_ptr() and kept[1][0].data_ptr() == buf[1].data_ptr()
     out0, kept0 = direct_to_empty(copies, rows, chunk, empty, 0, S, stage, {"w": buf})
     assert out0 == out and len(kept0[0]) == 2, "every rank redirects the same copies; only the receiver drops its row"
+
+
+def test_keep_slots_keeps_each_ranks_experts_in_their_slots():
+    """A target reordered within each rank: the same experts per rank, those already held stay put."""
+    from sglang_elastic.eplb.placement import Placement
+    from sglang_elastic.location.commit_rule import keep_slots
+
+    cur = Placement(torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, -1, -1, -1]]), 2, 6)
+    tgt = Placement(torch.tensor([[1, 0, 5, 3, 2, 4], [0, 1, 2, 3, 4, 5]]), 2, 6)
+    got = keep_slots(cur, tgt).phy2log
+    assert got.tolist() == [[0, 1, 5, 3, 4, 2], [0, 1, 2, 3, 4, 5]], got
+    for l in range(2):
+        for r in range(2):
+            assert sorted(got[l, 3 * r:3 * r + 3].tolist()) == sorted(tgt.phy2log[l, 3 * r:3 * r + 3].tolist())

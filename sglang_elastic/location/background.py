@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -38,9 +37,9 @@ import torch
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
-from .commit_rule import backup_copies, decide, direct_to_empty, spare_rows
+from .commit_rule import backup_copies, decide, direct_to_empty, keep_slots, spare_rows
 from .staging import StagingBuffers, bg_staging_name
-from .threads import QUIET_MAX_S, SharedThreads
+from .threads import QUIET_MAX_S, SharedThreads, without_frames
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
 
 __all__ = ["BackgroundUpdater", "SharedThreads", "bg_staging_name", "decide"]
@@ -49,24 +48,6 @@ log = logging.getLogger(__name__)
 
 _READY, _DEAD = "ready@", "dead@"  # the marks commit_rule.decide reads
 _RETRIES = 3
-
-
-def _without_frames(exc: BaseException) -> BaseException:
-    """``exc`` (and the exceptions chained to it) without tracebacks; their text becomes a note.
-
-    A job's error is kept on the job and the updater, and its traceback's frames hold both (the
-    chunk job is a lambda over the job; the methods' frames hold the updater) and the chunk's
-    copies and staging views: a reference cycle that only a full garbage collection frees, so a
-    long-running process kept every failed chunk's tensors for minutes."""
-    text = "".join(traceback.format_exception(exc)).rstrip()
-    e: Optional[BaseException] = exc
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        e.__traceback__ = None
-        e = e.__cause__ or e.__context__
-    exc.add_note(f"raised on the updater's transport thread:\n{text}")
-    return exc
 
 
 @dataclass
@@ -109,12 +90,17 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             not needed and :meth:`close` leaves the threads to their owner); default: one of its own.
         keep_sync_staging: keep the synchronous updater's staging allocated (a caller that shares one
             across updaters and moves some updates synchronously: peers never see it shrink).
+        keep_slots: move to :func:`.commit_rule.keep_slots` of each target (and re-plan): experts a rank
+            holds stay in their slot, so no commit copies them. Only for a caller whose placement is
+            this updater's (not SGLang's, which keeps its own metadata of the target).
     """
 
     def __init__(self, *args, store=None, background: bool = True, depth: int = 2,
                  prefix: str = "sgle/ready", prepare: Optional[Callable[[Placement], object]] = None,
-                 shared: Optional[SharedThreads] = None, keep_sync_staging: bool = False, **kwargs) -> None:
+                 shared: Optional[SharedThreads] = None, keep_sync_staging: bool = False, keep_slots: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.keep_slots = keep_slots
         self.prepare, self.prepared = prepare, None
         if depth not in (1, 2):
             raise ValueError(f"depth must be 1 or 2, got {depth!r}")
@@ -149,12 +135,22 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
 
     def begin(self, target: Placement, on_failure=None) -> List[int]:
         """Start moving to ``target``: plan the chunks, allocate staging, start the first transfers."""
+        if self.keep_slots:
+            target = keep_slots(self.placement, target)
+            if on_failure is not None:  # its re-plans too (they become the target without begin)
+                on_failure = self._kept(on_failure)
         if not self.background:
             return super().begin(target, on_failure)
         self._drain()
         layers = super().begin(target, on_failure)
         self._restart()
         return layers
+
+    def _kept(self, hook: Callable) -> Callable:
+        def kept(dead):
+            live, target = hook(dead)
+            return live, keep_slots(self.placement, target)
+        return kept
 
     def set_live(self, live_ranks: Sequence, generation: Optional[int] = None) -> None:
         """Adopt a new live set (collective); chunks staged but not committed are planned again."""
@@ -403,7 +399,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                 else:
                     fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the boundary
-                exc = _without_frames(exc)
+                exc = without_frames(exc)
                 self._broken = exc
                 if job is not None:
                     job.error = exc

@@ -17,7 +17,7 @@ from ..eplb.placement import Placement
 from ..transport.base import Copy
 from .backup import BackupLayout, backup_tensor_name
 
-__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty"]
+__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty", "keep_slots"]
 
 _DEAD = "dead@"
 
@@ -124,3 +124,39 @@ def direct_to_empty(copies: List[Copy], rows: Tuple[List[torch.Tensor], List[tor
             keep[0].append(dst)
             keep[1].append(src)
     return out, keep
+
+
+def keep_slots(current: Placement, target: Placement) -> Placement:
+    """``target`` with each rank's slots reordered, layer by layer, so that an expert the rank holds
+    now stays in its slot (pure, deterministic: every rank computes the same).
+
+    Each rank keeps the same experts (balance, replica counts and routing are unchanged); only moves
+    within a rank go, which a commit would otherwise copy at the step boundary (in the default
+    rehearsal's rebalance 8 of a rank's 12 committed slots were such moves).
+
+    Parameters:
+        current: the committed placement ``[L, R * S]``; target: the placement to move to (same shape).
+
+    Returns:
+        A placement equal to ``target`` up to a permutation of each (layer, rank)'s ``S`` slots.
+    """
+    L, R, S = target.num_layers, target.num_ranks, target.slots_per_rank
+    cur = current.phy2log.reshape(L, R, S).tolist()
+    new = target.phy2log.reshape(L, R, S).tolist()
+    out = [_keep(o, n) for lo, ln in zip(cur, new) for o, n in zip(lo, ln)]
+    phy = torch.tensor(out, dtype=target.phy2log.dtype, device=target.phy2log.device).reshape(L, R * S)
+    return Placement(phy, R, target.num_logical_experts)
+
+
+def _keep(old: List[int], new: List[int]) -> List[int]:
+    """One rank's ``new`` slots (a list of experts), reordered so that experts in ``old`` keep their slot."""
+    rest = list(new)
+    res: List[Optional[int]] = []
+    for e in old:
+        if e in rest:
+            rest.remove(e)
+            res.append(e)
+        else:
+            res.append(None)
+    rest.reverse()
+    return [e if e is not None else rest.pop() for e in res]

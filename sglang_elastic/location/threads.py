@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import traceback
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["SharedThreads"]
+__all__ = ["SharedThreads", "without_frames", "QUIET_MAX_S"]
 
 # The longest a queued job (or the poller) waits for a held boundary to end: far below any peer's
 # timeout, so a boundary held long (e.g. one waiting on membership) never makes this rank look silent.
@@ -131,3 +132,21 @@ def _own_client(store):
     if isinstance(store, torch.distributed.TCPStore):
         return torch.distributed.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
     return store
+
+
+def without_frames(exc: BaseException) -> BaseException:
+    """``exc`` (and the exceptions chained to it) without tracebacks; their text becomes a note.
+
+    A job's error is kept on the job and the updater, and its traceback's frames hold both (the
+    chunk job is a lambda over the job; the methods' frames hold the updater) and the chunk's
+    copies and staging views: a reference cycle that only a full garbage collection frees, so a
+    long-running process kept every failed chunk's tensors for minutes."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    e: Optional[BaseException] = exc
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    exc.add_note(f"raised on the updater's transport thread:\n{text}")
+    return exc
