@@ -176,3 +176,16 @@ def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, see
     t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
     np.testing.assert_array_equal(target, t_jit)
     np.testing.assert_array_equal(bound, b_jit)
+
+
+def test_compiled_sums_add_as_numpy_does():
+    """The kernels' float sums are numpy's, bit for bit (pairwise blocks of 8, halving above 128)."""
+    from sglang_elastic.eplb.algorithms.jit_kernels import _rank_sum, _sum_pairwise
+
+    rng = np.random.default_rng(0)
+    for n in list(range(1, 300)) + [383, 384, 385, 512, 1000, 1024, 4097]:
+        v = rng.lognormal(size=(4, n)) * rng.random((4, 1))
+        assert [_sum_pairwise(row) for row in v] == v.sum(1).tolist(), n
+        if n <= 128:
+            ids = np.where(rng.random(n) < 0.2, -1, rng.integers(0, n, size=n))
+            assert _rank_sum(ids, v[0]) == np.where(ids >= 0, v[0][np.maximum(ids, 0)], 0.0).sum(), n

@@ -327,7 +327,8 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _pool_layer(l, x, present, node_cnt, node_of, has_nodes, cl, per, ld, big, have, items, free):
-        """:func:`.repair.place_pool` ``(pool_items(...))`` for layer ``l``; ``ld``: its rank loads (updated)."""
+        """:func:`.repair.place_pool` ``(pool_items(...))`` for layer ``l``; ``ld``: its rank loads (updated).
+        Returns whether a replica went to a rank that holds its expert already."""
         n, S = x.shape[1], x.shape[2]
         E = cl.size
         M = node_cnt.shape[2]
@@ -349,6 +350,7 @@ if AVAILABLE:
                     j -= 1
                 items[j] = e
                 w += 1
+        dup = False
         for i in range(w):
             e = items[i]
             lacks = False
@@ -370,28 +372,24 @@ if AVAILABLE:
                 if x[l, br, s] < 0:
                     si = s
                     break
+            dup = dup or present[l, br, e + 1] == 1
             x[l, br, si] = e
             present[l, br, e + 1] = 1
             if has_nodes:
                 node_cnt[l, e + 1, node_of[br]] += 1
             ld[br] += per[l, e]
             free[br] -= 1
+        return dup
 
     @njit(cache=True, nogil=True)
-    def _conflicted(l, x, node_cnt, node_of, has_nodes):
-        """Whether :func:`.conflicts.fix_conflicts` has work in layer ``l`` (a rank holds an expert
-        twice, or a node holds two replicas of an expert that another node lacks)."""
+    def _node_conflict(l, x, node_cnt, node_of):
+        """Whether a node holds two replicas of an expert that another node lacks in layer ``l``."""
         n, S = x.shape[1], x.shape[2]
         M = node_cnt.shape[2]
         for r in range(n):
             for s in range(S):
                 e = x[l, r, s]
-                if e < 0:
-                    continue
-                for s2 in range(s + 1, S):
-                    if x[l, r, s2] == e:
-                        return True
-                if has_nodes and node_cnt[l, e + 1, node_of[r]] > 1:
+                if e >= 0 and node_cnt[l, e + 1, node_of[r]] > 1:
                     for m in range(M):
                         if node_cnt[l, e + 1, m] == 0:
                             return True
@@ -452,8 +450,10 @@ if AVAILABLE:
                         present[l, r, e + 1] = 1
                         if has_nodes:
                             node_cnt[l, e + 1, node_of[r]] += 1
-            _pool_layer(l, x, present, node_cnt, node_of, has_nodes, cl, per, ld, big, have, items, free)
-            if _conflicted(l, x, node_cnt, node_of, has_nodes):
+            # :func:`.conflicts.fix_conflicts` has work where a rank holds an expert twice (only the
+            # pool can place one there: the copy and the drop leave none) or nodes are unevenly spread.
+            dup = _pool_layer(l, x, present, node_cnt, node_of, has_nodes, cl, per, ld, big, have, items, free)
+            if dup or (has_nodes and _node_conflict(l, x, node_cnt, node_of)):
                 flag[l] = 1
                 continue
             for r in range(n):
@@ -578,6 +578,10 @@ if AVAILABLE:
         n = v.size
         if n <= 128:
             return _sum_block(v, n)
+        m2 = n // 2
+        m2 -= m2 % 8
+        if n - m2 <= 128:  # one split into two blocks (E = 256: no stack to allocate)
+            return 0.0 + (_sum_block(v[:m2], m2) + _sum_block(v[m2:], n - m2))
         los = np.empty(64, np.int64)
         ns = np.empty(64, np.int64)
         stage = np.empty(64, np.int64)
