@@ -405,6 +405,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                     job.error = exc
         finally:
             if job is not None:
+                self._threads.open.wait(QUIET_MAX_S)  # labelled alike during the boundary or after it
                 try:  # failed jobs post too: the vote gave every rank the same outcome
                     self._post_from_thread(job)
                 except RuntimeError as exc:  # the boundary posts instead (its fallback)
