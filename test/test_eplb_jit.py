@@ -180,7 +180,8 @@ def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, see
 
 def test_compiled_sums_add_as_numpy_does():
     """The kernels' float sums are numpy's, bit for bit (pairwise blocks of 8, halving above 128)."""
-    from sglang_elastic.eplb.algorithms.jit_kernels import _rank_sum, _sum_pairwise
+    from sglang_elastic.eplb.algorithms.jit_kernels import _rank_sum
+    from sglang_elastic.eplb.algorithms.jit_sums import _sum_pairwise
 
     rng = np.random.default_rng(0)
     for n in list(range(1, 300)) + [383, 384, 385, 512, 1000, 1024, 4097]:

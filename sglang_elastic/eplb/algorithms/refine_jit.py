@@ -1,12 +1,10 @@
-"""The movement-aware swap refinement of :mod:`.repair`, compiled with numba: layers over 2 threads.
+"""Running the compiled kernels (:mod:`.jit_kernels`) over layers on 2 threads; rewinding traced swaps; warm-up.
 
-:func:`.refine.refine` (with ``orig_present``, ``trace``, ``heavy=1``) is the reference: it takes one
-swap per layer and step, vectorised over layers with numpy, and each step costs ~0.3 ms of numpy call
-overhead on tiny arrays (~28-38 steps). Here every layer runs its whole swap sequence as a compiled
-loop, layers dealt over plain threads (the kernels release the GIL); the decisions are exactly the
-reference's (same float32 scores, same first-minimum tie-breaking, same stable rank order), which
-``test/test_eplb_jit.py`` checks over the bench families and random problems. Without numba,
-:mod:`.repair` uses the reference.
+:func:`.refine.refine` (with ``orig_present``, ``trace``, ``heavy=1``) is the reference of the swap
+refinement: one swap per layer and step, vectorised over layers with numpy, each step ~0.3 ms of numpy
+call overhead on tiny arrays (~28-38 steps). The kernels run every layer's whole sequence as a compiled
+loop, layers dealt over plain threads (the kernels release the GIL), with exactly the reference's
+decisions (``test/test_eplb_jit.py``). Without numba, :mod:`.repair` uses the reference.
 """
 from __future__ import annotations
 
@@ -18,12 +16,11 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .jit_kernels import AVAILABLE
-from .slots import SlotState
 
 if AVAILABLE:
-    from .jit_kernels import _refine_all, _rewind_all
+    from .jit_kernels import _rewind_all
 
-__all__ = ["AVAILABLE", "THREADS", "refine_traced", "rewind_traced", "warm_up"]
+__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "warm_up"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
@@ -57,7 +54,7 @@ def _run_split(fn, layers: np.ndarray, args: tuple) -> None:
     if _POOL is None or _POOL._max_workers < k - 1:
         _POOL = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="eplb-refine")
     n_chunks = min(L, 4 * k)
-    chunks = iter([layers[i::n_chunks] for i in range(n_chunks)])
+    chunks = iter([np.ascontiguousarray(layers[i::n_chunks]) for i in range(n_chunks)])  # one kernel signature
     lock = threading.Lock()
 
     def work() -> None:
@@ -74,44 +71,8 @@ def _run_split(fn, layers: np.ndarray, args: tuple) -> None:
         f.result()
 
 
-def refine_traced(st: SlotState, max_iters: int, target: np.ndarray, orig_present: np.ndarray,
-                  light: int = 4, wide_search: bool = False,
-                  load: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, Tuple]:
-    """:func:`.refine.refine` ``(st, max_iters, target, orig_present, heavy=1, light, trace=[...],
-    wide_search)``, compiled; updates ``st.x`` / ``st.present`` / ``st.node_cnt`` the same way.
-    ``load``: ``st.loads()`` if the caller has it (it is modified).
-
-    Returns:
-        ``(maxes [T + 1, L], fetched [T + 1, L], record)``: the reference trace's busiest rank and
-        experts fetched per step (layers that stopped repeat their last point), and what
-        :func:`rewind_traced` needs.
-    """
-    L, n, S = st.x.shape
-    load = st.loads() if load is None else load
-    heavy, light = (1, n - 1) if wide_search else (1, light)
-    H = max(1, min(heavy, n // (light + 1)))
-    K = max(1, min(light, (n - H) // H))
-    cap = max(0, int(max_iters))
-    maxes = np.empty((L, cap + 1))
-    fetched = np.empty((L, cap + 1), dtype=np.int64)
-    swaps = np.full((L, cap, 4), -1, dtype=np.int64)
-    nsteps = np.zeros(L, dtype=np.int64)
-    has_nodes = st.node_of is not None
-    node_of = st.node_of if has_nodes else np.zeros(n, dtype=np.int64)
-    node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), dtype=np.int64)
-    args = (st.x, st.present, node_cnt, np.ascontiguousarray(node_of, dtype=np.int64), has_nodes, st.per,
-            st.per32, load, np.asarray(target, dtype=np.float64), orig_present,
-            cap, K, bool(wide_search), maxes, fetched, swaps, nsteps)
-    _run_split(_refine_all, np.arange(L), args)
-    T = int(nsteps.max()) if L else 0
-    # Pad every layer with its last point, as the reference's global steps do.
-    t = np.minimum(np.arange(T + 1)[:, None], nsteps[None, :])
-    cols = np.arange(L)[None, :]
-    return maxes[cols, t], fetched[cols, t], (swaps, nsteps)
-
-
 def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
-    """:func:`.refine.rewind` for :func:`refine_traced`'s record: undo layer ``l``'s swaps after step ``stop[l]``."""
+    """:func:`.refine.rewind` for :func:`.repair_jit.traced`'s record: undo layer ``l``'s swaps after step ``stop[l]``."""
     swaps, nsteps = record
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
 
@@ -134,4 +95,11 @@ def warm_up() -> float:
         for rpn, search in ((None, "narrow"), (2, "wide")):
             cur = rebalance(w, 4, 4, ranks_per_node=rpn)
             rebalance(w, 4, 4, live_ranks=[0, 1, 2], ranks_per_node=rpn, current=cur, search=search)
+        # The swaps of layers the compiled repair hands back (conflicts, near the target) have their own
+        # entry point: compile it too.
+        from . import repair_jit
+
+        rp = repair_jit.repair_refine(w, cur.phy2log.numpy().reshape(9, 4, 4)[:, :3], 3, 4, None, 4,
+                                      np.full(9, np.inf), np.full(9, np.inf), 1.002, 1.0)
+        repair_jit.refine_layers(rp, np.arange(9))
     return time.perf_counter() - t

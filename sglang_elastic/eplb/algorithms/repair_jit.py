@@ -21,7 +21,8 @@ from .jit_kernels import AVAILABLE, MAX_SLOTS
 from .refine_jit import _run_split
 
 if AVAILABLE:
-    from .jit_kernels import _refine_all, _repair_refine_all, _stops_search, _targets_all, _valid
+    from .jit_kernels import _refine_all, _repair_refine_all
+    from .jit_sums import _stops_search, _targets_all, _valid
 
 __all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "stops_search", "targets", "valid"]
 
@@ -96,7 +97,7 @@ def refine_layers(rp: Repaired, layers: np.ndarray) -> None:
     """The traced refinement of ``layers`` (those the repair stopped early), towards ``rp.aim``, from
     ``rp.load`` (the caller sets both, and ``rp.x`` / ``rp.present`` / ``rp.node_cnt`` after its fixes)."""
     rp.swaps[layers] = -1
-    _run_split(_refine_all, np.asarray(layers, dtype=np.int64),
+    _run_split(_refine_all, np.ascontiguousarray(layers, dtype=np.int64),
                (rp.x, rp.present, rp.node_cnt, rp.node_of, rp.has_nodes, rp.per, rp.per32, rp.load, rp.aim,
                 rp.orig, rp.max_iters, rp.k_narrow, rp.wide_search, rp.maxes, rp.fetched, rp.swaps, rp.nsteps))
 

@@ -1,0 +1,228 @@
+"""The numba kernels of the targets, ``choose_stops``' search and the output check (see :mod:`.jit_kernels`).
+
+Self-contained for numba's cache (a kernel here only calls kernels of this module). Float sums are
+added in numpy's order (pairwise blocks of 8, halving above 128), so every float is the numpy
+reference's (``test/test_eplb_jit.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .jit_kernels import AVAILABLE
+
+if AVAILABLE:
+    from numba import njit
+
+    # ----------------------------------------------------------------- choose_stops' search for lam
+
+    @njit(cache=True, nogil=True)
+    def _sum_block(v, n):
+        """``v[:n].sum()`` bit for bit as numpy adds at most 128 values: 0 + (8 interleaved partial
+        sums combined pairwise, then the rest) (:func:`.jit_kernels._rank_sum` does the same)."""
+        if n < 8:
+            res = 0.0
+            for i in range(n):
+                res += v[i]
+            return 0.0 + res
+        r0, r1, r2, r3, r4, r5, r6, r7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+        i = 8
+        while i < n - (n % 8):
+            r0 += v[i]
+            r1 += v[i + 1]
+            r2 += v[i + 2]
+            r3 += v[i + 3]
+            r4 += v[i + 4]
+            r5 += v[i + 5]
+            r6 += v[i + 6]
+            r7 += v[i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += v[i]
+            i += 1
+        return 0.0 + res
+
+    @njit(cache=True, nogil=True)
+    def _pick(mm, c_none, lam, k):
+        """``k[:] = (mm * lam + c_none).argmin(0)`` (first minimum)."""
+        K2, L = mm.shape
+        for j in range(L):
+            best = mm[0, j] * lam + c_none[0, j]
+            bi = 0
+            for i in range(1, K2):
+                v = mm[i, j] * lam + c_none[i, j]
+                if v < best:
+                    best, bi = v, i
+            k[j] = bi
+
+    @njit(cache=True, nogil=True)
+    def _total(m, k, cols, buf):
+        for i in range(cols.size):
+            buf[i] = m[k[cols[i]], cols[i]]
+        return _sum_block(buf, cols.size)
+
+    @njit(cache=True, nogil=True)
+    def _stops_search(mm, c_none, m, cols, budget, k_lo, k_hi):
+        """:func:`.repair.choose_stops`' search for the smallest ``lam`` whose picks keep the sum of
+        busiest ranks over ``cols`` (at most 128) within ``budget``: fills ``k_lo`` / ``k_hi`` with the
+        picks at the bracket's ends; returns False when even the most balanced points miss (``k_hi``)."""
+        buf = np.empty(cols.size)
+        k_mid = np.empty_like(k_hi)
+        lo, hi = 0.0, 1.0
+        _pick(mm, c_none, hi, k_hi)
+        while _total(m, k_hi, cols, buf) > budget and hi < 1e12:
+            hi *= 4.0
+            _pick(mm, c_none, hi, k_hi)
+        if _total(m, k_hi, cols, buf) > budget:
+            return False
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            _pick(mm, c_none, mid, k_mid)
+            if _total(m, k_mid, cols, buf) > budget:
+                lo = mid
+            else:
+                hi = mid
+        _pick(mm, c_none, lo, k_lo)
+        _pick(mm, c_none, hi, k_hi)
+        return True
+
+    # ----------------------------------------------------------------- the output check
+
+    @njit(cache=True, nogil=True)
+    def _valid(x, E, live, allow_duplicates):
+        """Whether ``x`` (int64 ``[L, R, S]``) passes :meth:`..placement.Placement.validate` with the
+        live mask ``live``: ids in ``[-1, E)``, live ranks full and dead ones empty, every expert placed
+        in every layer, no expert twice on a rank (unless allowed). False: validate says what is wrong."""
+        L, R, S = x.shape
+        stamp = np.full(E, -1, np.int64)  # the last (layer, rank) that held each expert
+        for l in range(L):
+            placed = 0
+            for r in range(R):
+                tag = l * R + r
+                for s in range(S):
+                    e = x[l, r, s]
+                    if e < -1 or e >= E or (e < 0) == live[r]:
+                        return False
+                    if e < 0:
+                        continue
+                    if stamp[e] < l * R:  # first replica of e in this layer
+                        placed += 1
+                    elif stamp[e] == tag and not allow_duplicates:
+                        return False
+                    stamp[e] = tag
+            if placed != E:
+                return False
+        return True
+
+    # ----------------------------------------------------------------- targets and replica bounds
+
+    @njit(cache=True, nogil=True)
+    def _sum_pairwise(v):
+        """``v.sum()`` bit for bit as numpy adds it: blocks of at most 128 (:func:`_sum_block`), longer
+        ranges split at half rounded down to a multiple of 8 and the halves added (numpy's recursion,
+        unrolled onto a stack: numba's cache cannot hold self-recursive kernels)."""
+        n = v.size
+        if n <= 128:
+            return _sum_block(v, n)
+        m2 = n // 2
+        m2 -= m2 % 8
+        if n - m2 <= 128:  # one split into two blocks (E = 256: no stack to allocate)
+            return 0.0 + (_sum_block(v[:m2], m2) + _sum_block(v[m2:], n - m2))
+        los = np.empty(64, np.int64)
+        ns = np.empty(64, np.int64)
+        stage = np.empty(64, np.int64)
+        left = np.empty(64)
+        top = 0
+        los[0], ns[0], stage[0] = 0, n, 0
+        ret = 0.0
+        while top >= 0:
+            lo, m = los[top], ns[top]
+            if m <= 128:
+                ret = _sum_block(v[lo:lo + m], m)  # its 0.0 + x == x for x >= 0
+                top -= 1
+                continue
+            m2 = m // 2
+            m2 -= m2 % 8
+            if stage[top] == 0:
+                stage[top] = 1
+                top += 1
+                los[top], ns[top], stage[top] = lo, m2, 0
+            elif stage[top] == 1:
+                left[top] = ret
+                stage[top] = 2
+                top += 1
+                los[top], ns[top], stage[top] = lo + m2, m - m2, 0
+            else:
+                ret = left[top] + ret
+                top -= 1
+        return 0.0 + ret
+
+    @njit(cache=True, nogil=True)
+    def _greedy_layer(w, num_slots, cap, c, gain, cand):
+        """:func:`.counts.greedy_counts` for one layer into ``c``. Only the ``D = num_slots - E`` heaviest
+        experts (ties: lower id) can be picked in ``D`` steps (each heavier one must be picked first),
+        so the argmax runs over them; ``cand``: int64 scratch ``[E]``."""
+        E = w.size
+        D = min(max(num_slots - E, 0), E)
+        m = 0
+        for e in range(E if D > 0 else 0):  # the D heaviest, heaviest first, ties by id (insertion; D is small)
+            if m < D or w[e] > w[cand[m - 1]]:
+                j = m if m < D else D - 1
+                while j > 0 and w[cand[j - 1]] < w[e]:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = e
+                m = min(m + 1, D)
+        for e in range(E):
+            c[e] = 1
+            gain[e] = w[e]
+        for _ in range(num_slots - E):
+            b = cand[0]
+            for i in range(1, m):
+                e = cand[i]
+                if gain[e] > gain[b] or (gain[e] == gain[b] and e < b):
+                    b = e
+            c[b] += 1
+            gain[b] = w[b] / c[b] if c[b] < cap else -1.0
+
+    @njit(cache=True, nogil=True)
+    def _fill(w, c, k, small):
+        """The ``k`` lightest of ``w / c`` summed lightest first; also returns the heaviest ``w / c``."""
+        m = 0
+        top = -np.inf
+        for e in range(w.size):
+            p = w[e] if c[e] == 1 else w[e] / c[e]
+            top = max(top, p)
+            if k > 0 and (m < k or p < small[m - 1]):
+                j = m if m < k else k - 1
+                while j > 0 and small[j - 1] > p:
+                    small[j] = small[j - 1]
+                    j -= 1
+                small[j] = p
+                m = min(m + 1, k)
+        return (_sum_block(small, k) if k > 0 else 0.0), top
+
+    @njit(cache=True, nogil=True)
+    def _targets_all(layers, weight, w, n, S, min_balance, slack, target, rep_bound):
+        """:func:`.elasticity_aware.balance_target` and ``from_current``'s replica bound, per layer."""
+        E = weight.shape[1]
+        c = np.empty(E, np.int64)
+        gain = np.empty(E)
+        cand = np.empty(E, np.int64)
+        k = min(S - 1, E - 1) if S > 1 else 0
+        small = np.empty(max(k, 1))
+        for i in range(layers.size):
+            l = layers[i]
+            wl = weight[l]
+            _greedy_layer(wl, n * S, n, c, gain, cand)
+            fill, top = _fill(wl, c, k, small)
+            mean = _sum_pairwise(wl) / n
+            bound = max(mean, top + fill) * slack
+            if wl.max() <= wl.min():
+                target[l] = np.inf
+                rep_bound[l] = np.inf
+                continue
+            target[l] = bound / min_balance
+            _greedy_layer(w[l], n * S, n, c, gain, cand)
+            fill, top = _fill(w[l], c, k, small)
+            rep_bound[l] = min(top / min_balance, target[l] - 2 * fill)
