@@ -16,6 +16,9 @@ Printed per mode: steady-state step time, step time during the rebalance, the up
 (max and mean over steps of the max over ranks), steps the rebalance took, bytes moved and staging.
 
     .venv/bin/python bench/bench_zero_stall.py [--layers 8 --experts 32 --slots 12 --hidden 256]
+
+``--pauses OUT.json ...`` instead summarises rehearsal runs (``sglang-elastic rehearse --json OUT.json``):
+max / p50 / mean over the steps with an update of ``steps[i].update_pause_max``, and the wrong outputs.
 """
 from __future__ import annotations
 
@@ -115,7 +118,32 @@ def _worker(rank: int, a, port: int, mport: int, out) -> None:
         out.put((rank, "error", traceback.format_exc()))
 
 
+def pauses(paths) -> int:
+    """Print the update pause figures of rehearsal JSON files (one line each)."""
+    import json
+
+    if not paths:
+        print("bench_zero_stall: --pauses needs rehearsal JSON files (sglang-elastic rehearse --json OUT.json)", file=sys.stderr)
+        return 2
+    for path in paths:
+        try:
+            with open(path) as f:
+                steps = json.load(f)["steps"]
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench_zero_stall: cannot read rehearsal JSON {path}: {exc}", file=sys.stderr)
+            return 2
+        p = np.array([s["update_pause_max"] for s in steps if s["update_pause_max"] > 0]) * 1e3
+        worst = max(steps, key=lambda s: s["update_pause_max"])
+        print(f"{path}: steps with an update {len(p)}, pause max {p.max():.2f} ms (step {worst['step']}, "
+              f"{worst['phase']}), p50 {np.median(p):.2f} ms, mean {p.mean():.2f} ms, "
+              f"wrong {sum(s['mismatches'] for s in steps)}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--pauses"]:
+        return pauses(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
