@@ -130,7 +130,7 @@ def elasticity_aware(
             min_balance = 1.0 / (1.0 + balance_tolerance)
         elif min_balance is None:
             min_balance = DEFAULT_MIN_BALANCE[0 if _live_set_changed(current, live, num_ranks, S) else 1]
-        if repair.USE_JIT:
+        if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:  # sums of up to 128 lightest replicas
             target, rep_bound = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
         else:
             target, rep_bound = balance_target(weight, n, S, min_balance), None
