@@ -90,9 +90,10 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             not needed and :meth:`close` leaves the threads to their owner); default: one of its own.
         keep_sync_staging: keep the synchronous updater's staging allocated (a caller that shares one
             across updaters and moves some updates synchronously: peers never see it shrink).
-        keep_slots: move to :func:`.commit_rule.keep_slots` of each target (and re-plan): experts a rank
-            holds stay in their slot, so no commit copies them. Only for a caller whose placement is
-            this updater's (not SGLang's, which keeps its own metadata of the target).
+        keep_slots: for a caller that routes by exactly this updater's placement (the rehearsal; not
+            SGLang, which keeps its own metadata): move to :func:`.commit_rule.keep_slots` of each target
+            (and re-plan), so experts a rank holds stay in their slot, and write copies into slots that
+            hold no expert in place (:func:`.commit_rule.direct_to_empty`): no commit copies either.
     """
 
     def __init__(self, *args, store=None, background: bool = True, depth: int = 2,
@@ -434,9 +435,10 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         self._threads.open.wait(QUIET_MAX_S)  # checkpoints: no CPU (or GIL) taken from a boundary
         bufs = self._bufs[job.buf]
         staged = self._stage(job.layers, bufs, lambda name: bg_staging_name(name, job.buf))
-        staged.copies, staged.rows = direct_to_empty(
-            staged.copies, staged.rows, job.layers, self.placement.phy2log[job.layers] < 0, self.rank,
-            self.placement.slots_per_rank, {w: bg_staging_name(w, job.buf) for w in self.weights}, bufs)
+        if self.keep_slots:  # an empty slot is unrouted only where routing follows this placement
+            staged.copies, staged.rows = direct_to_empty(
+                staged.copies, staged.rows, job.layers, self.placement.phy2log[job.layers] < 0, self.rank,
+                self.placement.slots_per_rank, {w: bg_staging_name(w, job.buf) for w in self.weights}, bufs)
         # The placement once this chunk commits: chunks commit in order and any other change re-plans
         # every chunk in flight, so it is the committed one with the chunks up to this one stamped.
         cur = self.placement.phy2log

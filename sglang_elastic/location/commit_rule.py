@@ -86,8 +86,9 @@ def direct_to_empty(copies: List[Copy], rows: Tuple[List[torch.Tensor], List[tor
                     ) -> Tuple[List[Copy], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
     """A chunk's copies into slots that hold no expert now write the weights directly (pure).
 
-    No token is routed to an empty slot and none is a copy's source, so its row can be written while
-    serving goes on; the commit (which only stamps the placement for it) then copies nothing for it.
+    No token is routed to an empty slot (where routing follows this placement: the caller's promise)
+    and none is a copy's source, so its row can be written while serving goes on; the commit (which
+    only stamps the placement for it) then copies nothing for it.
     A joining rank's experts thus cost its step boundaries no copy at all. The same on every rank
     (``empty`` comes from the committed placement of the chunk's layers, which no other chunk changes).
 
