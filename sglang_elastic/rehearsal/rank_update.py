@@ -72,7 +72,7 @@ class UpdaterSide:
             live_ranks=live_mask(live, self.R), layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size,
             timeout_s=c.timeout_s + 2, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
             liveness=self.liveness, reload=self._reload_expert, background=background,
-            prefix=f"ready/{epoch}", prepare=RoutingTable.from_placement))
+            prefix=f"ready/{epoch}", prepare=RoutingTable.from_placement, keep_slots=True))
         self._trusted_layout = None
         self._fill_new_backups()
 
@@ -248,21 +248,30 @@ class UpdaterSide:
         t1 = time.perf_counter()
         before = self.updater.placement
         try:
-            rep = self.updater.step()
+            # A quiet boundary until the committed table is installed: the updater's threads start
+            # nothing (no CPU or interpreter lock taken from it). Left before a recovery's waits.
+            with self.updater.boundary():
+                rep = self.updater.step()
+                self._serve_committed(before)
         except UpdateFailure as exc:
             rep = None
             self._abandon(exc)
+            self._serve_committed(before)
         except PeerFailure as exc:  # a second death while the updater handled a first one
             rep = None
             self._recover(exc, "update_replans")
-        placement = self.updater.placement
-        if placement is not before:  # a commit or a recovery: serve on what is committed
-            prepared = getattr(self.updater, "prepared", None)  # its routing table, built on the thread
-            self.dispatcher.set_placement(prepared[1] if prepared and prepared[0] is placement else placement)
+            self._serve_committed(before)
         pause = time.perf_counter() - t1
         if rep is not None:
             update.add(rep)
         return pause
+
+    def _serve_committed(self, before) -> None:
+        """After a commit or a recovery (the placement is no longer ``before``): serve on what is committed."""
+        placement = self.updater.placement
+        if placement is not before:
+            prepared = getattr(self.updater, "prepared", None)  # its routing table, built on the thread
+            self.dispatcher.set_placement(prepared[1] if prepared and prepared[0] is placement else placement)
 
     def _abandon(self, exc: UpdateFailure) -> None:
         """Weights are gone (an expert lost every replica and its backup): keep serving on what is
