@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _sglang_plugin_checks import expert_weights, metadata, ok, start_rank
+from _sglang_plugin_checks import expert_weights, metadata, ok, run_ranks, start_rank
 
 R, S, E, L = 3, 3, 6, 3
 OLD = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2],
@@ -104,21 +104,7 @@ def _rank_main(rank: int, port: int, workdir: str, background: bool) -> None:
 
 
 def check(workdir: str, background: bool) -> None:
-    import datetime
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=120))
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, master.port, workdir, background)) for r in range(R)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * R, f"rank exit codes {codes}"
+    master = run_ranks(_rank_main, R, workdir, background)
     res = [json.loads(master.get(f"result/{r}")) for r in range(R)]
     assert all(r == res[0] for r in res), res  # every rank committed each layer at the same pass
     passes = res[0]["passes"]

@@ -400,7 +400,9 @@ def _rank_main(rank: int, port: int, workdir: str) -> None:
     store.set(f"result/{rank}", json.dumps({"p2l": p2l.tolist()}))
 
 
-def check_updater(workdir: str) -> None:
+def run_ranks(target, n: int, *args):
+    """Run ``target(rank, port, *args)`` in ``n`` spawned processes around a fresh master store;
+    assert they all exit 0 and return the store (for the results they wrote)."""
     import datetime
 
     import torch.distributed as dist
@@ -409,13 +411,18 @@ def check_updater(workdir: str) -> None:
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                            timeout=datetime.timedelta(seconds=120))
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, master.port, workdir)) for r in range(R)]
+    procs = [ctx.Process(target=target, args=(r, master.port, *args)) for r in range(n)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
     codes = [p.exitcode for p in procs]
-    assert codes == [0] * R, f"rank exit codes {codes}"
+    assert codes == [0] * n, f"rank exit codes {codes}"
+    return master
+
+
+def check_updater(workdir: str) -> None:
+    master = run_ranks(_rank_main, R, workdir)
     res = [json.loads(master.get(f"result/{r}")) for r in range(R) if r != DEAD]
     assert res[0] == res[1]
     ok("updater (gloo, dead source, orphan from backup)")

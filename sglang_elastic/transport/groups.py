@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from .base import PeerFailure
 from .liveness import Liveness
+from .store import backoff
 
 __all__ = ["Group", "form_group", "PairWaiter", "NcclWork", "is_timeout", "td", "wait_work"]
 
@@ -199,8 +200,8 @@ def _connect_gloo(store, members: Tuple[int, ...], rank: int, timeout_s: float, 
             why = box.get("err") or "timed out"
             raise PeerFailure(others[0], f"the {what} group over {list(members)} did not connect: "
                               f"{str(why).splitlines()[0] if str(why) else why!r}")
-        if grace is not None:
-            liveness.wait(0.01) if liveness is not None else time.sleep(0.01)
+        if grace is not None:  # the thread is done: no join to wait in
+            backoff(0.01, grace - now, liveness)
 
 
 def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, liveness: Optional[Liveness],
@@ -245,12 +246,7 @@ def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, li
         now = time.monotonic()
         if now >= deadline:
             return abandon(missing, "timeout")
-        pause = min(delay, deadline - now)
-        if liveness is not None:
-            liveness.wait(pause)
-        else:
-            time.sleep(pause)
-        delay = min(2 * delay, 0.05)
+        delay = backoff(delay, deadline - now, liveness)
 
 
 def wait_work(group: Group, work, deadline: float) -> Optional[BaseException]:

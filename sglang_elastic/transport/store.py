@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 from .liveness import Liveness
 
-__all__ = ["store_wait"]
+__all__ = ["store_wait", "backoff"]
 
 
 def store_wait(store, key: str, deadline: float, *, liveness: Optional[Liveness] = None, ranks: Iterable[int] = (),
@@ -29,9 +29,16 @@ def store_wait(store, key: str, deadline: float, *, liveness: Optional[Liveness]
         now = time.monotonic()
         if now >= deadline:
             return False
-        pause = min(delay, deadline - now)
-        if liveness is not None:
-            liveness.wait(pause)
-        else:
-            time.sleep(pause)
-        delay = min(2 * delay, 0.05)
+        delay = backoff(delay, deadline - now, liveness)
+
+
+def backoff(delay: float, left: float, liveness: Optional[Liveness] = None) -> float:
+    """One poll's sleep of a store wait: ``delay`` (at most the ``left`` seconds to its deadline),
+    woken at once by a death becoming known in ``liveness``; returns the next delay (doubling up
+    to 50 ms)."""
+    pause = min(delay, left)
+    if liveness is not None:
+        liveness.wait(pause)
+    else:
+        time.sleep(pause)
+    return min(2 * delay, 0.05)
