@@ -209,9 +209,10 @@ def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, li
     """Wait for every member's arrival under ``prefix`` and decide the formation (the first decision
     wins, through ``compare_set``): ``formed``, or ``dead:<ranks>`` / ``timeout:<ranks>`` naming the
     members the deciding member held dead or found absent at its deadline. Returns
-    ``("formed", [])``, ``("again", [])`` (abandoned over a suspicion, which may be withdrawn, or over
-    members that did arrive since: meet in the next formation) or ``("missing", ranks)`` (members
-    absent at a deadline, still absent). Raises the :class:`PeerFailure` of a missing member known
+    ``("formed", [])``, ``("again", [])`` (decided before this member arrived, abandoned over a
+    suspicion, which may be withdrawn, or over members that did arrive since: meet in the next
+    formation) or ``("missing", ranks)`` (members absent at a deadline this member waited through,
+    still absent). Raises the :class:`PeerFailure` of a missing member known
     dead, after recording the abandonment."""
     state = f"{prefix}state"
 
@@ -229,6 +230,8 @@ def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, li
     def abandon(missing: List[int], why: str) -> Tuple[str, List[int]]:
         return outcome(store.compare_set(state, "", f"{why}:" + ",".join(map(str, missing))))
 
+    if store.check([state]):  # decided before this member arrived: its verdict is not about us
+        return "again", []
     delay = 0.002
     while True:
         if store.check([state]):
