@@ -168,9 +168,9 @@ class TorchExchange(Exchange):
 
     def _conn_failed(self, g: Group, peer: int, exc: BaseException, was_broken: bool) -> None:
         """A pair's connection failed: its peer is gone (only that pair failed), unless our group
-        was broken already (a timeout here closed every pair, or set_peers() aborted it): then it is
-        no evidence."""
-        if g is self.group and not was_broken:
+        was broken when the wait began or is now (a timeout here closed every pair, or set_peers()
+        aborted it, waking waits still pending from an earlier step): then it is no evidence."""
+        if g is self.group and not was_broken and not g.broken:
             self.watch.dead(peer, f"its connection failed: {str(exc).splitlines()[0]}")
 
     def _run_nccl(self, g: Group, sends, row_bytes, deadline):

@@ -7,7 +7,10 @@ from typing import List
 from .config import Event, RehearsalConfig
 from .tracking import RunState
 
-__all__ = ["EventSource", "ScenarioEvents"]
+__all__ = ["EventSource", "ScenarioEvents", "DRAIN_GRACE_STEPS"]
+
+# Steps a scenario runs past its last one while a drain it started is still moving experts.
+DRAIN_GRACE_STEPS = 16
 
 
 class EventSource:
@@ -30,4 +33,10 @@ class ScenarioEvents(EventSource):
         return self.scenario.at(step)
 
     def finished(self, step: int, st: RunState) -> bool:
-        return step >= self.scenario.steps
+        """After ``steps`` steps; a planned scale-down still under way then finishes first (an
+        operator's drain never ends half done because the schedule did), for at most
+        :data:`DRAIN_GRACE_STEPS` more steps."""
+        if step < self.scenario.steps:
+            return False
+        draining = bool(st.leaving or st.leave_now)
+        return not draining or step >= self.scenario.steps + DRAIN_GRACE_STEPS

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import logging
 import os
 import signal
 import threading
@@ -42,6 +43,8 @@ from .faults import FaultInjector
 from .model import MoEModel
 from .protocol import Health, InitInfo, Keys, PassResult, Served, StepPlan, StepResult, UpdateFigures
 from .rank_update import MAX_RECOVERIES, UpdaterSide, placement_from_store
+
+log = logging.getLogger(__name__)
 
 __all__ = ["rank_main", "RTOL", "ATOL", "BATCHES_PER_PASS", "health_of"]
 
@@ -92,7 +95,8 @@ def store_get(store, key: str, timeout_s: float) -> bytes:
 class Rank(UpdaterSide):
     """State of one rank process (see the module docstring)."""
 
-    def __init__(self, rank: int, cfg: RehearsalConfig, port: int, joiner: bool) -> None:
+    def __init__(self, rank: int, cfg: RehearsalConfig, port: int, joiner: bool,
+                 warming: Optional[threading.Thread] = None) -> None:
         from ..dispatch import make_dispatcher
         from ..membership import MembershipClient
         from ..state import ElasticEPState
@@ -130,6 +134,11 @@ class Rank(UpdaterSide):
         self.member = MembershipClient("127.0.0.1", port, rank, heartbeat_interval_s=c.heartbeat_timeout_s / 4,
                                        liveness=self.liveness)
         self.faults = FaultInjector(rank, self.store, lambda: self.member.incarnation)
+        if joiner and warming is not None:
+            # A joiner serves its first step as soon as it is live: loading the EPLB kernels then
+            # would hold the interpreter lock through that step's exchanges, long enough under load
+            # for peers to give up on it (and it on them). Its set-up above overlapped the load.
+            warming.join()
         self.member.join(timeout=120)
         self.store.set(Keys.ready(rank), str(self.member.incarnation))
         self.live: List[int] = sorted(live)
@@ -166,10 +175,12 @@ class Rank(UpdaterSide):
             try:
                 self.dispatcher.set_peers(live, rebuild=rebuild)
                 break
-            except PeerFailure as exc:  # died after the plan was made: mask it, serve the others
-                dead = set(getattr(exc, "ranks", None) or [exc.rank])
-                self.state.mark_failed(sorted(dead), reason="dispatcher set_peers")
-                live = [r for r in live if r not in dead]
+            except PeerFailure as exc:
+                # Dead since the plan was made, or only held dead here: membership decides (leaving
+                # it out alone would form a group nobody else joins), then serve the agreed survivors.
+                log.warning("rank %d: dispatcher peers %s: %s", self.rank, live, exc)
+                agreed = set(self._agreed_live_without(sorted(set(getattr(exc, "ranks", None) or [exc.rank]))))
+                live = [r for r in live if r in agreed]
                 rebuild = False  # once: a second reset here alone would put this rank out of step
         return True
 
@@ -344,12 +355,13 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
     torch.set_num_threads(1)
     # A failover re-plans with the compiled EPLB kernels: load them now (numba's disk cache, ~0.3 s),
     # beside joining and connecting, so the first failover does not pay for it.
-    threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True).start()
+    warming = threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True)
+    warming.start()
     code = 0
     r = None
     try:
         cfg = RehearsalConfig.from_dict(cfg_dict)
-        r = Rank(rank, cfg, port, joiner)
+        r = Rank(rank, cfg, port, joiner, warming)
         first = int(store_get(r.store, Keys.start(rank, r.member.incarnation), 300)) if joiner else 0
         serve(r, first)
     except Exception:  # noqa: BLE001 - any crash is reported to the orchestrator, which stops the run

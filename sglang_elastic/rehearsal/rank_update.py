@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -22,6 +23,8 @@ from ..eplb import Placement, rebalance
 from ..location.updater import UpdateFailure
 from ..transport.base import PeerFailure
 from .protocol import Keys, StepPlan, UpdateFigures
+
+log = logging.getLogger(__name__)
 
 __all__ = ["UpdaterSide", "MAX_RECOVERIES", "live_mask", "placement_from_store"]
 
@@ -112,6 +115,7 @@ class UpdaterSide:
                 return
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+                log.warning("rank %d: backup fill: %s", self.rank, exc)
             self._count("fill_replans", kind="recoveries")
             live = self._agreed_live_without(dead)
             self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
@@ -137,7 +141,7 @@ class UpdaterSide:
         from ..membership import MembershipTimeout
 
         for d in dead:
-            if d not in self.reported_dead:
+            if d != self.rank and d not in self.reported_dead:  # others gave up on this rank: membership knows it lives
                 self.reported_dead.add(d)
                 self.member.report_dead(d, "updater PeerFailure")
         bound = 2 * self.cfg.cluster.heartbeat_timeout_s + 1.0
@@ -185,6 +189,7 @@ class UpdaterSide:
         """A peer died under an updater collective: agree on the survivors, adopt them (re-homing the
         dead one's backups) and re-plan the in-flight update over them."""
         dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+        log.warning("rank %d: %s: %s", self.rank, what, exc)
         self._count(what, kind="recoveries")
         self._distrust_unfilled_backups()
         live = self._agreed_live_without(dead)
@@ -195,16 +200,20 @@ class UpdaterSide:
             except UpdateFailure as exc:
                 self._abandon(exc)
 
-    def _connect_peers(self, live: List[int]) -> None:
-        """Point the transport at ``live``, leaving out peers known dead meanwhile (a death after the
-        plan was made): the updater's next collective makes the survivors agree on it."""
-        skip = set(self.liveness.dead())
+    def _connect_peers(self, live: List[int]) -> List[int]:
+        """Point the transport at ``live``; returns the ranks it connected. A peer it fails on (dead
+        since the plan, or only held dead here) is not simply left out by this rank alone: that
+        view would be one nobody else forms, and both sides would wait out the connect deadline.
+        Membership decides (a real death is agreed at once; a suspicion is withdrawn after its
+        bound), and every rank connects to the agreed survivors."""
         for _ in range(MAX_RECOVERIES):
             try:
-                self.transport.set_peers([r for r in live if r not in skip])
-                return
+                self.transport.set_peers(live)
+                return live
             except PeerFailure as exc:
-                skip |= set(getattr(exc, "ranks", None) or [exc.rank])
+                log.warning("rank %d: transport peers %s: %s", self.rank, live, exc)
+                agreed = set(self._agreed_live_without(sorted(set(getattr(exc, "ranks", None) or [exc.rank]))))
+                live = [r for r in live if r in agreed]
         raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting to {live}")
 
     def adopt_update_membership(self, plan: StepPlan, changed: bool) -> None:
@@ -216,7 +225,7 @@ class UpdaterSide:
         self.draining = list(plan.draining)
         if changed:
             joined = set(live) - set(self.live) or (self.updater is None)
-            self._connect_peers(live)
+            live = self._connect_peers(live)
             if joined:
                 if self.updater is not None:
                     self.placement = self.updater.placement

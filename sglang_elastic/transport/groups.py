@@ -95,7 +95,9 @@ class Group:
             self.nccl = None
 
     def destroy(self) -> None:
-        """Abort both groups (pending waits fail at once) and stop the helper threads."""
+        """Abort both groups (pending waits fail at once) and stop the helper threads. The group is
+        marked broken first: the failures this causes in pending waits are no evidence against peers."""
+        self.broken = True
         for pg in (self.nccl, self.gloo):
             if pg is None:
                 continue
@@ -192,7 +194,16 @@ def _connect_gloo(store, members: Tuple[int, ...], rank: int, timeout_s: float, 
         if not t.is_alive() and "pg" in box:
             return box["pg"]
         if liveness is not None:
-            liveness.check(others, what=f"connecting the {what} group")
+            try:
+                liveness.check(others, what=f"connecting the {what} group")
+            except PeerFailure:
+                # Every member arrived (the formation is formed), so the others connect whatever
+                # this rank believes: a member held dead on a suspicion that is alive connects
+                # within milliseconds. Leaving alone would put this rank out of step with them.
+                t.join(KNOWN_DEAD_GRACE_S)
+                if "pg" in box:
+                    return box["pg"]
+                raise
         now = time.monotonic()
         if not t.is_alive() and grace is None:  # a connection failed: a member died; wait to learn which
             grace = min(deadline, now + 2.0)
@@ -230,8 +241,10 @@ def _formation(store, prefix: str, members: Tuple[int, ...], deadline: float, li
     def abandon(missing: List[int], why: str) -> Tuple[str, List[int]]:
         return outcome(store.compare_set(state, "", f"{why}:" + ",".join(map(str, missing))))
 
-    if store.check([state]):  # decided before this member arrived: its verdict is not about us
-        return "again", []
+    if store.check([state]):
+        if store.get(state) == b"formed":  # decided with this member's arrival counted: connect with them
+            return "formed", []
+        return "again", []  # abandoned before this member arrived: that verdict is not about it
     delay = 0.002
     while True:
         if store.check([state]):
