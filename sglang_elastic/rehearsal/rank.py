@@ -134,10 +134,10 @@ class Rank(UpdaterSide):
         self.member = MembershipClient("127.0.0.1", port, rank, heartbeat_interval_s=c.heartbeat_timeout_s / 4,
                                        liveness=self.liveness)
         self.faults = FaultInjector(rank, self.store, lambda: self.member.incarnation)
-        if joiner and warming is not None:
-            # A joiner serves its first step as soon as it is live: loading the EPLB kernels then
-            # would hold the interpreter lock through that step's exchanges, long enough under load
-            # for peers to give up on it (and it on them). Its set-up above overlapped the load.
+        if warming is not None:
+            # A rank serves as soon as it is live: loading (or, on a cold cache, compiling) the EPLB
+            # kernels then would hold the interpreter lock through its first exchanges, long enough
+            # under load for peers to give up on it (and it on them). The set-up above overlapped it.
             warming.join()
         self.member.join(timeout=120)
         self.store.set(Keys.ready(rank), str(self.member.incarnation))
