@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _logs import log_tail
 
 from sglang_elastic.rehearsal.config import ConfigError, load_config, parse_scenario
 
@@ -141,9 +142,9 @@ def test_scenario_parsing():
 # ----------------------------------------------------------------------------------------- end to end
 
 def _rehearse(tmp_path, *extra, timeout=300):
-    out = tmp_path / "r.json"
-    p = subprocess.Popen(CLI + ["--json", str(out), "--quiet", *extra], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    out, log = tmp_path / "r.json", tmp_path / "ranks.log"
+    p = subprocess.Popen(CLI + ["--json", str(out), "--quiet", "--log", str(log), *extra], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = set()
     deadline = time.monotonic() + timeout
     while p.poll() is None and time.monotonic() < deadline:
@@ -152,7 +153,7 @@ def _rehearse(tmp_path, *extra, timeout=300):
     if p.poll() is None:
         p.kill()
     text = p.stdout.read()
-    assert p.returncode == 0, text[-4000:]
+    assert p.returncode == 0, text[-4000:] + log_tail(log)
     time.sleep(0.5)
     assert not [k for k in seen if _alive(k)], "a rank process outlived the command"
     return json.loads(out.read_text()), text, seen

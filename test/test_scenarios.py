@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _logs import log_tail
 import yaml
 
 from sglang_elastic.rehearsal.config import SCENARIO_DIR, load_config
@@ -55,7 +56,7 @@ def test_scenario(tmp_path, name, transport):
     cfg = load_config(cfg_path)
     out = tmp_path / "r.json"
     p = _run(["--config", str(cfg_path), "--json", str(out), "--quiet", "--log", str(tmp_path / "ranks.log")])
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + log_tail(tmp_path / "ranks.log")
     data = json.loads(out.read_text())
     v = data["verdict"]
     assert v["mismatches"] == 0 and v["degraded_mismatches"] == 0 and v["lost_requests"] == 0

@@ -450,6 +450,7 @@ def test_a_suspicion_membership_does_not_confirm_is_withdrawn_after_a_bounded_wa
             return MembershipView(epoch=3, live=(0, 1, 2, 3), incarnations={0: 0, 1: 0, 2: 0, 3: 0})
 
     side = UpdaterSide()
+    side.rank = 0
     side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.25))
     side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
     side.liveness.mark_dead(2, "a transport gave up on it")

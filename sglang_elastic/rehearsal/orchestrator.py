@@ -403,11 +403,29 @@ class Orchestrator:
             self._check_errors(sorted(waiting))
             waiting -= set(waiting) - set(self.membership.current().live)
             if time.monotonic() > deadline:
+                where = self._dump_stacks(sorted(waiting))
                 raise RehearsalError(f"step {step}: ranks {sorted(waiting)} neither answered nor were declared dead "
-                                     f"within {self.step_timeout_s:.0f}s")
+                                     f"within {self.step_timeout_s:.0f}s{where}")
             self.liveness.wait(0.003)  # wakes at once on a death membership publishes
         rec.t_end = time.time()
         return results
+
+    def _dump_stacks(self, ranks: List[int]) -> str:
+        """Ask stuck ranks for their threads' stacks (SIGUSR1: faulthandler writes them to the rank
+        log); returns where to read them."""
+        asked = []
+        for r in ranks:
+            p = self.procs.get(r)
+            if p is not None and p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGUSR1)
+                    asked.append(r)
+                except OSError:  # exited meanwhile
+                    pass
+        if not asked:
+            return ""
+        time.sleep(0.5)  # faulthandler writes from the signal handler: a moment is enough
+        return f" (their stacks are in the rank log{': ' + self.log_path if self.log_path else ''})"
 
     def _account(self, plan: StepPlan, results: Dict[int, StepResult], rec: StepRecord) -> bool:
         """Step figures; batches not served correctly go back to the queue. True if all were."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import faulthandler
 import logging
 import os
 import signal
@@ -351,6 +352,8 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
               log_path: Optional[str] = None) -> None:
     """Entry point of a rank process (spawned by the orchestrator)."""
     capture_output(log_path)
+    # The orchestrator asks a rank stuck past its step timeout for its stacks (into the rank log).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     die_with_parent()
     torch.set_num_threads(1)
     # A failover re-plans with the compiled EPLB kernels: load them now (numba's disk cache, ~0.3 s),
