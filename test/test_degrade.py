@@ -19,7 +19,7 @@ class FailingTransport:
     def register(self, *a) -> None:
         pass
 
-    def set_peers(self, peers) -> None:
+    def set_peers(self, peers, rebuild=False) -> None:
         self.resets += 1
 
     def execute(self, copies, timeout_s) -> None:

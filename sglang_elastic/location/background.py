@@ -427,7 +427,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             except _Transient as exc:
                 if attempt == _RETRIES:
                     raise UpdateFailure(f"copies kept failing with every rank alive: {exc}") from exc
-                self.transport.set_peers(np.flatnonzero(self.live).tolist())
+                self.transport.set_peers(np.flatnonzero(self.live).tolist(), rebuild=True)
 
     def _transfer_job(self, job: _Job) -> None:
         """Plan the chunk from live sources and move it into staging buffer ``job.buf``, with the

@@ -289,7 +289,7 @@ class ExpertLocationUpdater:
                 retries += 1
                 if retries > 3:
                     raise UpdateFailure(f"chunk {chunk} kept failing with every rank alive: {exc}") from exc
-                self.transport.set_peers(np.flatnonzero(self.live).tolist())  # rebuild what broke
+                self.transport.set_peers(np.flatnonzero(self.live).tolist(), rebuild=True)  # every rank: the vote said so
             except PeerFailure as exc:
                 dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
                 while True:
@@ -333,7 +333,7 @@ class ExpertLocationUpdater:
         if generation is not None:
             self.generation, self._seq = generation, 0
         self.live = live
-        self.transport.set_peers(np.flatnonzero(live).tolist())
+        self.transport.set_peers(np.flatnonzero(live).tolist(), rebuild=True)  # after a failure some groups broke
         phy = self.placement.phy2log.clone()
         phy.view(phy.shape[0], self.placement.num_ranks, -1)[:, torch.from_numpy(~live)] = -1
         self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
@@ -424,7 +424,7 @@ class ExpertLocationUpdater:
             if all_ok:
                 return
             if attempt < TRANSIENT_RETRIES:
-                self.transport.set_peers(live)  # collective: every rank got the same verdict
+                self.transport.set_peers(live, rebuild=True)  # collective: every rank got the same verdict
         raise _Transient(f"copies failed on a live rank (suspected {failed or 'elsewhere'})")
 
     def _stage(self, chunk: List[int], stage: Dict[str, torch.Tensor], stage_name: Callable[[str], str]) -> Staged:

@@ -225,8 +225,8 @@ class UpdaterSide:
         self.draining = list(plan.draining)
         if changed:
             joined = set(live) - set(self.live) or (self.updater is None)
-            live = self._connect_peers(live)
-            if joined:
+            if joined:  # the new updater's backup fill needs the peers (set_live connects them otherwise)
+                live = self._connect_peers(live)
                 if self.updater is not None:
                     self.placement = self.updater.placement
                 self._new_updater(plan.epoch, live)

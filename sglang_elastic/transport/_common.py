@@ -194,7 +194,7 @@ class BaseTransport(Transport):
             raise ValueError(f"set_peers({rs}) must include this rank ({self.rank})")
         return tuple(sorted(rs))
 
-    def set_peers(self, ranks: Sequence[int]) -> None:
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
         self._check_open()
         new = self._check_ranks(ranks)
         deadline = time.monotonic() + self.connect_timeout_s
@@ -215,7 +215,7 @@ class BaseTransport(Transport):
             self._peer_meta[r] = meta
             self._backend_peer_added(r, meta)
         self._peers = new
-        self._backend_peers_set(new, removed, added)
+        self._backend_peers_set(new, removed, added, rebuild)
 
     def _backend_peer_removed(self, rank: int) -> None:
         pass
@@ -226,7 +226,8 @@ class BaseTransport(Transport):
     def _backend_peer_updated(self, rank: int, meta: dict) -> None:
         pass
 
-    def _backend_peers_set(self, peers: Tuple[int, ...], removed: List[int], added: List[int]) -> None:
+    def _backend_peers_set(self, peers: Tuple[int, ...], removed: List[int], added: List[int],
+                           rebuild: bool = False) -> None:
         pass
 
     @property

@@ -86,10 +86,13 @@ class Transport(ABC):
         after :meth:`set_peers`; peers learn of it before they need it."""
 
     @abstractmethod
-    def set_peers(self, ranks: Sequence[int]) -> None:
+    def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
         """Declare the ranks that are live now (this rank included). Peers that left are dropped,
         new peers and new incarnations of old ranks are connected; what survives is kept (the
-        ``torch`` backend rebuilds its process group, collectively over ``ranks``)."""
+        ``torch`` backend rebuilds its process group, collectively over ``ranks``, when they change).
+        ``rebuild``: renew connections that may be unusable even if ``ranks`` did not change; every
+        rank of ``ranks`` passes it together (a decision all of them share, such as a vote's
+        outcome), since whether this rank's own connections failed is local knowledge."""
 
     @abstractmethod
     def execute(self, copies: Sequence[Copy], timeout_s: float) -> None:

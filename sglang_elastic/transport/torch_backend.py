@@ -57,9 +57,11 @@ class TorchTransport(BaseTransport):
         self._publish()
 
     # ------------------------------------------------------------------ groups
-    def _backend_peers_set(self, peers, removed, added) -> None:
+    def _backend_peers_set(self, peers, removed, added, rebuild: bool = False) -> None:
         view = tuple((r, self.incarnation if r == self.rank else self._peer_inc[r]) for r in peers)
-        if view == self._view and self._group is not None and not self._group.broken:
+        # A broken group is renewed too, but that is this rank's knowledge alone: callers after a
+        # failure pass ``rebuild`` together, so that nobody waits alone in a formation.
+        if view == self._view and self._group is not None and not self._group.broken and not rebuild:
             return
         if view == self._view and len(view) == 1:
             return
