@@ -285,3 +285,29 @@ def test_keep_slots_keeps_each_ranks_experts_in_their_slots():
     for l in range(2):
         for r in range(2):
             assert sorted(got[l, 3 * r:3 * r + 3].tolist()) == sorted(tgt.phy2log[l, 3 * r:3 * r + 3].tolist())
+
+
+def test_a_rank_given_up_on_decides_at_the_same_boundary_as_its_peers():
+    """A rank whose chunk is still moving long after it began (its thread stuck or slow) finds the
+    ``dead@b`` verdict a peer wrote in place of its mark: that verdict is its post, so at the next
+    boundary it reads the same marks as its peers and decides with them (waiting for its own post
+    instead, it answered the step while its peers recovered at that boundary, waiting for it)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from sglang_elastic.location.background import BackgroundUpdater, _Job
+    from sglang_elastic.location.commit_rule import decide
+
+    store = dist.HashStore()
+    me = SimpleNamespace(rank=1, store=store, _key=lambda job, r: f"ready/0/0/{job.index}/{r}")
+    job = _Job(0, [0], 0, live=[0, 1], started=time.monotonic() - 10)
+    job.keys = [me._key(job, r) for r in job.live]
+    BackgroundUpdater._take_verdict(me, job)
+    assert not job.posted                         # nothing written yet: keep waiting for its own post
+    store.set(job.keys[0], "ready@4")             # rank 0 posted, then gave up on rank 1 at boundary 7
+    store.compare_set(job.keys[1], "", "dead@7")
+    BackgroundUpdater._take_verdict(me, job)
+    assert job.posted
+    posts = {r: store.get(k).decode() for r, k in zip(job.live, job.keys)}
+    assert decide(posts, 7) == (False, []) and decide(posts, 8) == (True, [1])   # the peer's rule, too

@@ -70,6 +70,7 @@ class _Job:
     keys: List[str] = field(default_factory=list)                # their mark keys
     final: Optional[Dict[int, str]] = None                       # every mark, read by the poller (final)
     before: List[int] = field(default_factory=list)              # layers of chunks committed before it
+    started: float = 0.0                                         # when it was enqueued (monotonic)
 
 
 class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
@@ -204,6 +205,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         rep = None
         if self._inflight:
             head = self._inflight[0]
+            if not head.posted and time.monotonic() - head.started > self.timeout_s / 2:
+                self._take_verdict(head)
             if head.posted:  # before its own post no rank can decide: nothing to read
                 # Marks never change once written: the poller's complete read decides with no round trip.
                 decided, dead = decide(head.final or self._read_posts(head, t), t)
@@ -265,6 +268,15 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
     def _post(self, job: _Job, t: int) -> None:
         self.store.compare_set(self._key(job, self.rank), "", f"{_READY}{t}")
         job.posted, job.posted_at = True, time.monotonic()
+
+    def _take_verdict(self, job: _Job) -> None:
+        """A job still moving long after it began may have been given up on: peers write ``dead@b``
+        in place of this rank's mark when it stays silent. That verdict is this rank's post, so it
+        decides at the same boundary as its peers (waiting for its own post instead, it would answer
+        the step while they recover at this boundary, and their recovery would wait for it forever)."""
+        key = self._key(job, self.rank)
+        if self.store.check([key]) and self.store.get(key).decode().startswith(_DEAD):
+            job.posted, job.posted_at = True, time.monotonic()
 
     def _post_from_thread(self, job: _Job) -> None:
         """The transport thread's ready mark, the moment the job ended (so no boundary pays the round
@@ -376,6 +388,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used),
                        before=sorted(busy), uid=self._uid, live=np.flatnonzero(self.live).tolist())
             job.keys = [self._key(job, r) for r in job.live]
+            job.started = time.monotonic()
             self._next += 1
             busy |= set(layers)
             self._inflight.append(job)

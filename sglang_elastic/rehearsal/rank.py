@@ -74,25 +74,6 @@ def capture_output(path: Optional[str]) -> None:
     os.close(fd)
 
 
-_LIBC: Optional[Any] = None
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the OS. glibc keeps what a process frees in its arenas (one per
-    thread that allocated, up to 8 per core): a long-running rank that rebuilds updaters and frees
-    staging would grow its resident memory with every fault although its live heap stays flat.
-    A few milliseconds; a no-op where the C library is not glibc."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 def health_of(pid: int) -> Health:
     """Open fds, threads and resident memory of process ``pid`` (from /proc)."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -163,7 +144,6 @@ class Rank(UpdaterSide):
         self.store.set(Keys.ready(rank), str(self.member.incarnation))
         self.live: List[int] = sorted(live)
         self.draining: List[int] = []
-        self._update_was_done = True
         self.epoch = -1
         self.updater = None
         self._trusted_layout = None
@@ -334,9 +314,6 @@ class Rank(UpdaterSide):
         pause = self.move_chunk(update)
         load = self.dispatcher.take_load()
         done = self.updater.done or self.updater.target is None
-        if changed or (done and not self._update_was_done):
-            trim_heap()  # an updater replaced, staging freed: give the pages back
-        self._update_was_done = done
         return StepResult(
             rank=self.rank, step=plan.step, passes=passes, load=load.tolist(), t_start=t0, t_served=t_served,
             t_end=time.time(), update=update, update_pause=pause,
