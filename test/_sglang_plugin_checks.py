@@ -27,15 +27,18 @@ def ok(name: str) -> None:
 
 
 def write_tiny_moe(workdir: str) -> str:
-    """A config-only Qwen2-MoE checkpoint dir: 3 MoE layers x 16 experts (no weights are read)."""
+    """A config-only Qwen2-MoE checkpoint dir: 3 MoE layers x 16 experts (no weights are read).
+    Written atomically: every rank process writes it while the others may be reading it."""
     path = os.path.join(workdir, "tiny-moe")
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
+    tmp = os.path.join(path, f"config.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         json.dump({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64,
                    "intermediate_size": 128, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
                    "num_experts": 16, "num_experts_per_tok": 2, "num_hidden_layers": 3, "num_attention_heads": 4,
                    "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 512,
                    "decoder_sparse_step": 1, "norm_topk_prob": False, "torch_dtype": "bfloat16"}, f)
+    os.replace(tmp, os.path.join(path, "config.json"))
     return path
 
 
