@@ -180,7 +180,7 @@ class Rank(UpdaterSide):
                 # Dead since the plan was made, or only held dead here: membership decides (leaving
                 # it out alone would form a group nobody else joins), then serve the agreed survivors.
                 log.warning("rank %d: dispatcher peers %s: %s", self.rank, live, exc)
-                agreed = set(self._agreed_live_without(sorted(set(getattr(exc, "ranks", None) or [exc.rank]))))
+                agreed = set(self._agreed_live_without(sorted(set(exc.ranks))))
                 live = [r for r in live if r in agreed]
                 rebuild = False  # once: a second reset here alone would put this rank out of step
         return True

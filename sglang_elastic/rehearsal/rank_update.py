@@ -212,7 +212,7 @@ class UpdaterSide:
                 return live
             except PeerFailure as exc:
                 log.warning("rank %d: transport peers %s: %s", self.rank, live, exc)
-                agreed = set(self._agreed_live_without(sorted(set(getattr(exc, "ranks", None) or [exc.rank]))))
+                agreed = set(self._agreed_live_without(sorted(set(exc.ranks))))
                 live = [r for r in live if r in agreed]
         raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting to {live}")
 
