@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -149,9 +150,13 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         return layers
 
     def _kept(self, hook: Callable) -> Callable:
+        # The hook is stored on this updater: a strong reference to it from the hook would make a
+        # reference cycle, keeping a replaced updater (backup rows, staging) until a full collection.
+        me = weakref.ref(self)
+
         def kept(dead):
             live, target = hook(dead)
-            return live, keep_slots(self.placement, target)
+            return live, keep_slots(me().placement, target)
         return kept
 
     def set_live(self, live_ranks: Sequence, generation: Optional[int] = None) -> None:
@@ -179,6 +184,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         self._free_staging()
         if self.background:
             self.store = self._bg_store = None
+        # Callers' hooks may reference their owner, which references this updater: drop them.
+        self._on_failure = self.prepare = self.prepared = None
 
     def boundary(self) -> ContextManager[None]:
         """Hold a quiet step boundary around the caller's own boundary work (e.g. :meth:`step` and
