@@ -283,6 +283,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         the step while they recover at this boundary, and their recovery would wait for it forever)."""
         key = self._key(job, self.rank)
         if self.store.check([key]) and self.store.get(key).decode().startswith(_DEAD):
+            log.warning("rank %d: chunk %s: peers gave up on this rank (%s)", self.rank, list(job.layers),
+                        self.store.get(key).decode())
             job.posted, job.posted_at = True, time.monotonic()
 
     def _post_from_thread(self, job: _Job) -> None:
@@ -328,6 +330,9 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                 posts[r] = self.store.get(k).decode()
             elif self.liveness.is_dead(r) or silent:
                 posts[r] = self.store.compare_set(k, "", f"{_DEAD}{t}").decode()
+                log.warning("rank %d: chunk %s: rank %d %s at boundary %d: %s", self.rank, list(job.layers), r,
+                            "known dead" if self.liveness.is_dead(r) else f"silent {self.timeout_s:g} s after this rank's post",
+                            t, posts[r])
             else:
                 posts[r] = None
         return posts
@@ -336,7 +341,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         """Every rank decided on ``job`` at this boundary: commit it, or recover together."""
         err = job.error
         if isinstance(err, PeerFailure):
-            dead = sorted(set(dead) | set(getattr(err, "ranks", None) or [err.rank]))
+            dead = sorted(set(dead) | set(err.ranks))
         if not dead and err is None:
             self._inflight.popleft()
             self._commit(job)
@@ -354,13 +359,15 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         """The updater's failure path, at the same boundary on every survivor."""
         report = ChunkReport(layers=list(job.layers))
         while True:
+            log.warning("rank %d: chunk %s failed (ranks %s given up on): re-planning", self.rank, list(job.layers), dead)
             report.failed_ranks.extend(r for r in dead if r not in report.failed_ranks)
             report.replans += 1
             try:
                 self._handle_failure(dead)  # on_failure hook + set_live (re-plans: _uid bumps)
                 break
             except PeerFailure as again:
-                dead = sorted(set(dead) | set(getattr(again, "ranks", None) or [again.rank]))
+                log.warning("rank %d: re-planning chunk %s: %s", self.rank, list(job.layers), again)
+                dead = sorted(set(dead) | set(again.ranks))
         return report
 
     def _commit(self, job: _Job) -> None:
@@ -411,6 +418,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         """On the transport thread: one job of this updater, then its ready mark."""
         try:
             if self._broken is not None and job is not None:  # every rank skips the same chunks after an agreed failure
+                log.info("rank %d: chunk %s skipped (an earlier job failed: %s)", self.rank, list(job.layers), self._broken)
                 job.error = self._broken
                 return
             try:
@@ -421,6 +429,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                     fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the boundary
                 exc = without_frames(exc)
+                log.info("rank %d: background job %s failed: %r", self.rank, job and list(job.layers), exc)
                 self._broken = exc
                 if job is not None:
                     job.error = exc

@@ -291,7 +291,7 @@ class ExpertLocationUpdater:
                     raise UpdateFailure(f"chunk {chunk} kept failing with every rank alive: {exc}") from exc
                 self.transport.set_peers(np.flatnonzero(self.live).tolist(), rebuild=True)  # every rank: the vote said so
             except PeerFailure as exc:
-                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+                dead = sorted(set(exc.ranks))
                 while True:
                     report.failed_ranks.extend(r for r in dead if r not in report.failed_ranks)
                     report.replans += 1
@@ -299,7 +299,7 @@ class ExpertLocationUpdater:
                         self._handle_failure(dead)
                         break
                     except PeerFailure as again:  # another death while re-homing after the first
-                        dead = sorted(set(dead) | set(getattr(again, "ranks", None) or [again.rank]))
+                        dead = sorted(set(dead) | set(again.ranks))
                 # The target may have changed: recompute which layers of the chunk still need work.
                 chunk = [l for l in chunk if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
         self._pending = [l for l in self._pending if not torch.equal(self.target.phy2log[l], self.placement.phy2log[l])]
@@ -412,6 +412,16 @@ class ExpertLocationUpdater:
                     self.transport.execute(copies, self.timeout_s)
                 except PeerFailure as exc:
                     failed = list(exc.ranks)
+                except (ValueError, RuntimeError) as exc:
+                    if self.vote is None:
+                        raise
+                    # A failure of this rank's own (e.g. a peer's metadata read before that peer
+                    # registered the buffers of this update, or a group found broken here): the
+                    # peers must learn it from the vote, not wait out its timeout for a post that
+                    # never comes. Naming itself, this rank makes the chunk fail for everyone
+                    # alike, and every rank retries it together on renewed connections.
+                    log.warning("rank %d: copies failed here: %s", self.rank, exc)
+                    failed = [self.rank]
             if self.vote is None:
                 if failed:
                     raise PeerFailure(failed[0], ranks=failed)
@@ -419,6 +429,8 @@ class ExpertLocationUpdater:
             self._seq += 1
             live = np.flatnonzero(self.live).tolist()
             dead, all_ok = self.vote(f"{self.generation}/{self._seq}", live, failed)
+            log.info("rank %d: vote %s/%d over %s (failed here %s): dead %s ok %s", self.rank, self.generation,
+                     self._seq, live, failed, dead, all_ok)
             if dead:
                 raise PeerFailure(dead[0], ranks=dead)
             if all_ok:

@@ -9,11 +9,14 @@ alive but silent (frozen, partitioned). A plain wait for a store key with the sa
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import List, Optional, Tuple
 
 from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StoreVote"]
 
@@ -90,6 +93,8 @@ class StoreVote:
             suspects = pending if timed_out else [r for r in pending if lv.is_dead(r)]
             if suspects:
                 why = "silent for the vote's timeout" if timed_out else f"dead ({lv.reason(suspects[0])})"
+                if timed_out:
+                    log.warning("rank %d: vote %s: ranks %s silent for %g s", self.rank, key, suspects, self.timeout_s)
                 dead = []
                 for r in suspects:
                     v = self.store.compare_set(f"{key}/{r}", "", f"{_DEAD}{why}").decode()

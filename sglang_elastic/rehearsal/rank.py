@@ -353,6 +353,9 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
               log_path: Optional[str] = None) -> None:
     """Entry point of a rank process (spawned by the orchestrator)."""
     capture_output(log_path)
+    # SGLE_LOG_LEVEL=INFO|DEBUG: the rank's own log lines in the rank log (default: warnings only).
+    logging.basicConfig(level=os.environ.get("SGLE_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S")
     # The orchestrator asks a rank stuck past its step timeout for its stacks (into the rank log).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     die_with_parent()

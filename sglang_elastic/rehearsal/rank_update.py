@@ -114,7 +114,7 @@ class UpdaterSide:
                 self.updater.fill_backup()
                 return
             except PeerFailure as exc:
-                dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+                dead = sorted(set(exc.ranks))
                 log.warning("rank %d: backup fill: %s", self.rank, exc)
             self._count("fill_replans", kind="recoveries")
             live = self._agreed_live_without(dead)
@@ -149,6 +149,8 @@ class UpdaterSide:
             view = self.member.wait_for_epoch(lambda v: not set(dead) & set(v.live), timeout=bound)
         except MembershipTimeout:
             view = self.member.current()
+            log.warning("rank %d: membership keeps %s live after %.1f s: suspicion withdrawn", self.rank,
+                        sorted(set(dead) & set(view.live)), bound)
             for d in sorted(set(dead) & set(view.live)):  # membership is the truth: forget the suspicion
                 self._count("suspicion_withdrawn", kind="recoveries")
                 self.reported_dead.discard(d)
@@ -188,7 +190,7 @@ class UpdaterSide:
     def _recover(self, exc: PeerFailure, what: str) -> None:
         """A peer died under an updater collective: agree on the survivors, adopt them (re-homing the
         dead one's backups) and re-plan the in-flight update over them."""
-        dead = sorted(set(getattr(exc, "ranks", None) or [exc.rank]))
+        dead = sorted(set(exc.ranks))
         log.warning("rank %d: %s: %s", self.rank, what, exc)
         self._count(what, kind="recoveries")
         self._distrust_unfilled_backups()

@@ -142,6 +142,7 @@ def form_group(store, ns: str, view: View, rank: int, incarnation: int, device: 
         if verdict == "formed":
             break
         if verdict == "again":
+            log.info("rank %d: %s formation %d over %s abandoned: next one", rank, what, gen, list(members))
             continue  # a member left this formation over a suspicion: meet the others in the next one
         raise PeerFailure(missing[0], f"rank(s) {missing} did not join the {what} group over {list(members)}")
     idx = members.index(rank)
