@@ -19,6 +19,9 @@ class FailingTransport:
     def register(self, *a) -> None:
         pass
 
+    def unregister(self, name) -> None:
+        pass
+
     def set_peers(self, peers, rebuild=False) -> None:
         self.resets += 1
 

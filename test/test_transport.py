@@ -124,6 +124,16 @@ def _worker(kind: str, rank: int, port: int, cmds, results, device=None) -> None
                 elif cmd == "set_peers":
                     t.set_peers(arg)
                     out = None
+                elif cmd == "unregister":  # withdraw tensor `arg` (its buffer is dropped)
+                    t.unregister(arg)
+                    tensors[arg] = None
+                    out = None
+                elif cmd == "register_late":  # (name, seconds): register a fresh buffer that long from now
+                    name, delay = arg
+                    time.sleep(delay)
+                    tensors[name] = make_tensors(rank, 7, device)[name]
+                    t.register(name, tensors[name])
+                    out = None
                 elif cmd == "exec":
                     copies, timeout, die = arg
                     if die == "kill":
@@ -135,7 +145,7 @@ def _worker(kind: str, rank: int, port: int, cmds, results, device=None) -> None
                     # Copies: pickling a tensor through a multiprocessing queue moves its storage to
                     # shared memory, which would pull registered memory from under the transport.
                     out = {"dt": time.monotonic() - t0,
-                           "tensors": {n: x.to("cpu", copy=True) for n, x in tensors.items()}}
+                           "tensors": {n: x.to("cpu", copy=True) for n, x in tensors.items() if x is not None}}
                 elif cmd == "counts":
                     out = _counts()
                 else:
@@ -557,6 +567,30 @@ def test_peer_registering_a_name_again_with_more_rows():
         got = res[1][1]["tensors"]["a"]
         src = res[0][1]["tensors"]["a"]
         assert torch.equal(as_bytes(got)[row], as_bytes(src)[1])
+        c.run(ranks, "quit")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_into_a_peer_s_unregistered_tensor_waits_for_its_registration(kind):
+    """A buffer withdrawn with ``unregister`` (background staging, freed after an update) and
+    registered again later: a peer that validates a copy list naming it meanwhile waits for the
+    registration, as for a name never registered, and the copy lands in the new buffer (a stand-in
+    kept registered would have made it refuse the list at once: the soak's stale-staging race)."""
+    ranks = [0, 1]
+    c = Cluster(kind, ranks)
+    try:
+        c.fill(ranks, seed=3)
+        c.run(ranks, "set_peers", ranks)
+        c.exec_exact(ranks, [Copy(0, 1, "a", 0, "a", 0)])  # both sides now cache each other's metadata
+        c.run([1], "unregister", "a")
+        copies = [Copy(0, 1, "a", 1, "a", 2)]
+        c.send([0], "exec", (copies, 30.0, None))           # rank 0 validates while "a" is gone on rank 1
+        c.run([1], "register_late", ("a", 0.5))
+        res1 = c.run([1], "exec", (copies, 30.0, None))
+        res0 = c.collect([0], "ok", 60)
+        assert torch.equal(as_bytes(res1[1][1]["tensors"]["a"])[2], as_bytes(res0[0][1]["tensors"]["a"])[1])
         c.run(ranks, "quit")
     finally:
         c.close()

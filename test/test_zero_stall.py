@@ -235,6 +235,9 @@ def test_a_closed_updater_with_a_kept_slots_hook_is_freed_without_a_garbage_coll
         def register(self, *a):
             pass
 
+        def unregister(self, name):
+            pass
+
         def set_peers(self, *a, **k):
             pass
 

@@ -16,9 +16,6 @@ class StagingBuffers:
     """Mixin of :class:`~.background.BackgroundUpdater` (uses its ``weights, transport, placement,
     layers_per_chunk, depth, _staging, _bufs, _threads, _submit`` and sets ``staging_peak``)."""
 
-    def _placeholder(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty((1,) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
-
     def _sync_staging(self, on: bool) -> None:
         """Allocate (``on``) or shrink to one row the synchronous updater's staging."""
         from .updater import staging_name
@@ -43,16 +40,20 @@ class StagingBuffers:
         self.staging_peak = max(self.staging_peak, self.staging_bytes())
 
     def _free_staging(self, later: bool = False) -> None:
-        """Drop the staging buffers (re-registered as one row each); ``later``: the transport thread
-        re-registers them (after the last commit, when it is idle), so no boundary pays it."""
+        """Drop the staging buffers (unregistered); ``later``: the transport thread unregisters them
+        (after the last commit, when it is idle), so no boundary pays it.
+
+        Unregistered, not shrunk: a peer that starts the next update's first chunk before this rank
+        registers its new staging (ranks begin at the same boundary, not the same instant) then
+        waits for the registration, where a one-row stand-in would make it refuse the copies."""
         if not self._bufs:
             return
         n, self._bufs = len(self._bufs), []
 
         def unregister() -> None:
             for b in range(n):
-                for name, t in self.weights.items():
-                    self.transport.register(bg_staging_name(name, b), self._placeholder(t).view(1, -1))
+                for name in self.weights:
+                    self.transport.unregister(bg_staging_name(name, b))
 
         if later and self._threads is not None and self._threads.thread is not None:
             self._submit(unregister)

@@ -172,6 +172,17 @@ class BaseTransport(Transport):
         self._locals[name] = loc
         self._publish()
 
+    def unregister(self, name: str) -> None:
+        self._check_open()
+        old = self._locals.pop(name, None)
+        if old is None:
+            return
+        self._backend_unregister(name, old)
+        self._publish()
+
+    def _backend_unregister(self, name: str, old: Local) -> None:
+        pass
+
     def _check_device(self, tensor: torch.Tensor) -> None:
         if tensor.device.type not in ("cpu", self.device.type):
             raise ValueError(f"tensor on {tensor.device} cannot be registered with a transport on {self.device}")

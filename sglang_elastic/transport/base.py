@@ -85,6 +85,12 @@ class Transport(ABC):
         bytes per row (row counts may differ). Registering a name again replaces it. May be called
         after :meth:`set_peers`; peers learn of it before they need it."""
 
+    def unregister(self, name: str) -> None:
+        """Withdraw ``name`` (its memory may be freed after this returns). A peer that validates a
+        copy list naming it waits, as for a name not registered yet, until it is registered again
+        or its deadline passes. No-op for a name not registered."""
+        raise NotImplementedError(f"{type(self).__name__} cannot unregister tensors")
+
     @abstractmethod
     def set_peers(self, ranks: Sequence[int], rebuild: bool = False) -> None:
         """Declare the ranks that are live now (this rank included). Peers that left are dropped,

@@ -111,6 +111,10 @@ class MooncakeTransport(OneSidedTransport):
             self._ep.unregister(old.addr, old.rows * old.row_bytes)
         return None
 
+    def _backend_unregister(self, name: str, old: Local) -> None:
+        if old.rows * old.row_bytes > 0:
+            self._ep.unregister(old.addr, old.rows * old.row_bytes)
+
     def _scratch_register(self, buf: torch.Tensor):
         self._ep.register(buf.data_ptr(), buf.numel())
         return (buf.data_ptr(), buf.numel())

@@ -133,6 +133,9 @@ class NixlTransport(OneSidedTransport):
             self._ep.deregister(old.handle)
         return key
 
+    def _backend_unregister(self, name: str, old: Local) -> None:
+        self._ep.deregister(old.handle)
+
     def _scratch_register(self, buf: torch.Tensor):
         dev = buf.device
         return self._ep.register(buf.data_ptr(), buf.numel(), dev.type, dev.index or 0)
