@@ -210,7 +210,7 @@ class Rank(UpdaterSide):
             ids, w, logits = self.model.route(l, h)
             self.faults.at("dispatch", l)
             out = self.dispatcher.dispatch(h, ids, w, layer=l, router_logits=logits)
-            y = self.model.mlp(out.hidden_states, self.w1[l], self.w2[l])
+            y = self._experts(out, l)
             self.faults.at("combine", l)
             o = self.dispatcher.combine(y, out.handle)
             routed = out.handle.routed
@@ -233,6 +233,17 @@ class Rank(UpdaterSide):
                                   mismatch=int((mm & ~dg).sum()) if ok else 0, degraded=int(dg.sum()) if ok else 0,
                                   degraded_mismatch=int((mm & dg).sum()) if ok else 0))
         return res
+
+    def _experts(self, out, layer: int) -> torch.Tensor:
+        """This rank's experts on the dispatched rows: only the first ``max(masked_m)`` rows of each
+        expert's region hold tokens (the low-latency layout pads every region to ``R * M`` rows), so
+        only those are computed, as masked grouped GEMMs do; the combine reads no other row."""
+        hs = out.hidden_states
+        y = torch.empty_like(hs)
+        m = int(out.masked_m.max()) if out.masked_m.numel() else 0
+        if m:
+            y[:, :m] = self.model.mlp(hs[:, :m], self.w1[layer], self.w2[layer])
+        return y
 
     def _report_failures(self) -> None:
         for d in self.state.dead_ranks():
