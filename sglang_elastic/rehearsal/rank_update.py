@@ -73,7 +73,7 @@ class UpdaterSide:
         self.updater = self.faults.watch_updater(BackgroundUpdater(
             self.rank, self.faults.wrap_transport(self.transport), {"w1": self.w1, "w2": self.w2}, self.placement,
             live_ranks=live_mask(live, self.R), layers_per_chunk=c.layers_per_chunk, ranks_per_node=c.node_size,
-            timeout_s=c.timeout_s + 2, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
+            timeout_s=c.timeout_s, generation=epoch, vote=self.faults.wrap_vote(vote, self._on_vote),
             liveness=self.liveness, reload=self._reload_expert, background=background,
             prefix=f"ready/{epoch}", prepare=RoutingTable.from_placement, keep_slots=True))
         self._trusted_layout = None
