@@ -16,6 +16,7 @@ import time
 import traceback
 
 import numpy as np
+from hypothesis import given, settings, strategies as st
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def barrier(store, lv, step: int, rank: int, live: list, value: str) -> dict:
         lv.wait(0.002)
 
 
-def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int, out) -> None:
+def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int, out, keep: bool = False) -> None:
     try:
         from sglang_elastic.location.background import BackgroundUpdater
         from sglang_elastic.membership import MembershipClient, StoreVote
@@ -58,7 +59,7 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
         # Hour-long timeouts: only knowledge (the Liveness) can end a wait on the dead rank.
         upd = BackgroundUpdater(rank, transport, {"w": w}, p0, live_ranks=np.ones(R, dtype=bool), timeout_s=3600,
                                 vote=StoreVote(store, rank, 3600), liveness=lv, depth=depth, store=store,
-                                keep_slots=victim >= 0)  # the kill case keeps experts in their slots
+                                keep_slots=keep or victim >= 0)  # the kill case keeps experts in their slots
         upd.fill_backup()
         failures = []
 
@@ -73,6 +74,9 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
                 break
             # The forward pass of this step: serves on the committed placement (the thread moves bytes).
             barrier(store, lv, step, rank, live, "x")
+            # Still the placement the pass served on, with this pass's background writes landed:
+            # a write into a slot it routes to (an emptied slot un-emptied too early) shows here.
+            bad += [(step, "pass") + b for b in wrong_slots(w, upd.placement, rank)]
             rep = upd.step()
             commits += rep is not None and not rep.failed_ranks
             bad += [(step,) + b for b in wrong_slots(w, upd.placement, rank)]
@@ -89,7 +93,7 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
         out.put((rank, "error", traceback.format_exc()))
 
 
-def run_cluster(seed: int, victim: int = -1, depth: int = 2) -> dict:
+def run_cluster(seed: int, victim: int = -1, depth: int = 2, keep: bool = False) -> dict:
     from sglang_elastic.membership import MembershipServer
 
     ctx = mp.get_context("spawn")
@@ -98,7 +102,7 @@ def run_cluster(seed: int, victim: int = -1, depth: int = 2) -> dict:
                                         timeout=datetime.timedelta(seconds=30))
     membership = MembershipServer("127.0.0.1", 0, world_size=R, heartbeat_timeout_s=4.0)
     q = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, membership.port, seed, victim, depth, q)) for r in range(R)]
+    procs = [ctx.Process(target=worker, args=(r, port, membership.port, seed, victim, depth, q, keep)) for r in range(R)]
     for p in procs:
         p.start()
     try:
@@ -120,10 +124,17 @@ def _same_on_every_rank(results: dict) -> None:
         assert len({str(h[step]) for h in histories}) == 1, f"ranks disagree on the placement after step {step}"
 
 
-def test_background_update_commits_together_and_weights_are_exact_at_every_step():
+@pytest.mark.parametrize("keep", [False, True])
+def test_background_update_commits_together_and_weights_are_exact_at_every_step(keep):
+    """``keep``: targets kept in place, and each chunk's overwritten slots emptied while it moves
+    (written in place, no commit copy); every routed slot stays exact through every pass."""
+    from sglang_elastic.location.commit_rule import keep_slots
+
     _, p0, p1 = placements(seed=3)
-    results = run_cluster(seed=3, depth=2)
+    results = run_cluster(seed=3, depth=2, keep=keep)
     _same_on_every_rank(results)
+    if keep:
+        p1 = keep_slots(p0, p1)
     changed = int((p0.phy2log != p1.phy2log).any(1).sum())
     for rank, r in results.items():
         assert r["bad"] == [], f"rank {rank}: a slot held weights other than its committed expert: {r['bad']}"
@@ -363,3 +374,38 @@ def test_a_rank_given_up_on_decides_at_the_same_boundary_as_its_peers():
     assert job.posted
     posts = {r: store.get(k).decode() for r, k in zip(job.live, job.keys)}
     assert decide(posts, 7) == (False, []) and decide(posts, 8) == (True, [1])   # the peer's rule, too
+
+
+def test_vacate_empties_overwritten_slots_but_keeps_a_replica_of_every_expert():
+    """Slots a chunk overwrites leave routing while it moves when their expert stays served
+    elsewhere; an expert whose every replica is overwritten keeps its first one; drained slots
+    (target -1) and slots that keep their expert stay."""
+    from sglang_elastic.location.commit_rule import vacate
+
+    cur = torch.tensor([[0, 1, 2, 3, 0, 1, 4, 5]])
+    tgt = torch.tensor([[0, 6, 2, 7, 7, 6, -1, 3]])
+    # slot 1 (expert 1 -> 6): expert 1 only elsewhere on slot 5, also overwritten: slot 1 stays (first).
+    # slot 3 (3 -> 7): expert 3's only replica: stays. slot 4 (0 -> 7): 0 stays on slot 0: emptied.
+    # slot 5 (1 -> 6): second overwritten replica of 1: emptied. slot 6 drained: stays. slot 7 (5 -> 3): only replica.
+    assert vacate(cur, tgt).tolist() == [[False, False, False, False, True, True, False, False]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_vacate_properties(data):
+    """Any placement rows: only overwritten slots are emptied, every expert served before keeps a
+    routed replica, and applying it again empties nothing more."""
+    from sglang_elastic.location.commit_rule import vacate
+
+    n = data.draw(st.integers(1, 3))
+    P = data.draw(st.integers(1, 12))
+    E = data.draw(st.integers(1, 8))
+    row = st.lists(st.integers(-1, E - 1), min_size=P, max_size=P)
+    cur = torch.tensor([data.draw(row) for _ in range(n)])
+    tgt = torch.tensor([data.draw(row) for _ in range(n)])
+    empty = vacate(cur, tgt)
+    assert not (empty & ~((cur >= 0) & (tgt >= 0) & (cur != tgt))).any()
+    after = cur.masked_fill(empty, -1)
+    for l in range(n):
+        assert set(after[l][after[l] >= 0].tolist()) == set(cur[l][cur[l] >= 0].tolist())
+    assert not vacate(after, tgt).any(), "idempotent"

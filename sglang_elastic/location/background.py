@@ -38,7 +38,7 @@ import torch
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
-from .commit_rule import backup_copies, decide, direct_to_empty, keep_slots, spare_rows
+from .commit_rule import backup_copies, decide, direct_to_empty, keep_slots, spare_rows, vacate
 from .staging import StagingBuffers, bg_staging_name
 from .threads import QUIET_MAX_S, SharedThreads, without_frames
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
@@ -72,6 +72,7 @@ class _Job:
     final: Optional[Dict[int, str]] = None                       # every mark, read by the poller (final)
     before: List[int] = field(default_factory=list)              # layers of chunks committed before it
     started: float = 0.0                                         # when it was enqueued (monotonic)
+    then: List[int] = field(default_factory=list)                # layers of the chunks moving after its commit
 
 
 class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
@@ -94,8 +95,11 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             across updaters and moves some updates synchronously: peers never see it shrink).
         keep_slots: for a caller that routes by exactly this updater's placement (the rehearsal; not
             SGLang, which keeps its own metadata): move to :func:`.commit_rule.keep_slots` of each target
-            (and re-plan), so experts a rank holds stay in their slot, and write copies into slots that
-            hold no expert in place (:func:`.commit_rule.direct_to_empty`): no commit copies either.
+            (and re-plan), so experts a rank holds stay in their slot; empty a chunk's overwritten slots
+            whose expert stays served elsewhere while it moves (:func:`.commit_rule.vacate`: they leave
+            :attr:`placement`, so the caller must route by the placement after :meth:`begin` too), and
+            write copies into slots that hold no expert in place (:func:`.commit_rule.direct_to_empty`):
+            a commit copies only what overwrites an expert's last routed replica.
     """
 
     def __init__(self, *args, store=None, background: bool = True, depth: int = 2,
@@ -123,6 +127,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         self._uid = 0          # bumps at every (re)plan: keys of an abandoned plan are never read again
         self._inflight: Deque[_Job] = deque()
         self._next = 0         # chunks enqueued in the current plan
+        self._chunks: List[List[int]] = []  # the current plan's chunks, in order
         self._bufs: List[Dict[str, torch.Tensor]] = []
         self._broken: Optional[BaseException] = None  # a job failed: the thread skips the rest
         self._stream = None
@@ -167,7 +172,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         super().set_live(live_ranks, generation)
         if self.background and self.target is not None:
             self._uid += 1
-            self._next = 0
+            self._plan_chunks()
 
     def fill_backup(self, layers: Optional[Sequence[int]] = None) -> int:
         if self.background:
@@ -382,31 +387,58 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
 
     def _restart(self) -> None:
         self._uid += 1
-        self._next = 0
+        self._plan_chunks()
         self._inflight.clear()
         if self._pending:
             self._alloc_staging()
         self._enqueue()
 
+    def _plan_chunks(self) -> None:
+        """Cut the layers left to move into chunks, in order (a new plan: enqueued from the first)."""
+        n = self.layers_per_chunk
+        self._chunks = [self._pending[i:i + n] for i in range(0, len(self._pending), n)]
+        self._next = 0
+
     def _enqueue(self) -> None:
-        """Keep ``depth`` chunks moving (a decision every rank makes identically)."""
+        """Keep ``depth`` chunks moving (a decision every rank makes identically). With
+        ``keep_slots``, a chunk's overwritten slots leave routing as it starts (:func:`.commit_rule.vacate`;
+        usually the commit before did it already, so this boundary changes nothing)."""
         if self.target is None:
             return
-        busy = {l for j in self._inflight for l in j.layers}
-        while len(self._inflight) < self.depth:
-            layers = [l for l in self._pending if l not in busy][: self.layers_per_chunk]
-            if not layers:
-                return
+        while len(self._inflight) < self.depth and self._next < len(self._chunks):
+            layers = self._chunks[self._next]
+            if self.keep_slots:
+                self._vacate(layers)
             self._alloc_staging()
             used = {j.buf for j in self._inflight}
+            busy = sorted(l for j in self._inflight for l in j.layers)
+            then = [l for c in self._chunks[self._next + 1:self._next + 1 + self.depth] for l in c]
             job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used),
-                       before=sorted(busy), uid=self._uid, live=np.flatnonzero(self.live).tolist())
+                       before=busy, uid=self._uid, live=np.flatnonzero(self.live).tolist(),
+                       then=then if self.keep_slots else [])
             job.keys = [self._key(job, r) for r in job.live]
             job.started = time.monotonic()
             self._next += 1
-            busy |= set(layers)
             self._inflight.append(job)
             self._submit(lambda job=job: self._transfer_job(job), job)
+
+    def _vacated(self, phy: torch.Tensor, layers: List[int]) -> Optional[torch.Tensor]:
+        """``phy`` with the overwritten slots of ``layers`` emptied (``None``: nothing to empty)."""
+        if not layers:
+            return None
+        empty = vacate(phy[layers], self.target.phy2log[layers])
+        if not bool(empty.any()):
+            return None
+        out = phy.clone()
+        out[layers] = phy[layers].masked_fill(empty, -1)
+        return out
+
+    def _vacate(self, layers: List[int]) -> None:
+        """Take the overwritten slots of ``layers`` out of the placement in force (the caller routes by
+        it: no token reaches them from this boundary on, so the chunk writes them in place)."""
+        phy = self._vacated(self.placement.phy2log, layers)
+        if phy is not None:
+            self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
 
     # ------------------------------------------------------------------ transport thread
     def _submit(self, fn: Callable[[], None], job: Optional[_Job] = None) -> None:
@@ -473,6 +505,11 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         cur = self.placement.phy2log
         future = cur.clone()
         future[job.before + job.layers] = self.target.phy2log[job.before + job.layers]
+        # The chunks moving after this commit (the one enqueued at it included) have their slots
+        # emptied in this placement already (vacate is idempotent; their layers change in no other
+        # way meanwhile), so the table prepared from it holds at that boundary.
+        vacated = self._vacated(future, job.then)
+        future = future if vacated is None else vacated
         staged.future = Placement(future, self.placement.num_ranks, self.placement.num_logical_experts)
         if self.prepare is not None:  # e.g. the routing tables of that placement, off the boundary
             job.prepared = self.prepare(staged.future)

@@ -17,7 +17,7 @@ from ..eplb.placement import Placement
 from ..transport.base import Copy
 from .backup import BackupLayout, backup_tensor_name
 
-__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty", "keep_slots"]
+__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty", "keep_slots", "vacate"]
 
 _DEAD = "dead@"
 
@@ -125,6 +125,35 @@ def direct_to_empty(copies: List[Copy], rows: Tuple[List[torch.Tensor], List[tor
             keep[0].append(dst)
             keep[1].append(src)
     return out, keep
+
+
+def vacate(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The slots of a chunk's layers to take out of routing when the chunk starts moving (pure).
+
+    A slot the chunk overwrites (``current >= 0``, ``target >= 0``, different experts) whose expert
+    keeps another routed replica in the layer can stop serving while the chunk moves: its new expert
+    is then written in place (:func:`direct_to_empty`) and the chunk's commit copies nothing for it.
+    Every expert keeps at least one routed replica: where all of an expert's replicas are overwritten,
+    the first (lowest slot) stays routed until the commit. Idempotent: applied to its own result it
+    empties nothing more. A slot ``target`` leaves empty (a drained rank) is not written: not emptied.
+
+    Parameters:
+        current: ``[n, P]`` the chunk's layers of the placement in force (``-1`` empty).
+        target: ``[n, P]`` the same layers of the target.
+
+    Returns:
+        bool ``[n, P]``: the slots to empty now.
+    """
+    n, P = current.shape
+    E = int(max(int(current.max()), int(target.max()), 0)) + 1
+    idx = current.clamp(min=0).long()
+    over = (current >= 0) & (target >= 0) & (current != target)
+    stays = (current >= 0) & ~over
+    kept = torch.zeros(n, E, dtype=torch.long).scatter_add_(1, idx, stays.long()).gather(1, idx) > 0
+    # Order of each overwritten slot among its expert's overwritten slots (1 = the first).
+    onehot = torch.nn.functional.one_hot(idx, E) * over.unsqueeze(-1).long()     # [n, P, E]
+    order = onehot.cumsum(1).gather(2, idx.unsqueeze(-1)).squeeze(-1)
+    return over & (kept | (order > 1))
 
 
 def keep_slots(current: Placement, target: Placement) -> Placement:

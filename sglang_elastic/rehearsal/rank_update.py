@@ -197,10 +197,12 @@ class UpdaterSide:
         live = self._agreed_live_without(dead)
         self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
         if self.updater.target is not None and self.update_load is not None:
+            before = self.updater.placement
             try:
                 self.updater.begin(self._retarget(live)[1], self._on_update_failure)
             except UpdateFailure as exc:
                 self._abandon(exc)
+            self._serve_committed(before)  # begin empties the first chunks' overwritten slots
 
     def _connect_peers(self, live: List[int]) -> List[int]:
         """Point the transport at ``live``; returns the ranks it connected. A peer it fails on (dead
@@ -247,7 +249,9 @@ class UpdaterSide:
                 except UpdateFailure as exc:
                     self._abandon(exc)
                     return
+            before = self.updater.placement
             self.updater.begin(target, self._on_update_failure)
+            self._serve_committed(before)  # begin empties the first chunks' overwritten slots
 
     def move_chunk(self, update: UpdateFigures) -> float:
         """The step boundary of the pending update, if any; returns the pause it took. With the
