@@ -73,6 +73,7 @@ class _Job:
     before: List[int] = field(default_factory=list)              # layers of chunks committed before it
     started: float = 0.0                                         # when it was enqueued (monotonic)
     then: List[int] = field(default_factory=list)                # layers of the chunks moving after its commit
+    base: Optional[torch.Tensor] = None                          # phy2log in force when it was enqueued
 
 
 class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
@@ -415,7 +416,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
             then = [l for c in self._chunks[self._next + 1:self._next + 1 + self.depth] for l in c]
             job = _Job(self._next, layers, min(b for b in range(self.depth) if b not in used),
                        before=busy, uid=self._uid, live=np.flatnonzero(self.live).tolist(),
-                       then=then if self.keep_slots else [])
+                       then=then if self.keep_slots else [], base=self.placement.phy2log)
             job.keys = [self._key(job, r) for r in job.live]
             job.started = time.monotonic()
             self._next += 1
@@ -501,8 +502,10 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                 staged.copies, staged.rows, job.layers, self.placement.phy2log[job.layers] < 0, self.rank,
                 self.placement.slots_per_rank, {w: bg_staging_name(w, job.buf) for w in self.weights}, bufs)
         # The placement once this chunk commits: chunks commit in order and any other change re-plans
-        # every chunk in flight, so it is the committed one with the chunks up to this one stamped.
-        cur = self.placement.phy2log
+        # every chunk in flight, so it is the one in force at its enqueue with the chunks up to this
+        # one stamped. Read from the enqueue's snapshot, not from `placement` now: the main thread
+        # empties later chunks' slots at boundaries this job may overlap (every rank must plan alike).
+        cur = job.base
         future = cur.clone()
         future[job.before + job.layers] = self.target.phy2log[job.before + job.layers]
         # The chunks moving after this commit (the one enqueued at it included) have their slots
