@@ -288,9 +288,9 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         decides at the same boundary as its peers (waiting for its own post instead, it would answer
         the step while they recover at this boundary, and their recovery would wait for it forever)."""
         key = self._key(job, self.rank)
-        if self.store.check([key]) and self.store.get(key).decode().startswith(_DEAD):
-            log.warning("rank %d: chunk %s: peers gave up on this rank (%s)", self.rank, list(job.layers),
-                        self.store.get(key).decode())
+        mark = self.store.get(key).decode() if self.store.check([key]) else ""
+        if mark.startswith(_DEAD):
+            log.warning("rank %d: chunk %s: peers gave up on this rank (%s)", self.rank, list(job.layers), mark)
             job.posted, job.posted_at = True, time.monotonic()
 
     def _post_from_thread(self, job: _Job) -> None:

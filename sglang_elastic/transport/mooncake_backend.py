@@ -107,8 +107,8 @@ class MooncakeTransport(OneSidedTransport):
         nbytes = loc.rows * loc.row_bytes
         if nbytes > 0:
             self._ep.register(loc.addr, nbytes)
-        if old is not None and old.rows * old.row_bytes > 0:
-            self._ep.unregister(old.addr, old.rows * old.row_bytes)
+        if old is not None:
+            self._backend_unregister(name, old)
         return None
 
     def _backend_unregister(self, name: str, old: Local) -> None:

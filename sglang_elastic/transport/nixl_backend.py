@@ -130,7 +130,7 @@ class NixlTransport(OneSidedTransport):
         i = loc.info()
         key = self._ep.register(loc.addr, loc.rows * loc.row_bytes, i["device"], i["index"])
         if old is not None:
-            self._ep.deregister(old.handle)
+            self._backend_unregister(name, old)
         return key
 
     def _backend_unregister(self, name: str, old: Local) -> None:
