@@ -12,6 +12,7 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 
@@ -62,6 +63,14 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
                                 keep_slots=keep or victim >= 0)  # the kill case keeps experts in their slots
         upd.fill_backup()
         failures = []
+        boundary_vacates = []  # vacate computed on the main thread (the step boundaries and begin)
+        real_vacated = upd._vacated
+
+        def counted(phy, layers):
+            if threading.current_thread() is threading.main_thread():
+                boundary_vacates.append(list(layers))
+            return real_vacated(phy, layers)
+        upd._vacated = counted
 
         upd.begin(p1, agreed_failure_hook(member, load, p1, failures))
         peak = upd.staging_bytes()
@@ -86,6 +95,7 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
         out.put((rank, "ok", dict(bad=bad, history=history, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist(), done=upd.done, peak=peak,
                                   staging_after=upd.staging_bytes(), failures=failures, commits=commits,
+                                  boundary_vacates=boundary_vacates,
                                   expected_peak=depth * S * D * 8)))
         transport.close()
         member.close()
@@ -143,6 +153,9 @@ def test_background_update_commits_together_and_weights_are_exact_at_every_step(
         assert r["peak"] == r["expected_peak"], "staging is depth chunks"
         assert r["staging_after"] == 0, "staging is freed after the update"
         assert r["failures"] == []
+        if keep:  # begin() empties the first chunks' slots; each commit installs a placement that
+            # has the next chunks' emptied already, so no later boundary computes it again
+            assert len(r["boundary_vacates"]) == 2, r["boundary_vacates"]
 
 
 def test_kill_during_a_background_chunk_replans_from_survivors():

@@ -129,6 +129,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         self._inflight: Deque[_Job] = deque()
         self._next = 0         # chunks enqueued in the current plan
         self._chunks: List[List[int]] = []  # the current plan's chunks, in order
+        # (placement, layers): the layers whose overwritten slots that placement has emptied (vacate)
+        self._emptied: tuple = (None, frozenset())
         self._bufs: List[Dict[str, torch.Tensor]] = []
         self._broken: Optional[BaseException] = None  # a job failed: the thread skips the rest
         self._stream = None
@@ -381,6 +383,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         if job.event is not None:  # the side stream's copies precede the swap, without a host sync
             torch.cuda.current_stream().wait_event(job.event)
         self._commit_staged(job.staged)
+        if job.staged.future is not None:  # it has the slots of the chunks moving next emptied already
+            self._emptied = (self.placement, frozenset(job.then))
         self.prepared = (self.placement, job.prepared)
         self._pending = [l for l in self._pending if l not in job.layers]
         if self.canary:
@@ -436,10 +440,16 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
 
     def _vacate(self, layers: List[int]) -> None:
         """Take the overwritten slots of ``layers`` out of the placement in force (the caller routes by
-        it: no token reaches them from this boundary on, so the chunk writes them in place)."""
+        it: no token reaches them from this boundary on, so the chunk writes them in place). Skipped
+        where the placement in force has them emptied already (the commit before installed one made
+        so on the thread): ``vacate`` is idempotent, and a steady boundary then computes nothing."""
+        held, done = self._emptied
+        if held is self.placement and done.issuperset(layers):
+            return
         phy = self._vacated(self.placement.phy2log, layers)
         if phy is not None:
             self.placement = Placement(phy, self.placement.num_ranks, self.placement.num_logical_experts)
+        self._emptied = (self.placement, (done if held is self.placement else frozenset()) | frozenset(layers))
 
     # ------------------------------------------------------------------ transport thread
     def _submit(self, fn: Callable[[], None], job: Optional[_Job] = None) -> None:

@@ -1,6 +1,8 @@
 """Threads and store connections of background updaters (:mod:`.background`), shareable by several."""
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
 import traceback
@@ -9,11 +11,42 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["SharedThreads", "without_frames", "QUIET_MAX_S"]
+__all__ = ["SharedThreads", "without_frames", "QUIET_MAX_S", "BACKGROUND_NICE", "lower_priority"]
+
+log = logging.getLogger(__name__)
 
 # The longest a queued job (or the poller) waits for a held boundary to end: far below any peer's
 # timeout, so a boundary held long (e.g. one waiting on membership) never makes this rank look silent.
 QUIET_MAX_S = 0.05
+
+# How much lower than serving the updater's threads run (Linux ``nice`` increment, per thread). A rank's
+# boundary can only keep its own threads quiet; its peers' threads (planning the chunk they just
+# submitted, copying) ran beside it on a loaded CPU and took its core for a scheduler slice (the 2-5 ms
+# boundaries of the CPU rehearsal). Lower-priority threads yield the core to a serving thread that
+# wakes, and still get every core serving leaves idle. ``SGLANG_ELASTIC_UPDATER_NICE`` overrides it.
+BACKGROUND_NICE = 10
+
+
+def lower_priority(increment: int) -> None:
+    """Lower the calling thread's CPU priority by ``increment`` (Linux: per-thread nice; elsewhere, or
+    where refused, nothing). Unprivileged processes may always lower their own threads' priority."""
+    if increment <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+    except OSError as exc:
+        log.debug("could not lower the updater thread's priority: %r", exc)
+
+
+def _nice_from_env() -> int:
+    raw = os.environ.get("SGLANG_ELASTIC_UPDATER_NICE")
+    if raw is None:
+        return BACKGROUND_NICE
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"SGLANG_ELASTIC_UPDATER_NICE must be an integer >= 0, got {raw!r}") from None
 
 
 class SharedThreads:
@@ -28,9 +61,14 @@ class SharedThreads:
     the thread), one queued before waits before it starts, and the poller before its next read. On a
     loaded CPU the boundary's worst pauses were the transport thread planning the chunk just
     submitted (1-3 ms of CPU taken from the boundary's thread, and the interpreter lock with it).
+
+    **Lower priority**: both threads run ``nice`` steps below serving (default
+    :data:`BACKGROUND_NICE`, env ``SGLANG_ELASTIC_UPDATER_NICE``; ``0`` keeps them equal), so that
+    on a CPU shared by several ranks a peer's transfer work does not hold the core a boundary needs.
     """
 
-    def __init__(self, store, name: str = "sgle") -> None:
+    def __init__(self, store, name: str = "sgle", nice: Optional[int] = None) -> None:
+        self.nice = _nice_from_env() if nice is None else max(int(nice), 0)
         self.store = _own_client(store)       # the boundary's reads and verdicts (caller's thread)
         self.bg_store = _own_client(store)    # the transport thread's marks and the poller's reads
         self.name = name
@@ -109,6 +147,7 @@ class SharedThreads:
         self.store = self.bg_store = None
 
     def _work(self) -> None:
+        lower_priority(self.nice)
         while True:
             item = self.jobs.get()
             try:
@@ -120,6 +159,7 @@ class SharedThreads:
                 self.jobs.task_done()
 
     def _poll(self) -> None:
+        lower_priority(self.nice)
         while True:
             item = self.polls.get()
             if item is None:
