@@ -290,3 +290,20 @@ def test_watched_updater_is_freed_without_a_garbage_collection():
         assert ref() is None, "the watched updater is kept alive by a reference cycle"
     finally:
         gc.enable()
+
+
+def test_bad_updater_nice_is_one_line_before_anything_starts(capsys, monkeypatch):
+    from sglang_elastic.cli import main
+    from sglang_elastic.rehearsal.orchestrator import Orchestrator
+
+    def refuse(self):
+        raise AssertionError("the rehearsal started")
+
+    monkeypatch.setattr(Orchestrator, "run", refuse)
+    monkeypatch.setenv("SGLANG_ELASTIC_UPDATER_NICE", "-3")
+    assert main(["rehearse"]) == 2
+    out, err = capsys.readouterr()
+    err = [l for l in err.splitlines() if l.strip()]
+    assert err == ["sglang-elastic: error: SGLANG_ELASTIC_UPDATER_NICE must be an integer >= 0, got '-3'"] or (
+        len(err) == 1 and "SGLANG_ELASTIC_UPDATER_NICE must be an integer >= 0, got '-3'" in err[0]), err
+    assert "rank log" not in out

@@ -113,6 +113,11 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
         if path is not None:
             _check_output(flag, path, outs)
     _require_transport(cfg.cluster.transport)
+    try:  # read by every rank's updater threads: refused here, before anything starts
+        from ..location.threads import _nice_from_env
+        _nice_from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -44,9 +44,12 @@ def _nice_from_env() -> int:
     if raw is None:
         return BACKGROUND_NICE
     try:
-        return max(int(raw), 0)
+        nice = int(raw)
     except ValueError:
-        raise ValueError(f"SGLANG_ELASTIC_UPDATER_NICE must be an integer >= 0, got {raw!r}") from None
+        nice = -1
+    if nice < 0:
+        raise ValueError(f"SGLANG_ELASTIC_UPDATER_NICE must be an integer >= 0, got {raw!r}")
+    return nice
 
 
 class SharedThreads:
