@@ -154,9 +154,10 @@ def test_same_placements_from_a_current_placement_with_duplicates():
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.integers(1, 6), st.sampled_from([7, 48, 128, 129, 256, 384, 1000]), st.integers(1, 40), st.integers(1, 12),
        st.sampled_from(sorted(SYNTHETIC_LOADS) + ["zero", "flat"]), st.sampled_from([0.9, 0.99, 1.0]),
-       st.integers(0, 2**16))
-def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, seed):
-    """balance_target and replica_bound, compiled: the same floats (sums in numpy's order)."""
+       st.integers(0, 2**16), st.sampled_from(["greedy", "bound"]))
+def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, seed, reference):
+    """balance_target and replica_bound, compiled: the same floats (sums in numpy's order), with
+    either balance reference (the greedy one: the same packing, sorted by a radix sort)."""
     from sglang_elastic.eplb.algorithms import repair_jit
     from sglang_elastic.eplb.algorithms.elasticity_aware import _SCRATCH_SLACK, balance_target
     from sglang_elastic.eplb.algorithms.inputs import scale_to_unit
@@ -171,9 +172,9 @@ def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, see
     else:
         weight = scale_to_unit(np.asarray(synthetic_load(family, L, E, seed=seed), dtype=np.float64))
     w = weight + (weight.sum(1, keepdims=True) / (E * 1e9) + 1e-300)
-    target = balance_target(weight, n, S, min_balance)
+    target = balance_target(weight, n, S, min_balance, reference)
     bound = replica_bound(w, n, S, target, min_balance)
-    t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
+    t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference)
     np.testing.assert_array_equal(target, t_jit)
     np.testing.assert_array_equal(bound, b_jit)
 
@@ -190,3 +191,20 @@ def test_compiled_sums_add_as_numpy_does():
         if n <= 128:
             ids = np.where(rng.random(n) < 0.2, -1, rng.integers(0, n, size=n))
             assert _rank_sum(ids, v[0]) == np.where(ids >= 0, v[0][np.maximum(ids, 0)], 0.0).sum(), n
+
+
+@pytest.mark.parametrize("family", ["lognormal0.5", "lognormal1", "dirichlet0.3"])
+@pytest.mark.parametrize("n, S, E", [(30, 9, 256), (15, 10, 128), (9, 7, 48)])
+def test_greedy_reference_is_upstreams_busiest_rank(family, n, S, E):
+    """The greedy balance reference is the busiest rank of DeepSeek's greedy placement (our rewrite,
+    slot for slot upstream's) wherever that places no two replicas of an expert on one rank."""
+    from sglang_elastic.eplb import rebalance
+    from sglang_elastic.eplb.algorithms.counts import greedy_busiest
+    from sglang_elastic.eplb.metrics import rank_load
+
+    w = np.asarray(synthetic_load(family, 6, E, seed=3), dtype=np.float64)
+    up = rebalance(w, n, S, algorithm="deepseek")
+    x = up.phy2log.numpy().reshape(6, n, S)
+    plain = np.array([all(len(set(r)) == S for r in x[l]) for l in range(6)])
+    assert plain.any()
+    np.testing.assert_allclose(greedy_busiest(w, n, S)[plain], rank_load(w, up).max(1)[plain], rtol=1e-12)

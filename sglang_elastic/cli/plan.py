@@ -106,9 +106,14 @@ def add_parser(sub: Any) -> None:
                      help="elasticity_aware: the same trade-off as how much busier (relative) a layer's busiest "
                           "rank may be than in a from-scratch plan (min balance = 1 / (1 + tolerance)); give "
                           "this or --min-balance")
+    alg.add_argument("--balance-reference", choices=("greedy", "bound"),
+                     help="elasticity_aware with --current: what --min-balance is a fraction of: the balance "
+                          "of DeepSeek's greedy from-scratch plan, i.e. upstream's (greedy), or a lower "
+                          "bound of any plan's busiest rank (bound: our from-scratch balance, more movement "
+                          "on skewed loads); default greedy after a failure or scale event, bound otherwise")
     alg.add_argument("--search", choices=("narrow", "wide"),
                      help="elasticity_aware with --current: where each swap looks for a partner: the 4 least "
-                          "busy ranks (narrow, default) or every rank under the target (wide: 7-30 %% fewer "
+                          "busy ranks (narrow, default; 6 of them) or every rank under the target (wide: 7-30 %% fewer "
                           "transfers after a failure on skewed loads, ~3x the planning time)")
     alg.add_argument("--num-groups", type=positive_int,
                      help="deepseek: expert groups, for hierarchical (node-limited) placement")
@@ -156,7 +161,8 @@ def _resolve(args: argparse.Namespace) -> _Setup:
     if args.min_balance is not None and args.balance_tolerance is not None:
         raise UsageError("give --min-balance or --balance-tolerance, not both")
     for flag, name in (("--min-balance", "min_balance"), ("--balance-tolerance", "balance_tolerance"),
-                       ("--search", "search"), ("--num-groups", "num_groups")):
+                       ("--search", "search"), ("--balance-reference", "balance_reference"),
+                       ("--num-groups", "num_groups")):
         if getattr(args, name) is not None and name not in params:
             raise UsageError(f"{flag} is not an option of the {args.algorithm} algorithm")
 
@@ -378,6 +384,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         options["balance_tolerance"] = args.balance_tolerance
     if args.search is not None:
         options["search"] = args.search
+    if args.balance_reference is not None:
+        options["balance_reference"] = args.balance_reference
     if args.num_groups is not None:
         options["num_groups"] = args.num_groups
 
@@ -392,7 +400,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     # The placement in force before the failure, and the label the report gives it.
     if st.current == "healthy":
         # The healthy placement is a from-scratch one: the movement/balance trade-off does not apply.
-        algo_opts = {k: v for k, v in options.items() if k not in ("balance_tolerance", "min_balance", "search")}
+        algo_opts = {k: v for k, v in options.items()
+                     if k not in ("balance_tolerance", "min_balance", "search", "balance_reference")}
         before = rebalance(w, R, S, ranks_per_node=rpn, algorithm=args.algorithm, **algo_opts)
         before_desc = f"healthy {args.algorithm} placement of the same load on all {R} ranks"
         current_arg: Optional[Placement] = before

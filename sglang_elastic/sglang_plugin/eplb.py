@@ -94,6 +94,7 @@ def rebalance_experts(
     cur = current_placement(L, num_replicas, num_gpus, E, live) if opts.eplb_movement_aware else None
     extra = {k: v for k, v in (("min_balance", opts.eplb_min_balance),
                                ("balance_tolerance", opts.eplb_balance_tolerance),
+                               ("balance_reference", opts.eplb_balance_reference),
                                ("max_swaps", opts.eplb_max_swaps)) if v is not None}
     placement = rebalance(w, num_gpus, num_replicas // num_gpus, live_ranks=live, ranks_per_node=rpn,
                           current=cur, algorithm="elasticity_aware", **extra)

@@ -35,6 +35,9 @@ class PluginOptions:
             placement's balancedness to keep at least (``None``: its own default, 0.99 after a live-set
             change and 1.0 for a periodic rebalance).
         eplb_balance_tolerance: the same trade-off as a relative excess of the busiest rank (give one).
+        eplb_balance_reference: what that fraction is of: ``greedy`` (DeepSeek's greedy from-scratch
+            placement, upstream's) or ``bound`` (a lower bound of any placement's busiest rank);
+            ``None``: the algorithm's default (greedy after a live-set change, bound otherwise).
         eplb_max_swaps: cap on improvement swaps per layer (``None``: the algorithm's default).
         eplb_movement_aware: feed the placement in force to the algorithm so it moves few experts.
         elastic_transfer_backend: byte mover for expert weights (``auto``: the ``--elastic-ep-backend``
@@ -52,6 +55,7 @@ class PluginOptions:
 
     eplb_min_balance: Optional[float] = None
     eplb_balance_tolerance: Optional[float] = None
+    eplb_balance_reference: Optional[str] = None
     eplb_max_swaps: Optional[int] = None
     eplb_movement_aware: bool = True
     elastic_transfer_backend: str = "auto"
@@ -100,6 +104,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
+def _balance_reference(text: str) -> str:
+    t = text.strip().lower()
+    if t not in ("greedy", "bound"):
+        raise ValueError(f"expected greedy or bound, got {text!r}")
+    return t
+
+
 # field -> (flag, parser of the text form, argparse kwargs). Booleans get --flag / --no-flag.
 FLAGS: Dict[str, Tuple[str, Callable[[str], Any], Dict[str, Any]]] = {
     "eplb_min_balance": ("--eplb-min-balance", _fraction, dict(
@@ -113,6 +124,12 @@ FLAGS: Dict[str, Tuple[str, Callable[[str], Any], Dict[str, Any]]] = {
         help="elasticity_aware EPLB: the same trade-off as how much busier (relative) a layer's busiest "
              "rank may be than in a from-scratch placement (min balance = 1 / (1 + tolerance)); give "
              "this or --eplb-min-balance.")),
+    "eplb_balance_reference": ("--eplb-balance-reference", _balance_reference, dict(
+        metavar="{greedy,bound}",
+        help="elasticity_aware EPLB: what --eplb-min-balance is a fraction of: the balancedness of "
+             "DeepSeek's greedy from-scratch placement, i.e. upstream's (greedy), or a lower bound of any "
+             "placement's busiest rank (bound: more movement on skewed loads). Default: greedy after a "
+             "rank failure or scale, bound for periodic rebalances.")),
     "eplb_max_swaps": ("--eplb-max-swaps", _nonneg_int, dict(
         metavar="N", help="elasticity_aware EPLB: cap on improvement swaps per layer (default: "
                           "2 x live ranks + 4 x slots per rank + 16).")),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["BIG", "greedy_counts", "replica_counts", "lightest_sum", "max_load_bound"]
+__all__ = ["BIG", "greedy_counts", "replica_counts", "lightest_sum", "max_load_bound", "greedy_busiest"]
 
 BIG = 1e30  # "never pick this" score that stays finite (inf would poison sums)
 
@@ -108,3 +108,44 @@ def max_load_bound(weight: np.ndarray, counts: np.ndarray, num_ranks: int, slots
         k = min(slots_per_rank - 1, per.shape[1] - 1)
         fill = lightest_sum(per, k)
     return np.maximum(mean, per.max(1) + fill)
+
+
+def greedy_busiest(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
+    """float64 ``[L]``: the busiest rank's load of DeepSeek's greedy from-scratch placement on
+    ``num_ranks`` ranks (what upstream SGLang's EPLB, global policy on the live ranks, places for this
+    load) under our rule of at most one replica of an expert per rank.
+
+    Replicas: one per expert, then each further one to the expert whose replica is heaviest (up to
+    ``num_ranks``). Packing: replicas heaviest first (by float32 value, as upstream sorts them; a
+    stable order), each onto the least loaded rank that has a free slot and does not hold the expert
+    yet (ties: lower rank), loads added in that order. Upstream may put two replicas of an expert on
+    one rank (a weighted split ours cannot express); where that is what balances a layer (an expert
+    needing more than one rank's share), its balance is out of our reach and not the reference.
+
+    Parameters:
+        weight: float64 ``[L, E]`` load per logical expert. num_ranks: ``n``. slots_per_rank: ``S``
+            (``n * S >= E``).
+
+    Returns:
+        float64 ``[L]``.
+    """
+    L, E = weight.shape
+    n, S = num_ranks, slots_per_rank
+    cnt = greedy_counts(weight, n * S, n)
+    out = np.empty(L)
+    for l in range(L):  # the reference path (numba compiles the same steps: jit_sums)
+        per = weight[l] / cnt[l]
+        eid = np.repeat(np.arange(E), cnt[l])
+        order = np.argsort(per[eid].astype(np.float32).view(np.uint32), kind="stable")[::-1]
+        load = np.zeros(n)
+        left = np.full(n, S)
+        holds = np.zeros((n, E), dtype=bool)
+        for e in eid[order]:
+            room = left > 0
+            ok = room & ~holds[:, e]
+            r = int(np.flatnonzero(ok)[load[ok].argmin()]) if ok.any() else int(np.flatnonzero(room)[load[room].argmin()])
+            load[r] += per[e]
+            left[r] -= 1
+            holds[r, e] = True
+        out[l] = load.max()
+    return out

@@ -18,13 +18,14 @@ from typing import Optional
 
 import numpy as np
 
-from .counts import greedy_counts, max_load_bound
+from .counts import greedy_busiest, greedy_counts, max_load_bound
 from .packing import from_scratch
 from .registry import register_algorithm
 from . import repair, repair_jit
 from .repair import from_current
 
-__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES"]
+__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES", "BALANCE_REFERENCES",
+           "DEFAULT_BALANCE_REFERENCE"]
 
 # Defaults of min_balance: (after a failure or scale event, periodic rebalance with the same live set).
 DEFAULT_MIN_BALANCE = (0.99, 1.0)
@@ -32,30 +33,40 @@ DEFAULT_MIN_BALANCE = (0.99, 1.0)
 _SCRATCH_SLACK = 5e-4
 
 
-def balance_target(w: np.ndarray, n: int, S: int, min_balance: float) -> np.ndarray:
+def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference: str = "greedy") -> np.ndarray:
     """float64 ``[L]``: the busiest-rank load each layer may reach, ``inf`` for layers without a signal.
 
-    A layer's busiest rank at most ``bound / min_balance`` (``bound``: from-scratch's lower bound) keeps
-    the global balancedness (sum of means / sum of maxima) at least ``min_balance`` times from-scratch's.
-    A layer whose experts all carry the same load (all zero included) has no signal to balance on.
+    A layer's busiest rank at most ``ref / min_balance`` keeps the global balancedness (sum of means /
+    sum of maxima) at least ``min_balance`` times the reference's. ``ref``: the busiest rank of
+    DeepSeek's greedy from-scratch placement, i.e. upstream's (``reference="greedy"``,
+    :func:`.counts.greedy_busiest`), or a lower bound of any placement's (``"bound"``: the mean, or the
+    heaviest replica plus the ``S - 1`` lightest; our from-scratch placement lands within ~0.05 % of
+    it), whichever is larger. A layer whose experts all carry the same load (all zero included) has no
+    signal to balance on.
 
     Parameters:
         w: float64 ``[L, E]`` load. n: live ranks. S: slots per rank.
-        min_balance: in ``(0, 1]``.
+        min_balance: in ``(0, 1]``. reference: ``"greedy"`` or ``"bound"``.
 
     Returns:
         float64 ``[L]``.
     """
-    bound = max_load_bound(w, greedy_counts(w, n * S, n), n, S) * (1 + _SCRATCH_SLACK)
+    bound = max_load_bound(w, greedy_counts(w, n * S, n), n, S)
+    # The bound is below what our from-scratch reaches (slack); the greedy placement's is exact.
+    bound = np.maximum(bound, greedy_busiest(w, n, S)) if reference == "greedy" else bound * (1 + _SCRATCH_SLACK)
     flat = w.max(1) <= w.min(1)
     return np.where(flat, np.inf, bound / min_balance)
 
 
 SEARCHES = ("narrow", "wide")
+# What min_balance is relative to (see balance_target), and its defaults (after a failure or scale
+# event, periodic rebalance with the same live set).
+BALANCE_REFERENCES = ("greedy", "bound")
+DEFAULT_BALANCE_REFERENCE = ("greedy", "bound")
 
 
 def _check_options(min_balance: Optional[float], balance_tolerance: Optional[float], max_swaps: Optional[int],
-                   search: str = "narrow") -> None:
+                   search: str = "narrow", balance_reference: Optional[str] = None) -> None:
     if min_balance is not None and balance_tolerance is not None:
         raise ValueError("give min_balance or balance_tolerance, not both (min_balance = 1 / (1 + balance_tolerance))")
     if min_balance is not None and (isinstance(min_balance, bool) or not isinstance(min_balance, (int, float, np.floating))
@@ -69,6 +80,8 @@ def _check_options(min_balance: Optional[float], balance_tolerance: Optional[flo
         raise ValueError(f"max_swaps must be an integer >= 0, got {max_swaps!r}")
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    if balance_reference is not None and balance_reference not in BALANCE_REFERENCES:
+        raise ValueError(f"balance_reference must be one of {', '.join(BALANCE_REFERENCES)}, got {balance_reference!r}")
 
 
 def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: int) -> bool:
@@ -89,6 +102,7 @@ def elasticity_aware(
     balance_tolerance: Optional[float] = None,
     max_swaps: Optional[int] = None,
     search: str = "narrow",
+    balance_reference: Optional[str] = None,
 ) -> np.ndarray:
     """Place experts on live ranks only; see the module docstring.
 
@@ -104,10 +118,18 @@ def elasticity_aware(
         search: ``"narrow"`` (default): each swap of the busiest rank looks at the 4 least busy ranks;
             ``"wide"``: at every rank under the target. Wide finds more swaps that re-route moved
             replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
+        balance_reference: what ``min_balance`` is a fraction of. ``"greedy"``: the balancedness of
+            DeepSeek's greedy from-scratch placement on the live ranks, i.e. what upstream SGLang's EPLB
+            would give (where our from-scratch beats it, e.g. on a few very hot experts, the movement
+            it would take to match ours is saved). ``"bound"``: a lower bound of any placement's busiest
+            rank (our from-scratch balance, within ~0.05 %): stricter, more movement on skewed loads.
+            Default: ``"greedy"`` when the live set changed since ``current`` (restore service as
+            balanced as upstream's full rebalance would, moving little), ``"bound"`` otherwise (a
+            periodic rebalance: as balanced as we can place).
     """
     L, E = weight.shape
     S = slots_per_rank
-    _check_options(min_balance, balance_tolerance, max_swaps, search)
+    _check_options(min_balance, balance_tolerance, max_swaps, search, balance_reference)
     if S > E:
         raise ValueError(
             f"slots_per_rank ({S}) exceeds the number of logical experts ({E}): a rank would hold an expert twice"
@@ -126,17 +148,20 @@ def elasticity_aware(
     if current is None:
         result, _ = from_scratch(w, n, S, node_of, iters)
     else:
+        event = _live_set_changed(current, live, num_ranks, S)
         if balance_tolerance is not None:
             min_balance = 1.0 / (1.0 + balance_tolerance)
         elif min_balance is None:
-            min_balance = DEFAULT_MIN_BALANCE[0 if _live_set_changed(current, live, num_ranks, S) else 1]
+            min_balance = DEFAULT_MIN_BALANCE[0 if event else 1]
+        if balance_reference is None:
+            balance_reference = DEFAULT_BALANCE_REFERENCE[0 if event else 1]
         if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:  # sums of up to 128 lightest replicas
-            target, rep_bound = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK)
+            target, rep_bound = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, balance_reference)
         else:
-            target, rep_bound = balance_target(weight, n, S, min_balance), None
+            target, rep_bound = balance_target(weight, n, S, min_balance, balance_reference), None
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide",
-                              rep_bound=rep_bound)
+                              rep_bound=rep_bound, exact_target=balance_reference == "greedy")
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result
     return out.reshape(L, num_ranks * S)

@@ -203,7 +203,118 @@ if AVAILABLE:
         return (_sum_block(small, k) if k > 0 else 0.0), top
 
     @njit(cache=True, nogil=True)
-    def _targets_all(layers, weight, w, n, S, min_balance, slack, target, rep_bound):
+    def _greedy_busiest_layer(w, n, S, c, gain, cand, rep, per, key, per2, key2, eid, eid2, cnt, load, val,
+                              left, holds, tree):
+        """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand, rep`` ``[E]``; ``per, key,
+        per2, key2, eid, eid2`` ``[n * S]`` (float64, uint32, int64); ``cnt`` int64 ``[256]``; ``load,
+        val`` float64 and ``left`` int64 ``[2 n]``; ``holds`` bool ``[n, max(n S - E, 1)]``; ``tree``
+        int64 ``[4 n]``.
+
+        Replicas are ordered by their float32 value, as upstream sorts them (a stable LSD radix sort of
+        the bit patterns, which order like the positive floats: ~4x numba's quicksort here)."""
+        E = w.size
+        D = n * S - E
+        # Only the D heaviest experts (ties: lower id) can be picked in D steps: each heavier one is
+        # picked first. At most one replica per rank (n per expert), as our placements.
+        m = 0
+        for e in range(E if D > 0 else 0):
+            if m < D or w[e] > w[cand[m - 1]]:
+                j = m if m < D else D - 1
+                while j > 0 and w[cand[j - 1]] < w[e]:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = e
+                m = min(m + 1, D)
+        for e in range(E):
+            c[e] = 1
+            gain[e] = w[e]
+        for _ in range(D):
+            b = cand[0]
+            for i in range(1, m):
+                e = cand[i]
+                if gain[e] > gain[b] or (gain[e] == gain[b] and e < b):
+                    b = e
+            c[b] += 1
+            gain[b] = w[b] / c[b] if c[b] < n else -1.0
+        for e in range(E):
+            gain[e] = w[e] / c[e]
+            rep[e] = -1
+        for i in range(m):  # the experts that may get a second replica: a column of `holds` each
+            rep[cand[i]] = i
+            for r in range(n):
+                holds[r, i] = False
+        f32 = gain[:E].astype(np.float32)  # each expert's replica
+        bits = f32.view(np.uint32)
+        k = 0
+        for e in range(E):
+            for _ in range(c[e]):
+                per[k] = gain[e]
+                key[k] = bits[e]
+                eid[k] = e
+                k += 1
+        a, va, ea, b2, vb, eb = key, per, eid, key2, per2, eid2
+        for sh in range(0, 32, 8):
+            cnt[:] = 0
+            for i in range(k):
+                cnt[(a[i] >> sh) & 255] += 1
+            tot = 0
+            for d in range(256):
+                x = cnt[d]
+                cnt[d] = tot
+                tot += x
+            for i in range(k):
+                d = (a[i] >> sh) & 255
+                j = cnt[d]
+                b2[j] = a[i]
+                vb[j] = va[i]
+                eb[j] = ea[i]
+                cnt[d] = j + 1
+            a, b2 = b2, a
+            va, vb = vb, va
+            ea, eb = eb, ea
+        # Heaviest first, each onto the least loaded rank with room that does not hold the expert yet
+        # (ties: lower id). A tournament tree over the ranks (each node keeps its subtree's least
+        # loaded rank with room) answers in O(1) and updates in O(log n); where its answer holds the
+        # expert (a replica of an expert already placed), a scan finds the next one.
+        N = 1
+        while N < n:
+            N *= 2
+        for r in range(N):
+            val[r] = 0.0 if r < n else np.inf
+            load[r] = 0.0
+            tree[N + r] = r
+        for v in range(N - 1, 0, -1):
+            a0, a1 = tree[2 * v], tree[2 * v + 1]
+            tree[v] = a1 if val[a1] < val[a0] else a0
+        for r in range(n):
+            left[r] = S
+        for i in range(k - 1, -1, -1):
+            j = rep[ea[i]]
+            r = tree[1]
+            if j >= 0 and holds[r, j]:
+                r = -1
+                for q in range(n):
+                    if left[q] > 0 and not holds[q, j] and (r < 0 or load[q] < load[r]):
+                        r = q
+                if r < 0:  # every rank with room holds it already: a second replica there, as upstream
+                    r = tree[1]
+            if j >= 0:
+                holds[r, j] = True
+            load[r] += va[i]
+            left[r] -= 1
+            val[r] = load[r] if left[r] > 0 else np.inf
+            v = (N + r) >> 1
+            while v >= 1:
+                a0, a1 = tree[2 * v], tree[2 * v + 1]
+                tree[v] = a1 if val[a1] < val[a0] else a0
+                v >>= 1
+        best = load[0]
+        for r in range(1, n):
+            best = max(best, load[r])
+        return best
+
+    @njit(cache=True, nogil=True)
+    def _targets_all(layers, weight, w, n, S, min_balance, slack, greedy_ref, target, rep_bound):
         """:func:`.elasticity_aware.balance_target` and ``from_current``'s replica bound, per layer."""
         E = weight.shape[1]
         c = np.empty(E, np.int64)
@@ -211,6 +322,14 @@ if AVAILABLE:
         cand = np.empty(E, np.int64)
         k = min(S - 1, E - 1) if S > 1 else 0
         small = np.empty(max(k, 1))
+        per, per2 = np.empty(n * S), np.empty(n * S)
+        key, key2 = np.empty(n * S, np.uint32), np.empty(n * S, np.uint32)
+        cnt = np.empty(256, np.int64)
+        load, val, left = np.empty(2 * n), np.empty(2 * n), np.empty(2 * n, np.int64)
+        tree = np.empty(4 * n, np.int64)
+        rep = np.empty(E, np.int64)
+        eid, eid2 = np.empty(n * S, np.int64), np.empty(n * S, np.int64)
+        holds = np.zeros((n, max(n * S - E, 1)), np.bool_)
         for i in range(layers.size):
             l = layers[i]
             wl = weight[l]
@@ -222,6 +341,9 @@ if AVAILABLE:
                 target[l] = np.inf
                 rep_bound[l] = np.inf
                 continue
+            if greedy_ref:  # the real placement's busiest rank (no slack), or the bound below it
+                bound = max(max(mean, top + fill), _greedy_busiest_layer(
+                    wl, n, S, c, gain, cand, rep, per, key, per2, key2, eid, eid2, cnt, load, val, left, holds, tree))
             target[l] = bound / min_balance
             _greedy_layer(w[l], n * S, n, c, gain, cand)
             fill, top = _fill(w[l], c, k, small)

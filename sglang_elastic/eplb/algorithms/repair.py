@@ -17,6 +17,7 @@ __all__ = ["drop_surplus", "pool_items", "place_pool", "replica_bound", "from_cu
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
 _NEAR = 1 + 2e-3  # a layer this close above its target is compared with from scratch (_already_there)
+_LIGHT = 6  # the narrow search: partners of the busiest rank among this many least busy ranks
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
@@ -161,7 +162,7 @@ def replica_bound(w: np.ndarray, n: int, S: int, target: np.ndarray, min_balance
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False,
-                 rep_bound: Optional[np.ndarray] = None) -> np.ndarray:
+                 rep_bound: Optional[np.ndarray] = None, exact_target: bool = False) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -173,6 +174,9 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
         wide_search: swaps look at every rank under the target, not the 4 least busy (see :func:`refine`).
         rep_bound: :func:`replica_bound` if the caller has it.
+        exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
+            greedy reference), not from a bound: it is the promise itself, so no layer's allowance is
+            raised to our from-scratch placement's (that placement stays a candidate where it helps).
 
     Returns:
         int64 ``[L, n, S]``.
@@ -184,8 +188,9 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # trade against layers above them (~1 % fewer transfers, no measurable time).
     aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
-        rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, _NEAR, aim_factor,
-                                      light=4, wide_search=wide_search)
+        near = 1.0 if exact_target else _NEAR
+        rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, near, aim_factor,
+                                      light=_LIGHT, wide_search=wide_search)
         orig, target = rp.orig, target.copy()
         stopped = np.flatnonzero(rp.flag)
         if stopped.size:  # conflicts to fix, or just above the target: numpy, then the compiled swaps
@@ -196,8 +201,9 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             if node_of is not None:
                 rp.node_cnt[stopped] = st.node_cnt
             rp.load[stopped] = load = st.loads()
-            target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
-                                             min_balance)
+            if not exact_target:
+                target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
+                                                 min_balance)
             rp.aim[stopped] = target[stopped] * aim_factor
             repair_jit.refine_layers(rp, stopped)
         maxes, fetched, record = repair_jit.traced(rp)
@@ -213,12 +219,13 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         fix_conflicts(st, max_iters=n * S)
         orig = SlotState(cur, per, None).present
         load = st.loads()
-        target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
+        if not exact_target:
+            target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
         # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds
         # instead of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after
         # a failure.
         trace: list = []
-        refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=4, trace=trace,
+        refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=_LIGHT, trace=trace,
                wide_search=wide_search)
         maxes, fetched = np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace])
         x = st.x
@@ -234,7 +241,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # The promise is relative to from-scratch balance: where we computed the real from-scratch
     # placement, its busiest rank (over min_balance) replaces the bound-based target in the budget.
     allowed = target.copy()
-    allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
+    if not exact_target:
+        allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
         refine_jit.rewind_traced(x, record, k)
