@@ -112,15 +112,14 @@ def max_load_bound(weight: np.ndarray, counts: np.ndarray, num_ranks: int, slots
 
 def greedy_busiest(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
     """float64 ``[L]``: the busiest rank's load of DeepSeek's greedy from-scratch placement on
-    ``num_ranks`` ranks (what upstream SGLang's EPLB, global policy on the live ranks, places for this
-    load) under our rule of at most one replica of an expert per rank.
+    ``num_ranks`` ranks, i.e. of what upstream SGLang's EPLB (global policy on the live ranks) places
+    for this load.
 
-    Replicas: one per expert, then each further one to the expert whose replica is heaviest (up to
-    ``num_ranks``). Packing: replicas heaviest first (by float32 value, as upstream sorts them; a
-    stable order), each onto the least loaded rank that has a free slot and does not hold the expert
-    yet (ties: lower rank), loads added in that order. Upstream may put two replicas of an expert on
-    one rank (a weighted split ours cannot express); where that is what balances a layer (an expert
-    needing more than one rank's share), its balance is out of our reach and not the reference.
+    Replicas: one per expert, then each further one to the expert whose replica is heaviest (no cap,
+    as upstream). Packing: replicas heaviest first (by float32 value, as upstream sorts them; a stable
+    order), each onto the least loaded rank with a free slot (ties: lower rank), loads added in that
+    order. Upstream may so put two replicas of an expert on one rank, a weighted split our placements
+    do not make (the algorithm then allows a layer its own from-scratch balance, see ``from_current``).
 
     Parameters:
         weight: float64 ``[L, E]`` load per logical expert. num_ranks: ``n``. slots_per_rank: ``S``
@@ -129,23 +128,21 @@ def greedy_busiest(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> n
     Returns:
         float64 ``[L]``.
     """
-    L, E = weight.shape
+    from .deepseek import replicate_experts
+
+    L = weight.shape[0]
     n, S = num_ranks, slots_per_rank
-    cnt = greedy_counts(weight, n * S, n)
+    _, _, cnt = replicate_experts(weight, n * S)
     out = np.empty(L)
     for l in range(L):  # the reference path (numba compiles the same steps: jit_sums)
-        per = weight[l] / cnt[l]
-        eid = np.repeat(np.arange(E), cnt[l])
-        order = np.argsort(per[eid].astype(np.float32).view(np.uint32), kind="stable")[::-1]
+        per = np.repeat(weight[l] / cnt[l], cnt[l])
+        per = per[np.argsort(per.astype(np.float32).view(np.uint32), kind="stable")[::-1]]
         load = np.zeros(n)
         left = np.full(n, S)
-        holds = np.zeros((n, E), dtype=bool)
-        for e in eid[order]:
-            room = left > 0
-            ok = room & ~holds[:, e]
-            r = int(np.flatnonzero(ok)[load[ok].argmin()]) if ok.any() else int(np.flatnonzero(room)[load[room].argmin()])
-            load[r] += per[e]
+        for p in per:
+            room = np.flatnonzero(left > 0)
+            r = int(room[load[room].argmin()])
+            load[r] += p
             left[r] -= 1
-            holds[r, e] = True
         out[l] = load.max()
     return out

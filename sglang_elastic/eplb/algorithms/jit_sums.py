@@ -203,19 +203,17 @@ if AVAILABLE:
         return (_sum_block(small, k) if k > 0 else 0.0), top
 
     @njit(cache=True, nogil=True)
-    def _greedy_busiest_layer(w, n, S, c, gain, cand, rep, per, key, per2, key2, eid, eid2, cnt, load, val,
-                              left, holds, tree):
-        """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand, rep`` ``[E]``; ``per, key,
-        per2, key2, eid, eid2`` ``[n * S]`` (float64, uint32, int64); ``cnt`` int64 ``[256]``; ``load,
-        val`` float64 and ``left`` int64 ``[2 n]``; ``holds`` bool ``[n, max(n S - E, 1)]``; ``tree``
-        int64 ``[4 n]``.
+    def _greedy_busiest_layer(w, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree):
+        """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand`` ``[E]``; ``per, key,
+        per2, key2`` ``[n * S]`` (float64, uint32); ``cnt`` int64 ``[256]``; ``load, val`` float64 and
+        ``left`` int64 ``[2 n]``; ``tree`` int64 ``[4 n]``.
 
         Replicas are ordered by their float32 value, as upstream sorts them (a stable LSD radix sort of
         the bit patterns, which order like the positive floats: ~4x numba's quicksort here)."""
         E = w.size
         D = n * S - E
         # Only the D heaviest experts (ties: lower id) can be picked in D steps: each heavier one is
-        # picked first. At most one replica per rank (n per expert), as our placements.
+        # picked first (no cap per rank, as upstream).
         m = 0
         for e in range(E if D > 0 else 0):
             if m < D or w[e] > w[cand[m - 1]]:
@@ -235,14 +233,7 @@ if AVAILABLE:
                 if gain[e] > gain[b] or (gain[e] == gain[b] and e < b):
                     b = e
             c[b] += 1
-            gain[b] = w[b] / c[b] if c[b] < n else -1.0
-        for e in range(E):
-            gain[e] = w[e] / c[e]
-            rep[e] = -1
-        for i in range(m):  # the experts that may get a second replica: a column of `holds` each
-            rep[cand[i]] = i
-            for r in range(n):
-                holds[r, i] = False
+            gain[b] = w[b] / c[b]
         f32 = gain[:E].astype(np.float32)  # each expert's replica
         bits = f32.view(np.uint32)
         k = 0
@@ -250,9 +241,8 @@ if AVAILABLE:
             for _ in range(c[e]):
                 per[k] = gain[e]
                 key[k] = bits[e]
-                eid[k] = e
                 k += 1
-        a, va, ea, b2, vb, eb = key, per, eid, key2, per2, eid2
+        a, va, b2, vb = key, per, key2, per2
         for sh in range(0, 32, 8):
             cnt[:] = 0
             for i in range(k):
@@ -267,15 +257,12 @@ if AVAILABLE:
                 j = cnt[d]
                 b2[j] = a[i]
                 vb[j] = va[i]
-                eb[j] = ea[i]
                 cnt[d] = j + 1
             a, b2 = b2, a
             va, vb = vb, va
-            ea, eb = eb, ea
-        # Heaviest first, each onto the least loaded rank with room that does not hold the expert yet
-        # (ties: lower id). A tournament tree over the ranks (each node keeps its subtree's least
-        # loaded rank with room) answers in O(1) and updates in O(log n); where its answer holds the
-        # expert (a replica of an expert already placed), a scan finds the next one.
+        # Heaviest first, each onto the least loaded rank with room (ties: lower id), as upstream (which
+        # may put two replicas of an expert on one rank). A tournament tree over the ranks (each node
+        # keeps its subtree's least loaded rank with room) answers in O(1), updates in O(log n).
         N = 1
         while N < n:
             N *= 2
@@ -289,17 +276,7 @@ if AVAILABLE:
         for r in range(n):
             left[r] = S
         for i in range(k - 1, -1, -1):
-            j = rep[ea[i]]
             r = tree[1]
-            if j >= 0 and holds[r, j]:
-                r = -1
-                for q in range(n):
-                    if left[q] > 0 and not holds[q, j] and (r < 0 or load[q] < load[r]):
-                        r = q
-                if r < 0:  # every rank with room holds it already: a second replica there, as upstream
-                    r = tree[1]
-            if j >= 0:
-                holds[r, j] = True
             load[r] += va[i]
             left[r] -= 1
             val[r] = load[r] if left[r] > 0 else np.inf
@@ -327,9 +304,6 @@ if AVAILABLE:
         cnt = np.empty(256, np.int64)
         load, val, left = np.empty(2 * n), np.empty(2 * n), np.empty(2 * n, np.int64)
         tree = np.empty(4 * n, np.int64)
-        rep = np.empty(E, np.int64)
-        eid, eid2 = np.empty(n * S, np.int64), np.empty(n * S, np.int64)
-        holds = np.zeros((n, max(n * S - E, 1)), np.bool_)
         for i in range(layers.size):
             l = layers[i]
             wl = weight[l]
@@ -343,7 +317,7 @@ if AVAILABLE:
                 continue
             if greedy_ref:  # the real placement's busiest rank (no slack), or the bound below it
                 bound = max(max(mean, top + fill), _greedy_busiest_layer(
-                    wl, n, S, c, gain, cand, rep, per, key, per2, key2, eid, eid2, cnt, load, val, left, holds, tree))
+                    wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree))
             target[l] = bound / min_balance
             _greedy_layer(w[l], n * S, n, c, gain, cand)
             fill, top = _fill(w[l], c, k, small)

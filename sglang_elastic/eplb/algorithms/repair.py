@@ -175,8 +175,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         wide_search: swaps look at every rank under the target, not the 4 least busy (see :func:`refine`).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
-            greedy reference), not from a bound: it is the promise itself, so no layer's allowance is
-            raised to our from-scratch placement's (that placement stays a candidate where it helps).
+            greedy reference), not from a bound: a layer just above it is not compared with our
+            from-scratch placement (which only a layer that misses it entirely may fall back to).
 
     Returns:
         int64 ``[L, n, S]``.
@@ -241,8 +241,10 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # The promise is relative to from-scratch balance: where we computed the real from-scratch
     # placement, its busiest rank (over min_balance) replaces the bound-based target in the budget.
     allowed = target.copy()
-    if not exact_target:
-        allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
+    # Where we computed the real from-scratch placement, a layer may keep its busiest rank over
+    # min_balance: with a bound-based target the promise is relative to it; with upstream's (exact)
+    # one, it is a layer whose expert upstream balances by two replicas on one rank, out of our reach.
+    allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
         refine_jit.rewind_traced(x, record, k)
