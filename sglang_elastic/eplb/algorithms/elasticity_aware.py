@@ -115,7 +115,7 @@ def elasticity_aware(
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
         max_swaps: cap on repair swaps per layer (default ``2 * live ranks + 4 * slots_per_rank + 16``).
-        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 4 least busy ranks;
+        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 6 least busy ranks;
             ``"wide"``: at every rank under the target. Wide finds more swaps that re-route moved
             replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
         balance_reference: what ``min_balance`` is a fraction of. ``"greedy"``: the balancedness of

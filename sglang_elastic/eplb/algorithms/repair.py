@@ -172,7 +172,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         iters: swap budget per layer. target: float64 ``[L]`` busiest-rank load to reach (``inf``: any).
         min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
-        wide_search: swaps look at every rank under the target, not the 4 least busy (see :func:`refine`).
+        wide_search: swaps look at every rank under the target, not the 6 least busy (see :func:`refine`).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
