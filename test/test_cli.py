@@ -201,6 +201,22 @@ def test_search_is_passed_to_the_algorithm(capsys, tmp_path):
     assert rep["movement_slots"] == movement(healthy, want)
 
 
+def test_balance_reference_is_passed_to_the_algorithm(capsys, tmp_path):
+    """--balance-reference bound reaches elasticity_aware; after a failure the default is greedy."""
+    w = _load()
+    np.save(tmp_path / "w.npy", w)
+    healthy = rebalance(w, R, S)
+    for ref in ("bound", None):
+        args = ["--balance-reference", ref] if ref else []
+        rc, _, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--current", "healthy", "--dead", 1,
+                          *args, "--json", tmp_path / "r.json")
+        assert rc == 0, err
+        rep = json.loads((tmp_path / "r.json").read_text())
+        want = rebalance(w, R, S, live_ranks=_live([1]), current=healthy, balance_reference=ref or "greedy")
+        assert rep["options"] == ({"balance_reference": ref} if ref else {})
+        assert rep["movement_slots"] == movement(healthy, want)
+
+
 def test_plot_writes_png(capsys, tmp_path):
     np.save(tmp_path / "w.npy", _load())
     rc, out, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--dead", 2, "--current", "healthy",
@@ -289,6 +305,9 @@ BAD = [
     ([*W, "--algorithm", "deepseek", "--min-balance", "0.9"], "--min-balance is not an option of the deepseek"),
     ([*W, "--search", "deep"], "argument --search: invalid choice: 'deep'"),
     ([*W, "--algorithm", "deepseek", "--search", "wide"], "--search is not an option of the deepseek"),
+    ([*W, "--balance-reference", "best"], "argument --balance-reference: invalid choice: 'best'"),
+    ([*W, "--algorithm", "deepseek", "--balance-reference", "bound"],
+     "--balance-reference is not an option of the deepseek"),
     ([*W, "--output", "{d}/plan.yaml"], "--output must end in .json or .pt"),
     ([*W, "--output", "{d}/absent_dir/plan.json"], "--output {d}/absent_dir/plan.json: "),
     ([*W, "--json", "{d}/absent_dir/r.json"], "--json {d}/absent_dir/r.json: "),

@@ -107,3 +107,31 @@ def test_plugin_min_balance_flag(monkeypatch):
     monkeypatch.setenv("SGLANG_ELASTIC_EPLB_BALANCE_TOLERANCE", "0.1")
     with pytest.raises(ValueError, match="give --eplb-min-balance or --eplb-balance-tolerance, not both"):
         options.current()
+
+
+def test_plugin_balance_reference_flag(monkeypatch):
+    """--eplb-balance-reference: greedy or bound, into PluginOptions; anything else gives one line."""
+    import argparse
+
+    from sglang_elastic.sglang_plugin import options
+
+    for k in list(os.environ):
+        if k.startswith(options.ENV_PREFIX):
+            monkeypatch.delenv(k)
+    p = argparse.ArgumentParser()
+    options.add_cli_args(p)
+    ns = p.parse_args(["--eplb-balance-reference", "bound"])
+    assert options.export_from_namespace(ns) == {"SGLANG_ELASTIC_EPLB_BALANCE_REFERENCE": "bound"}
+    assert options.current().eplb_balance_reference == "bound"
+    monkeypatch.setenv("SGLANG_ELASTIC_EPLB_BALANCE_REFERENCE", "upstream")
+    with pytest.raises(ValueError) as ei:
+        options.current()
+    assert str(ei.value) == ("SGLANG_ELASTIC_EPLB_BALANCE_REFERENCE='upstream' (from --eplb-balance-reference): "
+                             "expected greedy or bound, got 'upstream'")
+
+
+def test_balance_reference_option_is_checked():
+    w = synthetic_load("lognormal1", 2, 16, seed=1)
+    cur = rebalance(w, 4, 6)
+    with pytest.raises(ValueError, match=r"^balance_reference must be one of greedy, bound, got 'best'$"):
+        rebalance(w, 4, 6, current=cur, balance_reference="best")
