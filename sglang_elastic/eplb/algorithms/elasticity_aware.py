@@ -4,8 +4,9 @@ From scratch (:mod:`.packing`): DeepSeek's greedy replica counts, balanced large
 the live ranks, node ordering and conflict removal, a short swap refinement.
 
 From a ``current`` placement (:mod:`.repair`): the caller states the trade-off, not a constant —
-``min_balance=0.99`` asks for at least 99 % of the balancedness a from-scratch placement reaches,
-with the least movement that gets there. Every surviving replica stays unless balance needs its slot;
+``min_balance=0.99`` asks for at least 99 % of the balancedness a from-scratch placement reaches
+(after a failure or scale event upstream's, DeepSeek's greedy; for a periodic rebalance ours:
+``balance_reference``), with the least movement that gets there. Every surviving replica stays unless balance needs its slot;
 orphans and replicas the new counts need go to freed slots; swaps repair only the ranks above the
 target; a layer that cannot reach it takes the from-scratch placement when that is better.
 
