@@ -83,8 +83,8 @@ def test_metrics_never_nan_for_finite_input():
         assert np.isfinite(balancedness(w, p)) and np.isfinite(layer_balancedness(w, p)).all()
 
 
-def test_plugin_min_balance_flag(monkeypatch):
-    """--eplb-min-balance: parsed into PluginOptions; bad values (outside (0, 1], NaN) give one line."""
+def _plugin_flags(monkeypatch):
+    """The plugin's options module and an argparse parser with its flags, no option set in the env."""
     import argparse
 
     from sglang_elastic.sglang_plugin import options
@@ -94,6 +94,12 @@ def test_plugin_min_balance_flag(monkeypatch):
             monkeypatch.delenv(k)
     p = argparse.ArgumentParser()
     options.add_cli_args(p)
+    return options, p
+
+
+def test_plugin_min_balance_flag(monkeypatch):
+    """--eplb-min-balance: parsed into PluginOptions; bad values (outside (0, 1], NaN) give one line."""
+    options, p = _plugin_flags(monkeypatch)
     ns = p.parse_args(["--eplb-min-balance", "0.95"])
     assert options.export_from_namespace(ns) == {"SGLANG_ELASTIC_EPLB_MIN_BALANCE": "0.95"}
     assert options.current().eplb_min_balance == 0.95
@@ -111,15 +117,7 @@ def test_plugin_min_balance_flag(monkeypatch):
 
 def test_plugin_balance_reference_flag(monkeypatch):
     """--eplb-balance-reference: greedy or bound, into PluginOptions; anything else gives one line."""
-    import argparse
-
-    from sglang_elastic.sglang_plugin import options
-
-    for k in list(os.environ):
-        if k.startswith(options.ENV_PREFIX):
-            monkeypatch.delenv(k)
-    p = argparse.ArgumentParser()
-    options.add_cli_args(p)
+    options, p = _plugin_flags(monkeypatch)
     ns = p.parse_args(["--eplb-balance-reference", "bound"])
     assert options.export_from_namespace(ns) == {"SGLANG_ELASTIC_EPLB_BALANCE_REFERENCE": "bound"}
     assert options.current().eplb_balance_reference == "bound"

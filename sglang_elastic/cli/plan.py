@@ -112,8 +112,8 @@ def add_parser(sub: Any) -> None:
                           "bound of any plan's busiest rank (bound: our from-scratch balance, more movement "
                           "on skewed loads); default greedy after a failure or scale event, bound otherwise")
     alg.add_argument("--search", choices=("narrow", "wide"),
-                     help="elasticity_aware with --current: where each swap looks for a partner: the 4 least "
-                          "busy ranks (narrow, default; 6 of them) or every rank under the target (wide: 7-30 %% fewer "
+                     help="elasticity_aware with --current: where each swap looks for a partner: the 6 least "
+                          "busy ranks (narrow, default) or every rank under the target (wide: 7-30 %% fewer "
                           "transfers after a failure on skewed loads, ~3x the planning time)")
     alg.add_argument("--num-groups", type=positive_int,
                      help="deepseek: expert groups, for hierarchical (node-limited) placement")

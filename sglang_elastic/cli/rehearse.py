@@ -114,8 +114,8 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
             _check_output(flag, path, outs)
     _require_transport(cfg.cluster.transport)
     try:  # read by every rank's updater threads: refused here, before anything starts
-        from ..location.threads import _nice_from_env
-        _nice_from_env()
+        from ..location.threads import nice_from_env
+        nice_from_env()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.plot:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["SharedThreads", "without_frames", "QUIET_MAX_S", "BACKGROUND_NICE", "lower_priority"]
+__all__ = ["SharedThreads", "without_frames", "QUIET_MAX_S", "BACKGROUND_NICE", "lower_priority", "nice_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def lower_priority(increment: int) -> None:
         log.debug("could not lower the updater thread's priority: %r", exc)
 
 
-def _nice_from_env() -> int:
+def nice_from_env() -> int:
+    """The updater threads' nice increment: ``SGLANG_ELASTIC_UPDATER_NICE`` or :data:`BACKGROUND_NICE`;
+    anything but an integer >= 0 is a ``ValueError`` naming the variable."""
     raw = os.environ.get("SGLANG_ELASTIC_UPDATER_NICE")
     if raw is None:
         return BACKGROUND_NICE
@@ -71,7 +73,7 @@ class SharedThreads:
     """
 
     def __init__(self, store, name: str = "sgle", nice: Optional[int] = None) -> None:
-        self.nice = _nice_from_env() if nice is None else max(int(nice), 0)
+        self.nice = nice_from_env() if nice is None else max(int(nice), 0)
         self.store = _own_client(store)       # the boundary's reads and verdicts (caller's thread)
         self.bg_store = _own_client(store)    # the transport thread's marks and the poller's reads
         self.name = name

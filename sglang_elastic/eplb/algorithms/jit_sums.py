@@ -204,36 +204,15 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _greedy_busiest_layer(w, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree):
-        """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand`` ``[E]``; ``per, key,
+        """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand`` ``[E]`` (replication:
+        :func:`_greedy_layer` with no effective cap, as upstream's); ``per, key,
         per2, key2`` ``[n * S]`` (float64, uint32); ``cnt`` int64 ``[256]``; ``load, val`` float64 and
         ``left`` int64 ``[2 n]``; ``tree`` int64 ``[4 n]``.
 
         Replicas are ordered by their float32 value, as upstream sorts them (a stable LSD radix sort of
         the bit patterns, which order like the positive floats: ~4x numba's quicksort here)."""
         E = w.size
-        D = n * S - E
-        # Only the D heaviest experts (ties: lower id) can be picked in D steps: each heavier one is
-        # picked first (no cap per rank, as upstream).
-        m = 0
-        for e in range(E if D > 0 else 0):
-            if m < D or w[e] > w[cand[m - 1]]:
-                j = m if m < D else D - 1
-                while j > 0 and w[cand[j - 1]] < w[e]:
-                    cand[j] = cand[j - 1]
-                    j -= 1
-                cand[j] = e
-                m = min(m + 1, D)
-        for e in range(E):
-            c[e] = 1
-            gain[e] = w[e]
-        for _ in range(D):
-            b = cand[0]
-            for i in range(1, m):
-                e = cand[i]
-                if gain[e] > gain[b] or (gain[e] == gain[b] and e < b):
-                    b = e
-            c[b] += 1
-            gain[b] = w[b] / c[b]
+        _greedy_layer(w, n * S, n * S + 1, c, gain, cand)  # upstream's replication: no cap per rank
         f32 = gain[:E].astype(np.float32)  # each expert's replica
         bits = f32.view(np.uint32)
         k = 0
@@ -310,14 +289,16 @@ if AVAILABLE:
             _greedy_layer(wl, n * S, n, c, gain, cand)
             fill, top = _fill(wl, c, k, small)
             mean = _sum_pairwise(wl) / n
-            bound = max(mean, top + fill) * slack
             if wl.max() <= wl.min():
                 target[l] = np.inf
                 rep_bound[l] = np.inf
                 continue
+            bound = max(mean, top + fill)
             if greedy_ref:  # the real placement's busiest rank (no slack), or the bound below it
-                bound = max(max(mean, top + fill), _greedy_busiest_layer(
+                bound = max(bound, _greedy_busiest_layer(
                     wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree))
+            else:  # the bound is below what our from-scratch placement reaches
+                bound *= slack
             target[l] = bound / min_balance
             _greedy_layer(w[l], n * S, n, c, gain, cand)
             fill, top = _fill(w[l], c, k, small)

@@ -238,12 +238,10 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         fresh_cost = ((orig[g, np.arange(n)[None, :, None], fresh + 1] == 0) & (fresh >= 0)).sum((1, 2))
     else:
         fresh_max = fresh_cost = np.zeros(0)
-    # The promise is relative to from-scratch balance: where we computed the real from-scratch
-    # placement, its busiest rank (over min_balance) replaces the bound-based target in the budget.
-    allowed = target.copy()
     # Where we computed the real from-scratch placement, a layer may keep its busiest rank over
     # min_balance: with a bound-based target the promise is relative to it; with upstream's (exact)
     # one, it is a layer whose expert upstream balances by two replicas on one rank, out of our reach.
+    allowed = target.copy()
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
