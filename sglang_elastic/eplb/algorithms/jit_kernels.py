@@ -150,6 +150,9 @@ if AVAILABLE:
                 # A row's scores are computed without branches (inf: useless or not allowed), then
                 # scanned; higher-class pairs of a row that is kept lose to the best anyway.
                 pb_min = pb.min()
+                # sc >= -gap (rounding is monotone): no pair with this rank can beat the best so far.
+                if -gap + (pa_min + pb_min) >= best:
+                    continue
                 for sa in range(S):
                     if pa[sa] == inf or pa[sa] + pb_min > best_pen:
                         continue
