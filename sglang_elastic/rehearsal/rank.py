@@ -43,7 +43,7 @@ from .config import RehearsalConfig
 from .faults import FaultInjector
 from .model import MoEModel
 from .protocol import Health, InitInfo, Keys, PassResult, Served, StepPlan, StepResult, UpdateFigures
-from .rank_update import MAX_RECOVERIES, UpdaterSide, placement_from_store
+from .rank_update import UpdaterSide, placement_from_store
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +172,9 @@ class Rank(UpdaterSide):
         self._readmit(live)
         self.state.apply_membership(live, plan.epoch)
         rebuild = bool(plan.readmit)
-        for _ in range(MAX_RECOVERIES):
-            try:
-                self.dispatcher.set_peers(live, rebuild=rebuild)
-                break
-            except PeerFailure as exc:
-                # Dead since the plan was made, or only held dead here: membership decides (leaving
-                # it out alone would form a group nobody else joins), then serve the agreed survivors.
-                log.warning("rank %d: dispatcher peers %s: %s", self.rank, live, exc)
-                agreed = set(self._agreed_live_without(sorted(set(exc.ranks))))
-                live = [r for r in live if r in agreed]
-                rebuild = False  # once: a second reset here alone would put this rank out of step
+        # A rebuild happens once: a second reset here alone would put this rank out of step.
+        self._connect_peers(live, "dispatcher",
+                            lambda peers, attempt: self.dispatcher.set_peers(peers, rebuild=rebuild and attempt == 0))
         return True
 
     def forward(self, batch_ids: List[int]) -> List[PassResult]:

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -204,21 +204,25 @@ class UpdaterSide:
                 self._abandon(exc)
             self._serve_committed(before)  # begin empties the first chunks' overwritten slots
 
-    def _connect_peers(self, live: List[int]) -> List[int]:
-        """Point the transport at ``live``; returns the ranks it connected. A peer it fails on (dead
-        since the plan, or only held dead here) is not simply left out by this rank alone: that
-        view would be one nobody else forms, and both sides would wait out the connect deadline.
-        Membership decides (a real death is agreed at once; a suspicion is withdrawn after its
-        bound), and every rank connects to the agreed survivors."""
-        for _ in range(MAX_RECOVERIES):
+    def _connect_peers(self, live: List[int], what: str = "transport",
+                       connect: Optional[Callable[[List[int], int], None]] = None) -> List[int]:
+        """Connect ``what`` (default the transport; ``connect(peers, attempt)`` otherwise, e.g. the
+        dispatcher) to ``live``; returns the ranks it connected. A peer it fails on (dead since the
+        plan, or only held dead here) is not simply left out by this rank alone: that view would be
+        one nobody else forms, and both sides would wait out the connect deadline. Membership decides
+        (a real death is agreed at once; a suspicion is withdrawn after its bound), and every rank
+        connects to the agreed survivors."""
+        if connect is None:
+            connect = lambda peers, attempt: self.transport.set_peers(peers)  # noqa: E731
+        for attempt in range(MAX_RECOVERIES):
             try:
-                self.transport.set_peers(live)
+                connect(live, attempt)
                 return live
             except PeerFailure as exc:
-                log.warning("rank %d: transport peers %s: %s", self.rank, live, exc)
+                log.warning("rank %d: %s peers %s: %s", self.rank, what, live, exc)
                 agreed = set(self._agreed_live_without(sorted(set(exc.ranks))))
                 live = [r for r in live if r in agreed]
-        raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting to {live}")
+        raise RuntimeError(f"rank {self.rank}: peers kept dying while connecting the {what} to {live}")
 
     def adopt_update_membership(self, plan: StepPlan, changed: bool) -> None:
         """Adopt the live set for weight movement (collective) and start the plan's target, if any.
