@@ -45,7 +45,10 @@ def scale_to_unit(w: np.ndarray) -> np.ndarray:
     top = float(w.max()) if w.size else 0.0
     if top <= 0.0:
         return w
-    return np.ldexp(w, -np.frexp(top)[1])
+    k = int(np.frexp(top)[1])
+    if -1000 < k < 1000:  # 2 ** -k is a normal float: the product is ldexp's, ~20x cheaper
+        return w * (2.0 ** -k)
+    return np.ldexp(w, -k)
 
 
 def normalize_load(load: ArrayLike) -> np.ndarray:
