@@ -86,6 +86,107 @@ if AVAILABLE:
         _pick(mm, c_none, hi, k_hi)
         return True
 
+    @njit(cache=True, nogil=True)
+    def _choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost, k, use_fresh):
+        """:func:`.repair.choose_stops` whole (at most 128 layers with a finite target): fills ``k``
+        (int64 ``[L]``) and ``use_fresh`` (bool ``[M]``) with exactly the numpy reference's picks."""
+        K1, L = maxes.shape
+        m = np.empty((K1 + 1, L))
+        c = np.empty((K1 + 1, L))
+        for i in range(K1):
+            for j in range(L):
+                m[i, j] = maxes[i, j]
+                c[i, j] = fetched[i, j]
+        for j in range(L):
+            m[K1, j] = np.inf
+            c[K1, j] = 0.0
+        for i in range(missed.size):
+            m[K1, missed[i]] = fresh_max[i]
+            c[K1, missed[i]] = fresh_cost[i]
+        n_fin = 0
+        for j in range(L):
+            if np.isfinite(target[j]):
+                n_fin += 1
+        cols = np.empty(n_fin, np.int64)
+        buf = np.empty(max(n_fin, 1))
+        n_fin = 0
+        for j in range(L):
+            if np.isfinite(target[j]):
+                cols[n_fin] = j
+                buf[n_fin] = target[j]
+                n_fin += 1
+        for j in range(L):
+            k[j] = K1 - 1
+        if n_fin == 0:
+            for i in range(missed.size):
+                use_fresh[i] = False
+            return
+        budget = _sum_block(buf, n_fin)
+        scale = -np.inf
+        for i in range(K1 + 1):
+            for j in cols:
+                if np.isfinite(m[i, j]):
+                    scale = max(scale, abs(m[i, j]))
+        mm = np.empty((K1 + 1, L))
+        c_none = np.empty((K1 + 1, L))
+        for i in range(K1 + 1):
+            for j in range(L):
+                if np.isfinite(m[i, j]):
+                    mm[i, j] = m[i, j] / scale
+                    c_none[i, j] = c[i, j]
+                else:
+                    mm[i, j] = 0.0
+                    c_none[i, j] = np.inf
+        k_lo = np.empty(L, np.int64)
+        k_hi = np.empty(L, np.int64)
+        if _stops_search(mm, c_none, m, cols, budget, k_lo, k_hi):
+            # Layers alike switch at the same lam: switch only as many as the sum needs, cheapest
+            # transfers per unit of balance first.
+            nd = 0
+            for j in cols:
+                if k_lo[j] != k_hi[j]:
+                    nd += 1
+            d = np.empty(nd, np.int64)
+            dm = np.empty(nd)
+            ratio = np.empty(nd)
+            nd = 0
+            for j in cols:
+                if k_lo[j] != k_hi[j]:
+                    d[nd] = j
+                    dm[nd] = m[k_lo[j], j] - m[k_hi[j], j]
+                    ratio[nd] = (c[k_hi[j], j] - c[k_lo[j], j]) / max(dm[nd], 1e-300)
+                    nd += 1
+            for j in range(L):
+                k[j] = k_hi[j]
+            if nd:
+                order = np.argsort(ratio, kind="mergesort")
+                for i in range(n_fin):
+                    buf[i] = m[k_lo[cols[i]], cols[i]]
+                need = (_sum_block(buf, n_fin) - budget) * (1 - 1e-12)
+                cnt = nd
+                acc = 0.0
+                for i in range(nd):  # searchsorted(cumsum(dm[order]), need) + 1
+                    acc += dm[order[i]]
+                    if acc >= need:
+                        cnt = i
+                        break
+                cnt += 1
+                for j in range(L):
+                    k[j] = k_lo[j]
+                for i in range(min(cnt, nd)):
+                    k[d[order[i]]] = k_hi[d[order[i]]]
+        else:
+            for j in range(L):
+                k[j] = k_hi[j]
+        for j in range(L):
+            if not np.isfinite(target[j]):
+                k[j] = K1 - 1
+        for i in range(missed.size):
+            use_fresh[i] = k[missed[i]] == K1
+        for j in range(L):
+            if k[j] == K1:
+                k[j] = K1 - 1
+
     # ----------------------------------------------------------------- the output check
 
     @njit(cache=True, nogil=True)

@@ -271,6 +271,8 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     Returns:
         ``(step [L], use_fresh bool [M])``.
     """
+    if USE_JIT and int(np.isfinite(target).sum()) <= repair_jit.MAX_SLOTS:  # the same picks, compiled
+        return repair_jit.choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost)
     K1, L = maxes.shape
     m = np.concatenate([maxes, np.full((1, L), np.inf)], 0)
     c = np.concatenate([fetched.astype(np.float64), np.zeros((1, L))], 0)
@@ -295,22 +297,18 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     def total(k: np.ndarray) -> float:
         return m[k[cols_fin], cols_fin].sum()
 
-    if USE_JIT and cols_fin.size <= repair_jit.MAX_SLOTS:  # the same search, compiled
-        k_lo, k = np.empty(L, np.int64), np.empty(L, np.int64)
-        bracketed = repair_jit.stops_search(mm, c_none, m, cols_fin, budget, k_lo, k)
-    else:
-        lo, hi = 0.0, 1.0
-        while total(pick(hi)) > budget and hi < 1e12:
-            hi *= 4.0
-        bracketed = total(pick(hi)) <= budget
-        if bracketed:
-            for _ in range(30):  # ties at the end are settled one layer at a time below
-                mid = (lo + hi) / 2
-                if total(pick(mid)) > budget:
-                    lo = mid
-                else:
-                    hi = mid
-        k_lo, k = pick(lo), pick(hi)
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget and hi < 1e12:
+        hi *= 4.0
+    bracketed = total(pick(hi)) <= budget
+    if bracketed:
+        for _ in range(30):  # ties at the end are settled one layer at a time below
+            mid = (lo + hi) / 2
+            if total(pick(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+    k_lo, k = pick(lo), pick(hi)
     if bracketed:
         # Layers alike (same load shape) switch at the same lam: switch only as many as the sum needs,
         # cheapest transfers per unit of balance first.

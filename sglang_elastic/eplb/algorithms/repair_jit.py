@@ -22,9 +22,9 @@ from .refine_jit import _run_split
 
 if AVAILABLE:
     from .jit_kernels import _refine_all, _repair_refine_all
-    from .jit_sums import _stops_search, _targets_all, _valid
+    from .jit_sums import _choose_stops, _targets_all, _valid
 
-__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "stops_search", "targets", "valid"]
+__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "choose_stops", "targets", "valid"]
 
 
 @dataclass
@@ -112,12 +112,17 @@ def traced(rp: Repaired) -> Tuple[np.ndarray, np.ndarray, Tuple]:
     return rp.maxes[cols, t], rp.fetched[cols, t], (rp.swaps, rp.nsteps)
 
 
-def stops_search(mm: np.ndarray, c_none: np.ndarray, m: np.ndarray, cols: np.ndarray, budget: float,
-                 k_lo: np.ndarray, k_hi: np.ndarray) -> bool:
-    """:func:`.repair.choose_stops`' bisection for ``lam``, compiled (same picks; at most
-    :data:`MAX_SLOTS` columns in ``cols``). Fills ``k_lo`` / ``k_hi`` (int64 ``[L]``); returns whether
-    the budget can be kept (else ``k_hi`` holds the most balanced points)."""
-    return bool(_stops_search(mm, c_none, m, np.asarray(cols, dtype=np.int64), float(budget), k_lo, k_hi))
+def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, missed: np.ndarray,
+                 fresh_max: np.ndarray, fresh_cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`.repair.choose_stops`, compiled (the same picks; at most :data:`MAX_SLOTS` layers with a
+    finite target): ``(step [L], use_fresh bool [M])``."""
+    L = maxes.shape[1]
+    k, use_fresh = np.empty(L, np.int64), np.empty(len(missed), np.bool_)
+    _choose_stops(np.ascontiguousarray(maxes, dtype=np.float64), np.ascontiguousarray(fetched, dtype=np.float64),
+                  np.ascontiguousarray(target, dtype=np.float64), np.ascontiguousarray(missed, dtype=np.int64),
+                  np.ascontiguousarray(fresh_max, dtype=np.float64), np.ascontiguousarray(fresh_cost, dtype=np.float64),
+                  k, use_fresh)
+    return k, use_fresh
 
 
 def valid(phy2log: np.ndarray, num_ranks: int, num_experts: int, live: np.ndarray, allow_duplicates: bool) -> bool:
