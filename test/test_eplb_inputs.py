@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from sglang_elastic.eplb import balancedness, layer_balancedness, movement, orphans, rebalance
@@ -133,3 +134,18 @@ def test_balance_reference_option_is_checked():
     cur = rebalance(w, 4, 6)
     with pytest.raises(ValueError, match=r"^balance_reference must be one of greedy, bound, got 'best'$"):
         rebalance(w, 4, 6, current=cur, balance_reference="best")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-1074, 1023), st.integers(0, 2**16))
+def test_scale_to_unit_is_ldexp_at_every_magnitude(exp, seed):
+    """The multiply path and ldexp give the same bits, subnormal and near-overflow tops included."""
+    from sglang_elastic.eplb.algorithms.inputs import scale_to_unit
+
+    rng = np.random.default_rng(seed)
+    top = np.ldexp(1.0, exp) * rng.uniform(1.0, 1.999)
+    w = rng.random((3, 7)) * top
+    w[rng.integers(3), rng.integers(7)] = top
+    want = np.ldexp(w, -np.frexp(w.max())[1])
+    np.testing.assert_array_equal(scale_to_unit(w), want)
+    assert 0.5 <= scale_to_unit(w).max() < 1.0
