@@ -37,7 +37,6 @@ import torch
 
 from ..eplb import warm_up
 from ..location.updater import UpdateFailure
-from ..transport.base import PeerFailure
 from ..transport.liveness import Liveness
 from .config import RehearsalConfig
 from .faults import FaultInjector
