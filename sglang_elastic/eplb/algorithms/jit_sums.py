@@ -304,16 +304,19 @@ if AVAILABLE:
         return (_sum_block(small, k) if k > 0 else 0.0), top
 
     @njit(cache=True, nogil=True)
-    def _greedy_busiest_layer(w, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree):
+    def _greedy_busiest_layer(w, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree,
+                              replicated=False):
         """:func:`.counts.greedy_busiest` for one layer. Scratch: ``c, gain, cand`` ``[E]`` (replication:
-        :func:`_greedy_layer` with no effective cap, as upstream's); ``per, key,
+        :func:`_greedy_layer` with no effective cap, as upstream's; ``replicated``: the caller's ``c`` and
+        ``gain`` hold it already, e.g. a capped replication whose cap no expert reached); ``per, key,
         per2, key2`` ``[n * S]`` (float64, uint32); ``cnt`` int64 ``[256]``; ``load, val`` float64 and
         ``left`` int64 ``[2 n]``; ``tree`` int64 ``[4 n]``.
 
         Replicas are ordered by their float32 value, as upstream sorts them (a stable LSD radix sort of
         the bit patterns, which order like the positive floats: ~4x numba's quicksort here)."""
         E = w.size
-        _greedy_layer(w, n * S, n * S + 1, c, gain, cand)  # upstream's replication: no cap per rank
+        if not replicated:
+            _greedy_layer(w, n * S, n * S + 1, c, gain, cand)  # upstream's replication: no cap per rank
         f32 = gain[:E].astype(np.float32)  # each expert's replica
         bits = f32.view(np.uint32)
         k = 0
@@ -396,8 +399,9 @@ if AVAILABLE:
                 continue
             bound = max(mean, top + fill)
             if greedy_ref:  # the real placement's busiest rank (no slack), or the bound below it
+                # Below the per-rank cap everywhere, the capped replication above is upstream's too.
                 bound = max(bound, _greedy_busiest_layer(
-                    wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree))
+                    wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree, c.max() < n))
             else:  # the bound is below what our from-scratch placement reaches
                 bound *= slack
             target[l] = bound / min_balance
