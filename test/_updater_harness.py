@@ -38,6 +38,22 @@ def wrong_slots(w: torch.Tensor, placement: Placement, rank: int) -> list:
     return bad
 
 
+def wrong_backups(upd, rank: int) -> list:
+    """``(layer, expert, row, "holds", expert found)`` for every backup row ``rank`` holds (by the
+    updater's layout) whose bytes are not its expert's: a restore from it would serve wrong weights."""
+    layout = upd.backup_layout
+    if layout is None:
+        return []
+    bad = []
+    for l, e in (layout.holder == rank).nonzero().tolist():
+        r = int(layout.row[l, e])
+        got = upd._backup["w"][r]
+        if not torch.equal(got, expert_value(l, e)):
+            v = got[0].item()
+            bad.append((l, e, r, "holds", None if v != v else int(v // 1000) - l * E))
+    return bad
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

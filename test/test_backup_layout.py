@@ -151,3 +151,41 @@ def test_kept_backup_leaves_the_only_node_serving_its_expert():
     kept = assign_backups(after, None, ranks_per_node=2, previous=previous, rows_per_rank=8)
     assert int(kept.holder[0, 0]) // 2 == 1
     assert int(kept.holder[0, 3]) == 0  # rank 0 does not serve 3 and node 1 serves it too: kept
+
+
+def test_a_backup_given_another_row_on_its_holder_is_refilled():
+    """A pair kept on its holder but moved to another row reads another pair's bytes there (or none):
+    it needs a copy like a pair that changed holder. (Both re-homings once compared holders only,
+    and a restore from such a row served another expert's weights.)"""
+    from sglang_elastic.location.backup import BackupLayout
+
+    prev = BackupLayout(torch.tensor([[1, 2, -1, 3]]), torch.tensor([[0, 0, -1, 4]]), 8)
+    new = BackupLayout(torch.tensor([[1, 2, 0, -1]]), torch.tensor([[0, 5, 1, -1]]), 8)
+    assert new.refills(prev).tolist() == [[False, True, True, False]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_rehoming_keeps_rows_of_pairs_back_on_their_holder(data):
+    """Re-homing onto the same holder keeps the pair's row where the holder has room (no copy needed);
+    whatever the layout, the pairs needing a copy are exactly those whose (holder, row) changed, and
+    rows stay unique."""
+    L, E, R = 2, data.draw(st.integers(6, 16)), data.draw(st.integers(3, 6))
+    S = -(-E // R) + data.draw(st.integers(0, 2))
+    w = synthetic_load("lognormal1", L, E, seed=data.draw(st.integers(0, 99)))
+    p = rebalance(w, R, S)
+    cap = data.draw(st.integers(-(-L * E // R), L * E))
+    first = assign_backups(p, None, rows_per_rank=cap, degrade=True)
+    live = np.ones(R, bool)
+    live[data.draw(st.integers(0, R - 1))] = False
+    if live.sum() * S < E:
+        return
+    q = rebalance(w, R, S, live_ranks=live, current=p)
+    second = assign_backups(q, live, previous=first, rows_per_rank=cap, degrade=True)
+    h1, r1, h2, r2 = first.holder, first.row, second.holder, second.row
+    same = (h2 == h1) & (h2 >= 0)
+    if cap >= L * E:  # with room on every holder, a pair back on its holder keeps its row (no copy)
+        assert (r2[same] == r1[same]).all()
+    assert torch.equal(second.refills(first), (h2 >= 0) & ((h2 != h1) | (r2 != r1)))
+    rows = list(zip(h2[h2 >= 0].tolist(), r2[h2 >= 0].tolist()))
+    assert len(rows) == len(set(rows)) and all(0 <= r < cap for _, r in rows)

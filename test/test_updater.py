@@ -20,7 +20,7 @@ from sglang_elastic.eplb import Placement, orphans, rebalance
 from sglang_elastic.eplb.synthetic import drift, synthetic_load
 
 from _updater_harness import (D, E, L, R, S, agreed_failure_hook, expert_value, free_port, placements, stop_cluster,
-                              weights_for, wrong_slots)
+                              weights_for, wrong_backups, wrong_slots)
 
 TIMEOUT = 5.0
 
@@ -87,7 +87,7 @@ def worker(kind: str, rank: int, port: int, mport: int, chunk: int, seed: int, v
                 os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
             restored += upd.step().restored
             steps += 1
-        bad = wrong_slots(w, upd.placement, rank)
+        bad = wrong_slots(w, upd.placement, rank) + [("backup",) + b for b in wrong_backups(upd, rank)]
         out.put((rank, "ok", dict(bad=bad, epoch=state.membership_epoch - epoch0, dead_seen=epochs,
                                   live=state.live_ranks(), restored=restored, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist(), stats=dict(upd.stats),

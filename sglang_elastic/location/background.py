@@ -38,7 +38,7 @@ import torch
 from ..eplb.placement import Placement
 from ..transport.base import Copy, PeerFailure
 from .backup import BackupLayout, assign_backups
-from .commit_rule import backup_copies, decide, direct_to_empty, keep_slots, spare_rows, vacate
+from .commit_rule import backup_copies, decide, direct_to_empty, in_order, keep_slots, spare_rows, vacate
 from .staging import StagingBuffers, bg_staging_name
 from .threads import QUIET_MAX_S, SharedThreads, without_frames
 from .updater import ChunkReport, ExpertLocationUpdater, Staged, UpdateFailure, _Transient
@@ -529,7 +529,8 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         rehome = self._rehome_copies(job, cur, staged.future) if self.backup_layout is not None else None
         self._threads.open.wait(QUIET_MAX_S)
         try:
-            self._exec(staged.copies + (rehome[0] if rehome else []))
+            for copies in in_order(staged.copies, rehome[0] if rehome else []):
+                self._exec(copies)
         except (PeerFailure, UpdateFailure):
             if rehome:
                 self._unfill(*rehome)
@@ -549,7 +550,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
                                 rows_per_rank=prev.rows_per_rank, degrade=True)
         self._count_uncovered(layout)
         holder, row = layout.holder.clone(), layout.row.clone()
-        moved = (holder != prev.holder) & (holder >= 0)
+        moved = layout.refills(prev)
         spare_rows(prev, holder, row, moved, layout.rows_per_rank)
         stable = torch.ones(cur.shape, dtype=torch.bool)
         stable[job.before] = False

@@ -45,6 +45,12 @@ class BackupLayout:
         """Host memory each rank spends on backups."""
         return self.rows_per_rank * int(bytes_per_expert)
 
+    def refills(self, prev: "BackupLayout") -> torch.Tensor:
+        """Bool ``[L, E]``: the backups this layout needs copied, relative to ``prev``: every assigned
+        pair whose (holder, row) changed. A pair kept on its holder but given another row counts: that
+        row holds another pair's bytes (or none), not this one's."""
+        return (self.holder >= 0) & ((self.holder != prev.holder) | (self.row != prev.row))
+
     def rows_of(self, rank: int) -> torch.Tensor:
         """``[k, 2]`` (layer, expert) pairs whose backup ``rank`` holds."""
         return (self.holder == rank).nonzero()
@@ -112,6 +118,12 @@ def assign_backups(
         np.add.at(used, ph[keep], 1)
         taken[ph[keep], pr[keep]] = True
     todo = np.argwhere(holder < 0)
+    # Rows of pairs to re-home that may come back to their holder: other pairs take them last, so a
+    # pair back on its holder finds its row (and its bytes) free.
+    soft = np.zeros((R, cap), dtype=bool)
+    if previous is not None:
+        back = (ph >= 0) & live[phc] & (pr >= 0) & (pr < cap) & (holder < 0)
+        soft[ph[back], pr[back]] = True
     if degrade and len(todo) > int(np.maximum(cap - used[live], 0).sum()):
         replicas = holds[:, live, :].sum(1)  # [L, E] live replicas per expert
         exposed = replicas[todo[:, 0], todo[:, 1]]
@@ -133,7 +145,13 @@ def assign_backups(
             raise ValueError(
                 f"backup store full: {cap} rows per rank cannot hold a backup of every expert on {n_live} live ranks"
             )
-        free = int(np.flatnonzero(~taken[r])[0])
+        # Back on its previous holder (not kept above, e.g. it serves the expert now and no other
+        # rank has room): its previous row, if free, still holds its bytes, so nothing is copied.
+        if previous is not None and r == ph[l, e] and 0 <= pr[l, e] < cap and not taken[r, pr[l, e]]:
+            free = int(pr[l, e])
+        else:
+            rows = np.flatnonzero(~taken[r] & ~soft[r])
+            free = int(rows[0]) if len(rows) else int(np.flatnonzero(~taken[r])[0])
         holder[l, e], row[l, e] = r, free
         taken[r, free] = True
         used[r] += 1

@@ -17,7 +17,7 @@ from ..eplb.placement import Placement
 from ..transport.base import Copy
 from .backup import BackupLayout, backup_tensor_name
 
-__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty", "keep_slots", "vacate"]
+__all__ = ["decide", "spare_rows", "backup_copies", "direct_to_empty", "keep_slots", "vacate", "in_order"]
 
 _DEAD = "dead@"
 
@@ -58,6 +58,27 @@ def spare_rows(prev: BackupLayout, holder: torch.Tensor, row: torch.Tensor, move
             free[h] = [r for r in range(cap - 1, -1, -1) if (h, r) not in used]
         if free[h]:
             row[l, e] = free[h].pop()
+
+
+def in_order(first: List[Copy], then: List[Copy]) -> List[List[Copy]]:
+    """The executes that run ``first`` and then ``then`` with the meaning of that order (pure).
+
+    One execute runs its copies in no defined order (the transports post them together). So where a
+    copy of ``then`` writes a row a copy of ``first`` reads (a re-homed backup given the row an
+    orphan of the chunk is restored from, when the store has no free row), or reads a row ``first``
+    writes, they run as two executes; otherwise as one (one vote).
+
+    Returns:
+        ``[first + then]`` (one execute, even of no copy: its vote is the chunk's agreement), or
+        ``[first, then]`` when they touch a row in common.
+    """
+    if not first or not then:
+        return [first + then]
+    reads = {(c.src, c.src_name, c.src_row) for c in first}
+    writes = {(c.dst, c.dst_name, c.dst_row) for c in first}
+    if any((c.dst, c.dst_name, c.dst_row) in reads or (c.src, c.src_name, c.src_row) in writes for c in then):
+        return [first, then]
+    return [first + then]
 
 
 def backup_copies(placement: Placement, live: np.ndarray, holder: torch.Tensor, row: torch.Tensor,

@@ -355,10 +355,10 @@ class ExpertLocationUpdater:
         self.set_live(live)
 
     def _refill_rehomed(self, prev: BackupLayout) -> None:
-        """Fill backups whose holder changed from live replicas (collective). A backup with no live
-        replica to copy from is lost: its holder becomes ``-1`` so a restore fails loudly."""
+        """Fill backups whose holder or row changed from live replicas (collective). A backup with no
+        live replica to copy from is lost: its holder becomes ``-1`` so a restore fails loudly."""
         layout = self.backup_layout
-        moved = ((layout.holder != prev.holder) & (layout.holder >= 0)).nonzero().tolist()
+        moved = layout.refills(prev).nonzero().tolist()
         copies, lost = self._backup_copies(moved)
         holder = layout.holder.clone()
         for l, e in lost:
