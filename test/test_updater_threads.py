@@ -43,3 +43,50 @@ def test_bad_nice_setting_is_one_clear_line(monkeypatch):
         SharedThreads(torch.distributed.HashStore(), "t")
     monkeypatch.setenv("SGLANG_ELASTIC_UPDATER_NICE", "3")
     assert SharedThreads(torch.distributed.HashStore(), "t").nice == 3
+
+
+_EXIT_CHECK = r'''
+import datetime, sys, threading, time, types
+import torch
+from sglang_elastic.location.background import BackgroundUpdater
+from sglang_elastic.location.threads import SharedThreads
+from sglang_elastic.transport import Liveness
+
+store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=30))
+threads = SharedThreads(store, "exit-check", nice=0)
+
+
+class Reader:
+    """A poll that never completes, inside a store call nearly all the time (a worst case of the
+    poller's read), ending only as SharedThreads' poll loops must: when it stops."""
+    def _poll_job(self, job):
+        while not threads.stopping.is_set():
+            threads.bg_store.check(["never"])
+
+
+# The updater's own poll loop, on a job whose marks never come (a peer that exited first).
+me = types.SimpleNamespace(_closing=False, _uid=0, liveness=Liveness(), _threads=threads, _bg_store=threads.bg_store,
+                           rank=0)
+me._poll_job = types.MethodType(BackgroundUpdater._poll_job, me)
+threads.poll(me, types.SimpleNamespace(final=None, uid=0, live=[1], keys=["never"]))
+threads.poll(Reader(), None)
+time.sleep(0.3)
+print("main ends", flush=True)
+'''
+
+
+def test_a_process_ends_cleanly_while_its_poller_waits_on_the_store(tmp_path):
+    """The updater's threads are daemons; one inside a store call when the interpreter finalizes was
+    ended by a forced unwind through C++ that forbids it, and the process aborted after the program
+    ended ("terminate called without an active exception", exit -6, seen at the end of multi-process
+    checks). The exit hook stops the threads first, so the process exits 0."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_check.py"
+    script.write_text(_EXIT_CHECK)
+    for _ in range(3):
+        p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "main ends" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+        assert "terminate called" not in p.stderr

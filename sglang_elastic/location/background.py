@@ -309,7 +309,7 @@ class BackgroundUpdater(StagingBuffers, ExpertLocationUpdater):
         final), so the boundary decides without a store round trip. Gives up on a job that was
         re-planned or whose ranks include one known dead (the boundary writes its verdict)."""
         delay = 0.001
-        while job.final is None and not self._closing and job.uid == self._uid:
+        while job.final is None and not self._closing and job.uid == self._uid and not self._threads.stopping.is_set():
             if any(self.liveness.is_dead(r) for r in job.live):
                 break
             self._threads.open.wait(QUIET_MAX_S)  # not during a boundary (which reads marks itself if needed)

@@ -1,11 +1,13 @@
 """Threads and store connections of background updaters (:mod:`.background`), shareable by several."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
 import traceback
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -54,6 +56,10 @@ def nice_from_env() -> int:
     return nice
 
 
+# How long the exit hook waits for each thread: a job mid-transfer at exit is not waited out.
+EXIT_JOIN_S = 2.0
+
+
 class SharedThreads:
     """The transport thread, the mark poller and the two store connections of background updaters.
 
@@ -86,6 +92,8 @@ class SharedThreads:
         self._holds = 0
         self._held: list = []                 # jobs submitted while held, queued at the release
         self._hold_lock = threading.Lock()
+        self.stopping = threading.Event()     # set by stop(): the poller gives up its job at once
+        _ALL.add(self)
 
     def hold(self) -> None:
         """A step boundary starts: the threads start nothing until the matching :meth:`release`."""
@@ -141,15 +149,22 @@ class SharedThreads:
 
     def close(self) -> None:
         """Stop both threads (after the jobs queued) and drop the store connections."""
+        self.stop()
+        self.store = self.bg_store = None
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop both threads: the transport thread after the jobs queued, the poller at once (a mark
+        it still waits for is read at the boundary, if one comes). ``timeout`` bounds each join."""
+        self.stopping.set()
         with self._hold_lock:
             self._flush()
         for q, attr in ((self.jobs, "thread"), (self.polls, "poller")):
             t = getattr(self, attr)
             if t is not None:
                 q.put(None)
-                t.join()
-                setattr(self, attr, None)
-        self.store = self.bg_store = None
+                t.join(timeout)
+                if not t.is_alive():
+                    setattr(self, attr, None)
 
     def _work(self) -> None:
         lower_priority(self.nice)
@@ -170,6 +185,19 @@ class SharedThreads:
             if item is None:
                 return
             item[0]._poll_job(item[1])
+
+
+_ALL: "weakref.WeakSet[SharedThreads]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every live :class:`SharedThreads`' threads. They are daemon threads,
+    and one left inside a store call (the poller's read) when the interpreter finalizes is ended by
+    a forced unwind through C++ code that does not allow it: the process aborts ("terminate called
+    without an active exception") after the program ended normally. Exit hooks run before that."""
+    for threads in list(_ALL):
+        threads.stop(EXIT_JOIN_S)
 
 
 def _own_client(store):
