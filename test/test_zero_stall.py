@@ -21,9 +21,10 @@ from hypothesis import given, settings, strategies as st
 import pytest
 import torch
 
-from _updater_harness import D, L, R, S, agreed_failure_hook, free_port, placements, stop_cluster, weights_for, wrong_slots
+from _updater_harness import (D, L, R, S, agreed_failure_hook, free_port, placements, stop_cluster, weights_for,
+                              wrong_backups, wrong_slots)
 
-MAX_STEPS = 60
+MAX_STEPS = 1000  # a bound on boundaries, not time: a loaded box needs many while a chunk moves
 
 
 def barrier(store, lv, step: int, rank: int, live: list, value: str) -> dict:
@@ -91,7 +92,8 @@ def worker(rank: int, port: int, mport: int, seed: int, victim: int, depth: int,
             bad += [(step,) + b for b in wrong_slots(w, upd.placement, rank)]
             history.append(upd.placement.phy2log.tolist())
             live = np.flatnonzero(upd.live).tolist()
-        upd.close()
+        upd.close()  # after the thread's last job (the final re-homing): every backup row is filled
+        bad += [("backup",) + b for b in wrong_backups(upd, rank)]
         out.put((rank, "ok", dict(bad=bad, history=history, final=upd.placement.phy2log.tolist(),
                                   target=upd.target.phy2log.tolist(), done=upd.done, peak=peak,
                                   staging_after=upd.staging_bytes(), failures=failures, commits=commits,
@@ -167,7 +169,8 @@ def test_kill_during_a_background_chunk_replans_from_survivors():
     _same_on_every_rank(results)
     for rank, r in results.items():
         assert r["bad"] == [], f"rank {rank}: a slot held weights other than its committed expert: {r['bad']}"
-        assert r["done"] and r["final"] == r["target"]
+        assert r["done"], f"rank {rank}: the update did not end in {MAX_STEPS} steps ({len(r['history'])} run)"
+        assert r["final"] == r["target"]
         assert r["failures"] == [[victim]], "one failure event naming the victim on every survivor"
         final = np.array(r["final"]).reshape(L, R, S)
         assert (final[:, victim] == -1).all(), "no slot left on the dead rank"
@@ -422,3 +425,22 @@ def test_vacate_properties(data):
     for l in range(n):
         assert set(after[l][after[l] >= 0].tolist()) == set(cur[l][cur[l] >= 0].tolist())
     assert not vacate(after, tgt).any(), "idempotent"
+
+
+def test_copies_that_touch_a_row_in_common_run_in_order():
+    """A chunk's copies and its backups' re-homing share one execute (one vote) unless a re-homed
+    backup is written into a row the chunk restores an orphan from (a full store reuses rows), or
+    reads a row the chunk writes: one execute runs its copies in no defined order, so those run
+    as two, the chunk's first."""
+    from sglang_elastic.location.commit_rule import in_order
+    from sglang_elastic.transport.base import Copy
+
+    restore = Copy(1, 0, "backup/w", 3, "staging/w", 0)           # an orphan from rank 1's backup row 3
+    move = Copy(2, 0, "w", 7, "staging/w", 1)
+    fill_other = Copy(2, 1, "w", 4, "backup/w", 5)                # a re-homed backup into a free row
+    fill_same = Copy(2, 1, "w", 4, "backup/w", 3)                 # ... into the row being restored from
+    read_written = Copy(0, 3, "staging/w", 1, "backup/w", 0)      # reads a row the chunk writes
+    assert in_order([restore, move], [fill_other]) == [[restore, move, fill_other]]
+    assert in_order([restore, move], [fill_same]) == [[restore, move], [fill_same]]
+    assert in_order([restore, move], [fill_other, read_written]) == [[restore, move], [fill_other, read_written]]
+    assert in_order([], []) == [[]] and in_order([move], []) == [[move]] and in_order([], [fill_same]) == [[fill_same]]
