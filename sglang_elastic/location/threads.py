@@ -152,11 +152,20 @@ class SharedThreads:
         self.stop()
         self.store = self.bg_store = None
 
-    def stop(self, timeout: Optional[float] = None) -> None:
-        """Stop both threads: the transport thread after the jobs queued, the poller at once (a mark
-        it still waits for is read at the boundary, if one comes). ``timeout`` bounds each join."""
+    def stop(self, timeout: Optional[float] = None, discard: bool = False) -> None:
+        """Stop both threads: the transport thread after the jobs queued (``discard``: after the one
+        it runs, the rest dropped), the poller at once (a mark it still waits for is read at the
+        boundary, if one comes). ``timeout`` bounds each join."""
         self.stopping.set()
         with self._hold_lock:
+            if discard:
+                self._held = []
+                while True:
+                    try:
+                        self.jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    self.jobs.task_done()
             self._flush()
         for q, attr in ((self.jobs, "thread"), (self.polls, "poller")):
             t = getattr(self, attr)
@@ -195,9 +204,10 @@ def _stop_all() -> None:
     """At interpreter exit, stop every live :class:`SharedThreads`' threads. They are daemon threads,
     and one left inside a store call (the poller's read) when the interpreter finalizes is ended by
     a forced unwind through C++ code that does not allow it: the process aborts ("terminate called
-    without an active exception") after the program ended normally. Exit hooks run before that."""
+    without an active exception") after the program ended normally. Exit hooks run before that.
+    Jobs still queued are dropped: a chunk queued for a process that is ending is moot."""
     for threads in list(_ALL):
-        threads.stop(EXIT_JOIN_S)
+        threads.stop(EXIT_JOIN_S, discard=True)
 
 
 def _own_client(store):
