@@ -33,9 +33,14 @@ def wrong_slots(w: torch.Tensor, placement: Placement, rank: int) -> list:
         for s in range(S):
             e = int(placement.phy2log[l, rank * S + s])
             if e >= 0 and not torch.equal(w[l, s], expert_value(l, e)):
-                got = w[l, s, 0].item()
-                bad.append((l, s, e, "holds", None if got != got else int(got // 1000) - l * E))
+                bad.append((l, s, e, "holds", _expert_in(w[l, s], l)))
     return bad
+
+
+def _expert_in(row: torch.Tensor, layer: int):
+    """Which expert of ``layer`` ``row`` holds, by :func:`expert_value`'s first element (``None``: NaN, empty)."""
+    got = row[0].item()
+    return None if got != got else int(got // 1000) - layer * E
 
 
 def wrong_backups(upd, rank: int) -> list:
@@ -49,8 +54,7 @@ def wrong_backups(upd, rank: int) -> list:
         r = int(layout.row[l, e])
         got = upd._backup["w"][r]
         if not torch.equal(got, expert_value(l, e)):
-            v = got[0].item()
-            bad.append((l, e, r, "holds", None if v != v else int(v // 1000) - l * E))
+            bad.append((l, e, r, "holds", _expert_in(got, l)))
     return bad
 
 
