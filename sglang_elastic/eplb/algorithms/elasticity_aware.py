@@ -115,7 +115,7 @@ def elasticity_aware(
             otherwise (a periodic rebalance exists to balance: from-scratch balance, least movement).
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
-        max_swaps: cap on repair swaps per layer (default ``2 * live ranks + 4 * slots_per_rank + 16``).
+        max_swaps: cap on repair swaps per layer (default ``4 * live ranks + 8 * slots_per_rank + 32``).
         search: ``"narrow"`` (default): each swap of the busiest rank looks at the 6 least busy ranks;
             ``"wide"``: at every rank under the target. Wide finds more swaps that re-route moved
             replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
@@ -142,7 +142,10 @@ def elasticity_aware(
         node_of = np.unique(live_idx // ranks_per_node, return_inverse=True)[1].astype(np.int64)
         if node_of.max() == 0:
             node_of = None  # one node left: nothing to spread over
-    iters = max_swaps if max_swaps is not None else 2 * n + 4 * S + 16
+    # Swaps that re-route moved replicas (refine's extra partners) balance less per step: at half this
+    # cap, 20 of DS-V3's 58 layers under zipf 1.2 ran out and fell back to from scratch. Layers that
+    # reach their target stop long before it; from-scratch placements never reach it on the bench.
+    iters = max_swaps if max_swaps is not None else 4 * n + 8 * S + 32
     # Zero-load experts still need a replica; a tiny floor keeps every ratio finite and well ordered.
     w = weight + (weight.sum(1, keepdims=True) / (E * 1e9) + 1e-300)
 

@@ -65,16 +65,22 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, orig, max_iters,
-               k_narrow, wide_search, maxes, fetched, swaps):
-        """:func:`.refine.refine` for layer ``l`` (one heavy rank, ``k_narrow`` light ones), traced."""
+               k_narrow, k_extra, wide_search, maxes, fetched, swaps):
+        """:func:`.refine.refine` for layer ``l`` (one heavy rank, ``k_narrow`` light ones, up to ``k_extra``
+        extra ones), traced."""
         n, S = x.shape[1], x.shape[2]
         E = per.shape[1]
         inf = np.float32(np.inf)
         f = 0  # experts fetched: filled slots whose expert was not on that rank before
+        # Per rank, its new slots (an expert fetched there, or empty), ascending: the extra partners' offer.
+        loose = np.zeros(n, np.int64)
+        nl = np.empty((n, S), np.int64)
         for r in range(n):
             for s in range(S):
-                if x[l, r, s] >= 0 and orig[l, r, x[l, r, s] + 1] == 0:
-                    f += 1
+                if orig[l, r, x[l, r, s] + 1] == 0:
+                    nl[r, loose[r]] = s
+                    loose[r] += 1
+                    f += x[l, r, s] >= 0
         maxes[l, 0] = ld.max()
         fetched[l, 0] = f
         if n < 2:
@@ -83,6 +89,10 @@ if AVAILABLE:
         active = ld.max() > tgt
         wide = False
         order = np.arange(n)
+        cand = np.empty(n, np.int64)
+        sel = np.empty(S, np.int64)
+        fbs = np.empty(S, np.int8)
+        away_idx = np.empty(S, np.int64)
         pa = np.empty(S, np.float32)
         pb = np.empty(S, np.float32)
         wa2 = np.empty(S, np.float32)
@@ -112,17 +122,69 @@ if AVAILABLE:
             bk = -1
             bsa = -1
             bsb = -1
+            n_away = 0
             for s in range(S):
                 ea = xl[hi, s]
                 wa2[s] = np.float32(2) * p32[ea if ea >= 0 else E + ea]
                 away[s] = np.int8(og[hi, ea + 1] == 0)
+                if away[s] == 1:
+                    away_idx[n_away] = s
+                    n_away += 1
+            nc = K
             for k in range(K):
-                r = order[k]
+                cand[k] = order[k]
+            if not wide and not under:  # then the next ranks under the target that hold a new slot
+                k = K
+                while k < n - 1 and nc < K + k_extra and ld[order[k]] < tgt:
+                    if loose[order[k]] > 0:
+                        cand[nc] = order[k]
+                        nc += 1
+                    k += 1
+            for k in range(nc):
+                r = cand[k]
+                if k == K and best_pen <= 0:
+                    break  # the extra partners are there for free swaps: the light ranks gave one
                 gap = np.float32(th - ld[r])
                 if under and not ld[r] < tgt:
                     break  # ranks come lightest first: none after this one is under the target either
                 if not th > tgt:
                     break
+                if k >= K:
+                    # An extra partner gives one of its new slots (an expert fetched there, or empty) for a
+                    # new slot of the heavy rank, or, where that expert was on the heavy rank before, for
+                    # any slot: such a swap fetches nothing on balance.
+                    nb = 0
+                    home = False
+                    for j in range(loose[r]):
+                        s = nl[r, j]
+                        eb = xl[r, s]
+                        vb = pres[hi, eb + 1] == 0
+                        if vb and has_nodes:
+                            vb = not _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi])
+                        if vb:
+                            sel[nb] = s
+                            fbs[nb] = np.int8(og[hi, eb + 1] == 0) - np.int8(1)
+                            home = home or fbs[nb] < 0
+                            nb += 1
+                    for ia in range(0 if nb == 0 else (S if home else n_away)):
+                        sa = ia if home else away_idx[ia]
+                        ea = xl[hi, sa]
+                        va = pres[r, ea + 1] == 0
+                        if va and has_nodes:
+                            va = not _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r])
+                        if not va:
+                            continue
+                        pas = step * np.float32(np.int8(og[r, ea + 1] == 0) - away[sa])
+                        for i in range(nb):
+                            if away[sa] == 0 and fbs[i] == 0:
+                                continue
+                            sb = sel[i]
+                            eb = xl[r, sb]
+                            pbs = step * np.float32(fbs[i])
+                            sc = abs(gap - (wa2[sa] - np.float32(2) * p32[eb if eb >= 0 else E + eb])) - gap
+                            if sc < 0 and sc + (pas + pbs) < best:
+                                best, best_pen, bk, bsa, bsb = sc + (pas + pbs), pas + pbs, r, sa, sb
+                    continue
                 pa_min = inf
                 for s in range(S):
                     ea = xl[hi, s]
@@ -136,6 +198,7 @@ if AVAILABLE:
                 # is a higher class than the best so far (or no slot of the heavy rank may come here).
                 if pa_min == inf or pa_min - step > best_pen:
                     continue
+                wb_min = inf
                 for s in range(S):
                     eb = xl[r, s]
                     wb2[s] = np.float32(2) * p32[eb if eb >= 0 else E + eb]
@@ -144,6 +207,8 @@ if AVAILABLE:
                         vb = not _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi])
                     fb = np.int8(og[hi, eb + 1] == 0) - np.int8(og[r, eb + 1] == 0)
                     pb[s] = step * np.float32(fb) if vb else inf
+                    if pb[s] < inf:
+                        wb_min = min(wb_min, wb2[s])
                 # A pair's score is its penalty class pen = step * (fa + fb) (exact in float32) plus a
                 # balance term in (-gap, 0), |gap| < step / 2: a pair of a higher class than the best so
                 # far scores strictly more even after rounding, so it is skipped unevaluated (same argmin).
@@ -157,6 +222,12 @@ if AVAILABLE:
                     if pa[sa] == inf or pa[sa] + pb_min > best_pen:
                         continue
                     pas, was = pa[sa], wa2[sa]
+                    # The row's best balance term: its largest d = wa - wb is was - wb_min; below gap, every
+                    # d is, and the term is at least (gap - d_max) - gap (rounding is monotone).
+                    d_max = was - wb_min
+                    lb_sc = (gap - d_max) - gap if d_max <= gap else -gap
+                    if lb_sc >= 0 or lb_sc + (pas + pb_min) >= best:
+                        continue
                     for sb in range(S):
                         sc = abs(gap - (was - wb2[sb])) - gap
                         val[sb] = sc + (pas + pb[sb]) if sc < 0 else inf
@@ -194,6 +265,22 @@ if AVAILABLE:
                     node_cnt[l, e1 + 1, m2] += 1
                 ld[hi] -= dl
                 ld[bk] += dl
+                for u, su, eo, en in ((hi, bsa, e1, e2), (bk, bsb, e2, e1)):  # the new-slot lists, sorted
+                    was, now = orig[l, u, eo + 1] == 0, orig[l, u, en + 1] == 0
+                    if was and not now:
+                        j = 0
+                        while nl[u, j] != su:
+                            j += 1
+                        for i in range(j, loose[u] - 1):
+                            nl[u, i] = nl[u, i + 1]
+                        loose[u] -= 1
+                    elif now and not was:
+                        j = loose[u]
+                        while j > 0 and nl[u, j - 1] > su:
+                            nl[u, j] = nl[u, j - 1]
+                            j -= 1
+                        nl[u, j] = su
+                        loose[u] += 1
                 swaps[l, t, 0], swaps[l, t, 1], swaps[l, t, 2], swaps[l, t, 3] = hi, bsa, bk, bsb
             mx = ld.max()
             active = active and mx > tgt
@@ -204,11 +291,11 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _refine_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, orig, max_iters,
-                    k_narrow, wide_search, maxes, fetched, swaps, nsteps):
+                    k_narrow, k_extra, wide_search, maxes, fetched, swaps, nsteps):
         for i in range(layers.size):
             l = layers[i]
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, orig,
-                               max_iters, k_narrow, wide_search, maxes, fetched, swaps)
+                               max_iters, k_narrow, k_extra, wide_search, maxes, fetched, swaps)
 
     @njit(cache=True, nogil=True)
     def _rewind_all(x, swaps, nsteps, stop):
@@ -401,7 +488,7 @@ if AVAILABLE:
     @njit(cache=True, nogil=True)
     def _repair_refine_all(layers, w, cur, x, counts, per, per32, present, orig, node_cnt, node_of, has_nodes,
                            load, num_slots, cap, rep_bound, big, target, near_factor, aim_factor, aim, max_iters,
-                           k_narrow, wide_search, maxes, fetched, swaps, nsteps, flag):
+                           k_narrow, k_extra, wide_search, maxes, fetched, swaps, nsteps, flag):
         """From ``cur`` to the traced refinement, layer by layer (``from_current``'s steps up to the swaps).
 
         ``flag[l]``: 0 done; 1 stopped before the refinement with conflicts to fix; 2 stopped before
@@ -469,4 +556,4 @@ if AVAILABLE:
             aim[l] = target[l] * aim_factor
             swaps[l] = -1
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, aim, orig,
-                               max_iters, k_narrow, wide_search, maxes, fetched, swaps)
+                               max_iters, k_narrow, k_extra, wide_search, maxes, fetched, swaps)

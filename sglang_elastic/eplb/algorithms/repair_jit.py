@@ -49,12 +49,13 @@ class Repaired:
     flag: np.ndarray
     max_iters: int
     k_narrow: int
+    k_extra: int
     wide_search: bool
 
 
 def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], max_iters: int,
                   target: np.ndarray, rep_bound: np.ndarray, near_factor: float, aim_factor: float,
-                  light: int = 4, wide_search: bool = False) -> Repaired:
+                  light: int = 4, extra: int = 0, wide_search: bool = False) -> Repaired:
     """Replica counts from ``cur``'s survivors, surplus drop, pool placement, then the traced swap
     refinement towards ``target * aim_factor``, per layer (see the module docstring).
 
@@ -62,7 +63,8 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
         w: float64 ``[L, E]`` positive load. cur: int64 ``[L, n, S]`` (a later copy of an expert on a rank is dropped).
         node_of: int64 ``[n]`` or ``None``. max_iters: swaps per layer. target, rep_bound: float64 ``[L]``.
         near_factor: a layer with ``target < busiest <= target * near_factor`` after the repair stops
-            (flag 2). aim_factor: the refinement aims at ``target * aim_factor``.
+            (flag 2). aim_factor: the refinement aims at ``target * aim_factor``. light, extra,
+            wide_search: the swap search (:func:`.refine.refine`'s ``light``, ``extra``, ``wide_search``).
 
     Returns:
         :class:`Repaired`; ``S`` must be at most :data:`MAX_SLOTS`.
@@ -83,12 +85,12 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
         has_nodes=has_nodes, load=np.empty((L, n)), aim=np.full(L, np.inf), maxes=np.empty((L, cap + 1)),
         fetched=np.empty((L, cap + 1), np.int64), swaps=np.empty((L, cap, 4), np.int64),
         nsteps=np.zeros(L, np.int64), flag=np.zeros(L, np.int64), max_iters=cap, k_narrow=K,
-        wide_search=bool(wide_search))
+        k_extra=max(0, int(extra)), wide_search=bool(wide_search))
     args = (np.ascontiguousarray(w, dtype=np.float64), np.ascontiguousarray(cur, dtype=np.int64), rp.x, rp.counts,
             rp.per, rp.per32, rp.present, rp.orig, rp.node_cnt, rp.node_of, has_nodes, rp.load, n * S, n,
             np.ascontiguousarray(rep_bound, dtype=np.float64), BIG, np.ascontiguousarray(target, dtype=np.float64),
-            float(near_factor), float(aim_factor), rp.aim, cap, K, rp.wide_search, rp.maxes, rp.fetched, rp.swaps,
-            rp.nsteps, rp.flag)
+            float(near_factor), float(aim_factor), rp.aim, cap, K, rp.k_extra, rp.wide_search, rp.maxes, rp.fetched,
+            rp.swaps, rp.nsteps, rp.flag)
     _run_split(_repair_refine_all, np.arange(L), args)
     return rp
 
@@ -99,7 +101,8 @@ def refine_layers(rp: Repaired, layers: np.ndarray) -> None:
     rp.swaps[layers] = -1
     _run_split(_refine_all, np.ascontiguousarray(layers, dtype=np.int64),
                (rp.x, rp.present, rp.node_cnt, rp.node_of, rp.has_nodes, rp.per, rp.per32, rp.load, rp.aim,
-                rp.orig, rp.max_iters, rp.k_narrow, rp.wide_search, rp.maxes, rp.fetched, rp.swaps, rp.nsteps))
+                rp.orig, rp.max_iters, rp.k_narrow, rp.k_extra, rp.wide_search, rp.maxes, rp.fetched, rp.swaps,
+                rp.nsteps))
 
 
 def traced(rp: Repaired) -> Tuple[np.ndarray, np.ndarray, Tuple]:
