@@ -115,7 +115,7 @@ if AVAILABLE:
             hi = order[n - 1]
             th = ld[hi]
             K = n - 1 if wide else k_narrow
-            under = wide_search and not wide
+            under = wide_search or wide  # the widened search: every rank under the target
             step = np.float32(2) * np.float32(th - ld[order[0]]) + np.float32(1)
             best = inf
             best_pen = inf

@@ -126,8 +126,8 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
     Each iteration, in every layer whose busiest rank is above ``target``, each of the ``heavy``
     busiest ranks (above ``target``) looks at its own ``light`` light ranks and makes the swap that
     brings the pair closest to their mean (:func:`best_swaps`). A layer whose busiest rank finds no
-    such swap widens its search to every rank (if ``widen``); if that fails too, or the layer
-    reached ``target``, it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
+    such swap widens its search to every rank under ``target`` (if ``widen``); if that fails too, or
+    the layer reached ``target``, it stops. With ``orig_present`` (``[L, n, E+1]``: expert was on that rank before) a swap that
     fetches fewer new experts wins over a better-balancing one (experts sent back home count
     negative), so rebalancing from a live placement moves little.
 
@@ -165,7 +165,9 @@ def refine(st: SlotState, max_iters: int, target: np.ndarray,
         for g, h, k, narrow in ((g_all[~wide[g_all]], H, K, True), (g_all[wide[g_all]], 1, n - 1, False)):
             if g.size == 0:
                 continue
-            found, swaps = best_swaps(st, g, load, h, k, target, orig_present, under=wide_search and narrow,
+            # The widened search looks at every rank under the target: one above it cannot take load
+            # without ending above it too (on zipf 1.2 that search ran every layer to the swap cap).
+            found, swaps = best_swaps(st, g, load, h, k, target, orig_present, under=wide_search or not narrow,
                                       extra=extra if narrow and not wide_search else 0)
             if narrow and widen:
                 wide[g[~found]] = True
