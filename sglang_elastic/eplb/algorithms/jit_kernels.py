@@ -194,9 +194,11 @@ if AVAILABLE:
                     fa = np.int8(og[r, ea + 1] == 0) - away[s]
                     pa[s] = step * np.float32(fa) if va else inf
                     pa_min = min(pa_min, pa[s])
-                # Every pair with this rank has pen >= pa_min - step (fb >= -1): skip the rank when that
-                # is a higher class than the best so far (or no slot of the heavy rank may come here).
-                if pa_min == inf or pa_min - step > best_pen:
+                # Every pair with this rank has pen >= pa_min - step (fb >= -1; fb >= 0 without a new slot
+                # here): skip the rank when that is a higher class than the best so far (or no slot of the
+                # heavy rank may come here), or when even the best balance term (> -gap) cannot win.
+                pb_lb = -step if loose[r] > 0 else np.float32(0)
+                if pa_min == inf or pa_min - step > best_pen or -gap + (pa_min + pb_lb) >= best:
                     continue
                 wb_min = inf
                 for s in range(S):
