@@ -116,9 +116,11 @@ def elasticity_aware(
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
         max_swaps: cap on repair swaps per layer (default ``4 * live ranks + 8 * slots_per_rank + 32``).
-        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 6 least busy ranks;
-            ``"wide"``: at every rank under the target. Wide finds more swaps that re-route moved
-            replicas for free: 7-30 % fewer transfers after a failure on the bench's loads, ~3x the time.
+        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 6 least busy ranks,
+            and where none of them offers a free swap, at up to 12 more under the target that can (see
+            :func:`.refine.best_swaps`); ``"wide"``: at every rank under the target. Wide finds more swaps
+            that re-route moved replicas for free: 0-22 % fewer transfers after a failure on the bench's
+            loads, ~1.5x the time.
         balance_reference: what ``min_balance`` is a fraction of. ``"greedy"``: the balancedness of
             DeepSeek's greedy from-scratch placement on the live ranks, i.e. what upstream SGLang's EPLB
             would give (where our from-scratch beats it, e.g. on a few very hot experts, the movement
