@@ -133,7 +133,7 @@ if AVAILABLE:
             nc = K
             for k in range(K):
                 cand[k] = order[k]
-            if not wide and not under:  # then the next ranks under the target that hold a new slot
+            if not under:  # then the next ranks under the target that hold a new slot
                 k = K
                 while k < n - 1 and nc < K + k_extra and ld[order[k]] < tgt:
                     if loose[order[k]] > 0:
