@@ -64,9 +64,11 @@ def check_inproc(workdir: str) -> None:
 
     # every hook in the list is queued here (the main process also gets the drain routes' hook)
     assert plugin.registered_targets() == [t for t, _, _ in plugin._hooks()], plugin.registered_targets()
-    assert len(plugin.registered_targets()) == 14, plugin.registered_targets()
+    assert len(plugin.registered_targets()) == 15, plugin.registered_targets()
+    assert len(set(plugin.registered_targets())) == 14, plugin.registered_targets()
     check_parse(workdir)
     check_names()
+    check_warm_up(workdir)
     check_rebalance()
     check_init_by_eplb(workdir)
     check_dispatcher()
@@ -125,6 +127,36 @@ def check_names() -> None:
 
     assert elasticity_aware.rebalance_experts.__wrapped__ is not None
     ok(f"names ({seen} bindings)")
+
+
+def check_warm_up(workdir: str) -> None:
+    """The AFTER hook on Scheduler.__init__ readies the EPLB kernels in a background thread where the
+    published config may call our EPLB, and starts nothing where it may not."""
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_elastic.eplb.algorithms import jit_kernels
+    from sglang_elastic.sglang_plugin import eplb
+
+    model = write_tiny_moe(workdir)
+    base = ["--model-path", model, "--device", "cpu", "--skip-tokenizer-init"]
+    publish(prepare_server_args(base), role="scheduler")  # SGLang's default EPLB: ours is never called
+    assert not eplb.uses_our_eplb()
+    eplb.warm_up_after_scheduler_init(None, object())
+    assert eplb._WARMING is None, "warm-up started for a scheduler that never calls our EPLB"
+    assert not jit_kernels._repair_refine_all.signatures, "kernels already loaded: the check would prove nothing"
+    publish(prepare_server_args(base + ["--tp", "4", "--enable-eplb", "--eplb-algorithm", "elasticity_aware",
+                                        "--moe-a2a-backend", "nixl", "--deepep-mode", "low_latency",
+                                        "--ep-num-redundant-experts", "8"]), role="scheduler")
+    assert eplb.uses_our_eplb()
+    eplb.warm_up_after_scheduler_init(None, object())
+    t = eplb._WARMING
+    assert t is not None and t.daemon and t.name == "sglang-elastic-eplb-warm-up", t
+    assert eplb.start_warm_up() is t  # once per process
+    t.join(300)
+    assert not t.is_alive()
+    assert jit_kernels._repair_refine_all.signatures, "the warm-up thread ended without loading the kernels"
+    ok("warm_up")
 
 
 def check_rebalance() -> None:

@@ -52,11 +52,12 @@ def test_launch_server_help_lists_our_flags(tmp_path):
 
 
 def test_parse_names_eplb_and_dispatcher(tmp_path):
-    """Parse the launch command; names resolve to ours everywhere; SGLang's rebalance_experts and
+    """Parse the launch command; names resolve to ours everywhere; the scheduler hook readies the EPLB
+    kernels where our EPLB may be called (only there); SGLang's rebalance_experts and
     init_by_eplb give our placements with our dead ranks; the dispatcher adapter round-trips."""
     out = _run([CHECKS, "inproc", tmp_path], tmp_path)
     names = [c.split()[1] for c in _checks(out)]
-    assert names == ["parse", "names", "rebalance_experts", "init_by_eplb", "dispatcher"], out[-4000:]
+    assert names == ["parse", "names", "warm_up", "rebalance_experts", "init_by_eplb", "dispatcher"], out[-4000:]
     assert "[sglang_elastic] EPLB elasticity_aware: balancedness=" in out
 
 

@@ -23,6 +23,7 @@ What is replaced or hooked (see ``docs/sglang.md``):
 ``sglang.srt.server_args.ServerArgs.from_cli_args``                                      AFTER: flags -> env
 ``sglang.srt.entrypoints.http_server._setup_and_run_http_server``                        BEFORE: drain routes
 ``sglang.srt.managers.scheduler.Scheduler.__init__``                                     AFTER: drain RPC step
+``sglang.srt.managers.scheduler.Scheduler.__init__``                                     AFTER: EPLB kernels warm-up
 =======================================================================================  ==========================
 
 The three routing hooks (:mod:`.routing_hook`) run our routing rule where SGLang's top-k maps logical
@@ -146,6 +147,11 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
 
         return after_scheduler_init
 
+    def warm():
+        from .eplb import warm_up_after_scheduler_init
+
+        return warm_up_after_scheduler_init
+
     return [
         ("sglang.srt.eplb.eplb_algorithms.elasticity_aware.rebalance_experts", algorithm, "REPLACE"),
         ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater", updater, "REPLACE"),
@@ -161,6 +167,7 @@ def _hooks() -> List[Tuple[str, Callable[[], object], str]]:
         ("sglang.srt.server_args.ServerArgs.from_cli_args", env, "AFTER"),
         ("sglang.srt.entrypoints.http_server._setup_and_run_http_server", drain_routes, "BEFORE"),
         ("sglang.srt.managers.scheduler.Scheduler.__init__", drain_steps, "AFTER"),
+        ("sglang.srt.managers.scheduler.Scheduler.__init__", warm, "AFTER"),
     ]
 
 
@@ -193,4 +200,4 @@ def register() -> None:
             continue
         HookRegistry.register(target, hook, HookType[kind])
         ctx.registered.append(target)
-    log.info("sglang_elastic: hooks queued on %d SGLang targets", len(ctx.registered))
+    log.info("sglang_elastic: %d hooks queued on %d SGLang targets", len(ctx.registered), len(set(ctx.registered)))

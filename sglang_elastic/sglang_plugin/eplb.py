@@ -9,24 +9,78 @@ upstream manager's ``active_ranks`` but not the placement in force; we add both 
   initialised (the bridge makes it SGLang's manager too), else the mask SGLang passed;
 * current placement: SGLang's global ``ExpertLocationMetadata`` when its shape matches, with the
   slots of dead ranks emptied (their weights are gone).
+
+The first call in a process would compile the algorithm's numba kernels (3-7 s, GIL held) or load
+them from numba's disk cache (~0.3 s): on a failover, the scheduler would stall that long, and its
+heartbeats with it. :func:`warm_up_after_scheduler_init` (an AFTER hook on ``Scheduler.__init__``)
+does that in a background thread as soon as a scheduler that may call us exists.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+import threading
+import time
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..eplb import warm_up
 from ..eplb.algorithms import rebalance
 from ..eplb.metrics import balancedness
 from ..eplb.placement import Placement
 from ..state import ElasticEPStateManager as _OurManager
 from . import context
 
-__all__ = ["rebalance_experts", "live_mask", "current_placement", "last_load"]
+__all__ = ["rebalance_experts", "live_mask", "current_placement", "last_load", "uses_our_eplb",
+           "start_warm_up", "warm_up_after_scheduler_init"]
 
 log = logging.getLogger(__name__)
+
+_WARMING: Optional[threading.Thread] = None
+_WARM_LOCK = threading.Lock()
+
+
+def uses_our_eplb() -> bool:
+    """Whether this process's published SGLang config may call our EPLB: ``--eplb-algorithm
+    elasticity_aware[_hierarchical]``, or an ``--elastic-ep-backend`` (SGLang then requires that
+    algorithm or ``auto``, which it turns into it). False where no config is published."""
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        moe = get_exec().moe
+    except context.NOT_PUBLISHED:
+        return False
+    return str(moe.eplb_algorithm).startswith("elasticity_aware") or moe.elastic_ep_backend is not None
+
+
+def start_warm_up() -> threading.Thread:
+    """Compile or load the EPLB kernels (:func:`sglang_elastic.eplb.warm_up`) in a daemon thread,
+    once per process; returns that thread (the same one on later calls)."""
+    global _WARMING
+    with _WARM_LOCK:
+        if _WARMING is None:
+            def run() -> None:
+                t = time.perf_counter()
+                try:
+                    warm_up()
+                except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first call its compile
+                    log.warning("[sglang_elastic] EPLB warm-up failed (%s: %s); the first rebalance compiles",
+                                type(exc).__name__, exc)
+                    return
+                log.info("[sglang_elastic] EPLB kernels ready in %.2f s", time.perf_counter() - t)
+
+            _WARMING = threading.Thread(target=run, name="sglang-elastic-eplb-warm-up", daemon=True)
+            _WARMING.start()
+        return _WARMING
+
+
+def warm_up_after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER hook on ``Scheduler.__init__``: where this scheduler may call our EPLB
+    (:func:`uses_our_eplb`), get its kernels ready in the background (:func:`start_warm_up`), so that
+    neither the first failover nor the first periodic rebalance waits for a compile."""
+    if uses_our_eplb():
+        start_warm_up()
 
 
 def last_load() -> Optional[torch.Tensor]:
