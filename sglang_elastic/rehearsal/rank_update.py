@@ -91,12 +91,13 @@ class UpdaterSide:
             self._trusted_layout = self.updater.backup_layout
 
     def _distrust_unfilled_backups(self) -> None:
-        """A peer died under backup copies: the pairs whose holder changed since the last agreed copies
-        were never filled. Mark them absent (never restore from an unfilled row)."""
+        """A peer died under backup copies: the pairs the layout needed copied since the last agreed
+        copies (:meth:`BackupLayout.refills`: holder or row changed) may never have been filled. Mark
+        them absent (never restore from an unfilled row)."""
         layout, good = self.updater.backup_layout, self._trusted_layout
         if layout is None or good is None or layout is good:
             return
-        changed = (layout.holder != good.holder) | (layout.row != good.row)
+        changed = layout.refills(good)
         if bool(changed.any()):
             holder = layout.holder.clone()
             holder[changed] = -1
