@@ -83,6 +83,16 @@ SHAPES = {
     "small": Shape("small 4x16 EP4x6", 4, 16, 4, 6, 2, None),
     "tiny": Shape("tiny 4x48 EP10x7", 4, 48, 10, 7, 5, None),
 }
+# Small odd shapes (--small-shapes): few slots per rank, few experts; not in the default run.
+SMALL_SHAPES = {
+    "s8x32": Shape("small 8x32 EP8x6", 8, 32, 8, 6, 4, None),
+    "s6x40": Shape("small 6x40 EP12x5", 6, 40, 12, 5, 4, None),
+    "s12x64": Shape("small 12x64 EP16x5", 12, 64, 16, 5, 8, None),
+    "s4x30": Shape("small 4x30 EP6x7", 4, 30, 6, 7, 3, None),
+    "s16x60": Shape("small 16x60 EP8x9", 16, 60, 8, 9, 4, None),
+}
+SHAPES.update(SMALL_SHAPES)
+SMALL_FAMILIES = ["lognormal1", "hot", "zipf1.2", "dirichlet0.3"]
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,11 @@ ALL_SCENARIOS = ["healthy", "1 dead", "2 dead", "3 dead", "node dead", "drift 10
 FAILURES = ("1 dead", "2 dead", "3 dead", "node dead")
 
 
-def plan(quick: bool) -> List[Tuple[str, str, str]]:
-    """(shape key, family, scenario) cells to run."""
+def plan(quick: bool, small: bool = False) -> List[Tuple[str, str, str]]:
+    """(shape key, family, scenario) cells to run (``small``: the small odd shapes only)."""
+    if small:
+        return [(key, fam, sc) for key in SMALL_SHAPES for fam in SMALL_FAMILIES
+                for sc in ("healthy", "1 dead", "2 dead", "drift 30%")]
     if quick:
         cells = [("ds3-ep32", "lognormal1", s) for s in ("healthy", "2 dead", "drift 30%")]
         cells += [("tiny", "lognormal1", s) for s in ("healthy", "1 dead", "3 dead", "drift 30%")]
@@ -621,6 +634,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", metavar="OUT", help="write rows, trade-off curve and targets as JSON")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-shapes", action="store_true",
+                    help="only the small odd shapes (8x32 EP8x6, 6x40 EP12x5, 12x64 EP16x5, 4x30 EP6x7, 16x60 EP8x9; "
+                         "4 load families; healthy, 1-2 dead, drift)")
     ap.add_argument("--all-algorithms", action="store_true",
                     help="also run our deepseek rewrite and upstream deepseek_hier / deepseek_vec(_hier)")
     args = ap.parse_args(argv)
@@ -644,12 +660,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}); torch {info['torch']} with {info['torch_threads']} threads; "
           f"numpy {info['numpy']}; python {info['python']}")
     print(f"repeats: {args.repeats} (median after one warm-up); bytes per expert: {BYTES_PER_EXPERT}; "
-          f"mode: {'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
+          f"mode: {'small shapes' if args.small_shapes else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
           "(timings are wall time: other work on the machine inflates them)\n")
 
     bench = Bench(args.repeats, seed=args.seed, all_algorithms=args.all_algorithms)
     rows: List[Row] = []
-    cells = plan(args.quick)
+    cells = plan(args.quick, args.small_shapes)
     for i, (key, fam, sc) in enumerate(cells):
         t0 = time.perf_counter()
         cell_rows = bench.run_cell(key, fam, sc)
@@ -686,11 +702,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"- {n}")
     print()
 
-    levels = TRADEOFF_MIN_BALANCE if not args.quick else [1.0, 0.99, 0.95]
-    curve = tradeoff(bench, levels)
-    print(f"{h}{'#' if args.markdown else '='} Trade-off: ours min_balance on DS-V3 EP32x9 lognormal1\n")
-    print(tradeoff_table(curve, args.markdown))
-    print()
+    curve: List[Dict[str, object]] = []
+    if not args.small_shapes:  # the curve is DS-V3's
+        levels = TRADEOFF_MIN_BALANCE if not args.quick else [1.0, 0.99, 0.95]
+        curve = tradeoff(bench, levels)
+        print(f"{h}{'#' if args.markdown else '='} Trade-off: ours min_balance on DS-V3 EP32x9 lognormal1\n")
+        print(tradeoff_table(curve, args.markdown))
+        print()
 
     tg = targets(rows)
     print(f"{h}{'#' if args.markdown else '='} Targets\n")
@@ -714,7 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": info, "repeats": args.repeats, "quick": args.quick, "bytes_per_expert": BYTES_PER_EXPERT,
+            "machine": info, "repeats": args.repeats, "quick": args.quick, "small_shapes": args.small_shapes,
+            "bytes_per_expert": BYTES_PER_EXPERT,
             "rows": [r.__dict__ for r in rows], "tradeoff": curve, "targets": tg, "losses": lost,
             "notes": notes, "elapsed_s": elapsed,
         }, indent=1))
