@@ -136,21 +136,21 @@ def check_warm_up(workdir: str) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     from sglang_elastic.eplb.algorithms import jit_kernels
-    from sglang_elastic.sglang_plugin import eplb
+    from sglang_elastic.sglang_plugin import context, eplb
 
     model = write_tiny_moe(workdir)
     base = ["--model-path", model, "--device", "cpu", "--skip-tokenizer-init"]
     publish(prepare_server_args(base), role="scheduler")  # SGLang's default EPLB: ours is never called
     assert not eplb.uses_our_eplb()
     eplb.warm_up_after_scheduler_init(None, object())
-    assert eplb._WARMING is None, "warm-up started for a scheduler that never calls our EPLB"
+    assert context.get().eplb_warm_up is None, "warm-up started for a scheduler that never calls our EPLB"
     assert not jit_kernels._repair_refine_all.signatures, "kernels already loaded: the check would prove nothing"
     publish(prepare_server_args(base + ["--tp", "4", "--enable-eplb", "--eplb-algorithm", "elasticity_aware",
                                         "--moe-a2a-backend", "nixl", "--deepep-mode", "low_latency",
                                         "--ep-num-redundant-experts", "8"]), role="scheduler")
     assert eplb.uses_our_eplb()
     eplb.warm_up_after_scheduler_init(None, object())
-    t = eplb._WARMING
+    t = context.get().eplb_warm_up
     assert t is not None and t.daemon and t.name == "sglang-elastic-eplb-warm-up", t
     assert eplb.start_warm_up() is t  # once per process
     t.join(300)

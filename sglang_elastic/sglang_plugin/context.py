@@ -21,7 +21,8 @@ over the plugin:
 * ``metrics``: the ``sglang_elastic_*`` Prometheus series (created on first use, after SGLang has
   set ``PROMETHEUS_MULTIPROC_DIR``);
 * ``registered`` / ``hooks_queued``: what :func:`sglang_elastic.sglang_plugin.register` did;
-* ``scheduler_drain``: this scheduler's side of a drain (``drain.SchedulerDrain``).
+* ``scheduler_drain``: this scheduler's side of a drain (``drain.SchedulerDrain``);
+* ``eplb_warm_up``: the thread readying the EPLB kernels (:func:`.eplb.start_warm_up`, once).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class PluginContext:
     dispatchers: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # dispatcher adapters
     eplb_updaters: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # ElasticExpertLocationUpdater s
     in_forward_pass_end: bool = False  # inside SGLang's EPLBManager.on_forward_pass_end (its periodic EPLB)
+    eplb_warm_up: Optional[threading.Thread] = None  # eplb.start_warm_up's thread, once per process
+    eplb_warm_up_lock: Any = field(default_factory=threading.Lock, repr=False)
     _options: Optional[_options.PluginOptions] = None
     _metrics: Optional["ElasticMetrics"] = None
 

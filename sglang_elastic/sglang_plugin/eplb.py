@@ -37,9 +37,6 @@ __all__ = ["rebalance_experts", "live_mask", "current_placement", "last_load", "
 
 log = logging.getLogger(__name__)
 
-_WARMING: Optional[threading.Thread] = None
-_WARM_LOCK = threading.Lock()
-
 
 def uses_our_eplb() -> bool:
     """Whether this process's published SGLang config may call our EPLB: ``--eplb-algorithm
@@ -56,10 +53,10 @@ def uses_our_eplb() -> bool:
 
 def start_warm_up() -> threading.Thread:
     """Compile or load the EPLB kernels (:func:`sglang_elastic.eplb.warm_up`) in a daemon thread,
-    once per process; returns that thread (the same one on later calls)."""
-    global _WARMING
-    with _WARM_LOCK:
-        if _WARMING is None:
+    once per process (kept on the plugin context); returns that thread (the same one on later calls)."""
+    ctx = context.get()
+    with ctx.eplb_warm_up_lock:
+        if ctx.eplb_warm_up is None:
             def run() -> None:
                 t = time.perf_counter()
                 try:
@@ -70,9 +67,9 @@ def start_warm_up() -> threading.Thread:
                     return
                 log.info("[sglang_elastic] EPLB kernels ready in %.2f s", time.perf_counter() - t)
 
-            _WARMING = threading.Thread(target=run, name="sglang-elastic-eplb-warm-up", daemon=True)
-            _WARMING.start()
-        return _WARMING
+            ctx.eplb_warm_up = threading.Thread(target=run, name="sglang-elastic-eplb-warm-up", daemon=True)
+            ctx.eplb_warm_up.start()
+        return ctx.eplb_warm_up
 
 
 def warm_up_after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
