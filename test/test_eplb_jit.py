@@ -55,6 +55,40 @@ def test_same_placements_property(prob, min_balance, search, max_swaps):
     np.testing.assert_array_equal(ref, jit)
 
 
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_same_placements_from_scratch_property(prob):
+    """From scratch (no ``current``): the compiled conflict removal and short refinement swap as numpy does."""
+    ref, jit = both(prob["load"], prob["num_ranks"], prob["slots_per_rank"], live_ranks=prob["live_ranks"],
+                    ranks_per_node=prob["ranks_per_node"])
+    np.testing.assert_array_equal(ref, jit)
+
+
+@pytest.mark.parametrize("rpn", [None, 2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_conflict_removal_is_the_reference(rpn, seed):
+    """Random assignments full of rank duplicates and node conflicts: the kernel makes numpy's swaps."""
+    from sglang_elastic.eplb.algorithms.conflicts import fix_conflicts_reference
+    from sglang_elastic.eplb.algorithms.refine_jit import fix_conflicts_compiled
+    from sglang_elastic.eplb.algorithms.slots import SlotState
+
+    rng = np.random.default_rng(seed)
+    L, n, S, E = 6, 6, 4, 9
+    x = rng.integers(0, E, size=(L, n, S))  # ~2 repeats a rank, most experts doubled on a node
+    per = rng.lognormal(0, 1, size=(L, E))
+    per[:, 0] = per[:, 1]  # equal costs: the first of tied candidates must win in both
+    node_of = None if rpn is None else np.arange(n) // rpn
+    a, b = SlotState(x.copy(), per, node_of), SlotState(x.copy(), per, node_of)
+    assert a.duplicates().any()
+    fix_conflicts_reference(a, n * S)
+    fix_conflicts_compiled(b, n * S)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.present, b.present)
+    if node_of is not None:
+        np.testing.assert_array_equal(a.node_cnt, b.node_cnt)
+    assert (b.x != x).any() and b.duplicates().sum() < SlotState(x, per, None).duplicates().sum()
+
+
 def test_warm_up_compiles_then_placements_are_unchanged():
     from sglang_elastic.eplb import warm_up
 

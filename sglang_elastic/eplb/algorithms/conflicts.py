@@ -6,10 +6,20 @@ import numpy as np
 from .counts import BIG
 from .slots import SlotState
 
-__all__ = ["fix_conflicts"]
+__all__ = ["fix_conflicts", "fix_conflicts_reference"]
 
 
 def fix_conflicts(st: SlotState, max_iters: int) -> None:
+    """:func:`fix_conflicts_reference`, compiled wherever :mod:`.repair` runs its kernels (the same swaps)."""
+    from . import refine_jit, repair  # repair imports this module; its switch decides for both
+
+    if repair.USE_JIT:
+        refine_jit.fix_conflicts_compiled(st, max_iters)
+    else:
+        fix_conflicts_reference(st, max_iters)
+
+
+def fix_conflicts_reference(st: SlotState, max_iters: int) -> None:
     """Swap replicas until no rank holds an expert twice and no node holds two replicas of an expert
     while some node lacks it; each swap is the one that disturbs rank loads least.
 

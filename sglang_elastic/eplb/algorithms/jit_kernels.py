@@ -34,6 +34,32 @@ if AVAILABLE:
     def _val(xr, per_l, i):
         return per_l[xr[i]] if xr[i] >= 0 else 0.0
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _swap_slots(l, x, present, node_cnt, node_of, has_nodes, r1, s1, r2, s2):
+        """Exchange slots ``(r1, s1)`` and ``(r2, s2)`` of layer ``l`` (``r1 != r2``), keeping the
+        presence table and node counts in step (:meth:`..slots.SlotState.swap`)."""
+        S = x.shape[2]
+        e1, e2 = x[l, r1, s1], x[l, r2, s2]
+        x[l, r1, s1] = -1
+        x[l, r2, s2] = -1
+        present[l, r1, e1 + 1] = 0
+        present[l, r2, e2 + 1] = 0
+        for s in range(S):  # a rank may hold a second copy (a conflict not yet fixed)
+            if x[l, r1, s] == e1:
+                present[l, r1, e1 + 1] = 1
+            if x[l, r2, s] == e2:
+                present[l, r2, e2 + 1] = 1
+        x[l, r1, s1] = e2
+        x[l, r2, s2] = e1
+        present[l, r1, e2 + 1] = 1
+        present[l, r2, e1 + 1] = 1
+        if has_nodes:
+            m1, m2 = node_of[r1], node_of[r2]
+            node_cnt[l, e1 + 1, m1] -= 1
+            node_cnt[l, e2 + 1, m2] -= 1
+            node_cnt[l, e2 + 1, m1] += 1
+            node_cnt[l, e1 + 1, m2] += 1
+
     @njit(cache=True, nogil=True)
     def _rank_sum(xr, per_l):
         """``np.where(x >= 0, per[x], 0.0).sum(-1)`` for one rank, bit for bit: numpy adds a row of
@@ -246,25 +272,7 @@ if AVAILABLE:
                 dl = per[l, e1 if e1 >= 0 else E + e1] - per[l, e2 if e2 >= 0 else E + e2]
                 f += (np.int64(orig[l, hi, e2 + 1] == 0) + np.int64(orig[l, bk, e1 + 1] == 0)
                       - np.int64(orig[l, hi, e1 + 1] == 0) - np.int64(orig[l, bk, e2 + 1] == 0))
-                x[l, hi, bsa] = -1
-                x[l, bk, bsb] = -1
-                present[l, hi, e1 + 1] = 0
-                present[l, bk, e2 + 1] = 0
-                for s in range(S):  # a rank may hold a second copy (a conflict not yet fixed)
-                    if x[l, hi, s] == e1:
-                        present[l, hi, e1 + 1] = 1
-                    if x[l, bk, s] == e2:
-                        present[l, bk, e2 + 1] = 1
-                x[l, hi, bsa] = e2
-                x[l, bk, bsb] = e1
-                present[l, hi, e2 + 1] = 1
-                present[l, bk, e1 + 1] = 1
-                if has_nodes:
-                    m1, m2 = node_of[hi], node_of[bk]
-                    node_cnt[l, e1 + 1, m1] -= 1
-                    node_cnt[l, e2 + 1, m2] -= 1
-                    node_cnt[l, e2 + 1, m1] += 1
-                    node_cnt[l, e1 + 1, m2] += 1
+                _swap_slots(l, x, present, node_cnt, node_of, has_nodes, hi, bsa, bk, bsb)
                 ld[hi] -= dl
                 ld[bk] += dl
                 for u, su, eo, en in ((hi, bsa, e1, e2), (bk, bsb, e2, e1)):  # the new-slot lists, sorted
@@ -298,6 +306,156 @@ if AVAILABLE:
             l = layers[i]
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, orig,
                                max_iters, k_narrow, k_extra, wide_search, maxes, fetched, swaps)
+
+    @njit(cache=True, nogil=True)
+    def _scratch_layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, max_iters, H, K):
+        """:func:`.refine.refine` of a from-scratch placement (no ``orig_present``, ``widen=False``) for
+        layer ``l``: each step, each of the ``H`` busiest ranks above the target makes its best swap with
+        one of its ``K`` light ranks (heavy rank ``j`` gets the ``j``-th, ``j + H``-th, ... lightest), all
+        at once; the layer stops when its busiest rank finds none or reaches the target."""
+        n, S = x.shape[1], x.shape[2]
+        E = per.shape[1]
+        if n < 2:
+            return
+        inf = np.float32(np.inf)
+        two = np.float32(2)
+        tgt = target[l]
+        active = ld.max() > tgt
+        order = np.arange(n)
+        wa2 = np.empty(S, np.float32)
+        bk = np.empty(H, np.int64)
+        bsa = np.empty(H, np.int64)
+        bsb = np.empty(H, np.int64)
+        xl, pres, p32 = x[l], present[l], per32[l]
+        t = 0
+        while active and t < max_iters:
+            for i in range(1, n):  # (load, id) order, as the reference's stable argsort
+                c = order[i]
+                v = ld[c]
+                j = i - 1
+                while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
+                    order[j + 1] = order[j]
+                    j -= 1
+                order[j + 1] = c
+            for j in range(H):
+                bk[j] = -1
+                hi = order[n - 1 - j]
+                th = ld[hi]
+                if not th > tgt:
+                    continue
+                for s in range(S):
+                    ea = xl[hi, s]
+                    wa2[s] = two * p32[ea if ea >= 0 else E + ea]
+                best = inf
+                for k in range(K):
+                    r = order[k * H + j]
+                    gap = np.float32(th - ld[r])
+                    for sa in range(S):
+                        ea = xl[hi, sa]
+                        if pres[r, ea + 1] != 0:
+                            continue
+                        if has_nodes and _spread_loss(node_cnt, l, ea, node_of[hi], node_of[r]):
+                            continue
+                        for sb in range(S):
+                            eb = xl[r, sb]
+                            if pres[hi, eb + 1] != 0:
+                                continue
+                            if has_nodes and _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi]):
+                                continue
+                            sc = abs(gap - (wa2[sa] - two * p32[eb if eb >= 0 else E + eb])) - gap
+                            if sc < 0 and sc < best:
+                                best, bk[j], bsa[j], bsb[j] = sc, r, sa, sb
+            for j in range(H):  # disjoint ranks: the swaps commute
+                if bk[j] < 0:
+                    continue
+                hi, lo, sa, sb = order[n - 1 - j], bk[j], bsa[j], bsb[j]
+                e1, e2 = xl[hi, sa], xl[lo, sb]
+                dl = per[l, e1 if e1 >= 0 else E + e1] - per[l, e2 if e2 >= 0 else E + e2]
+                _swap_slots(l, x, present, node_cnt, node_of, has_nodes, hi, sa, lo, sb)
+                ld[hi] -= dl
+                ld[lo] += dl
+            active = bk[0] >= 0 and ld.max() > tgt
+            t += 1
+
+    @njit(cache=True, nogil=True)
+    def _scratch_all(layers, x, present, node_cnt, node_of, has_nodes, per, per32, load, target, max_iters, H, K):
+        for i in range(layers.size):
+            l = layers[i]
+            _scratch_layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, load[l], target, max_iters, H, K)
+
+    @njit(cache=True, nogil=True)
+    def _conflicts_layer(l, x, present, node_cnt, node_of, has_nodes, per, max_iters, big):
+        """:func:`.conflicts.fix_conflicts` for layer ``l``: the same conflicts in the same order (rank
+        duplicates first, then node conflicts, each by slot), the same least-disturbing swaps."""
+        n, S = x.shape[1], x.shape[2]
+        M = node_cnt.shape[2]
+        xl, pres = x[l], present[l]
+        todo = np.empty(n * S, np.int64)
+        nt = 0
+        for p in (2, 1):  # the reference's stable order by descending priority
+            for r in range(n):
+                for s in range(S):
+                    e = xl[r, s]
+                    if e < 0:
+                        continue
+                    dup = False
+                    for s2 in range(s):
+                        if xl[r, s2] == e:
+                            dup = True
+                    node_bad = False
+                    if has_nodes and node_cnt[l, e + 1, node_of[r]] > 1:
+                        for m in range(M):
+                            if node_cnt[l, e + 1, m] == 0:
+                                node_bad = True
+                    if (np.int64(dup or node_bad) + np.int64(dup)) == p:
+                        todo[nt] = r * S + s
+                        nt += 1
+        for j in range(min(max_iters, nt)):
+            r1, s1 = todo[j] // S, todo[j] % S
+            e1 = xl[r1, s1]
+            copies = 0
+            for s in range(S):
+                copies += xl[r1, s] == e1
+            is_dup = copies > 1
+            still = is_dup
+            if has_nodes and not still and node_cnt[l, e1 + 1, node_of[r1]] > 1:
+                for m in range(M):
+                    if node_cnt[l, e1 + 1, m] == 0:
+                        still = True
+            if not still:
+                continue
+            best = np.inf
+            br, bs = -1, -1
+            for r2 in range(n):
+                if r2 == r1 or pres[r2, e1 + 1] != 0:
+                    continue
+                for s2 in range(S):
+                    e2 = xl[r2, s2]
+                    if e2 < 0 or e2 == e1 or pres[r1, e2 + 1] != 0:
+                        continue
+                    cost = abs(per[l, e2] - per[l, e1])
+                    if has_nodes:
+                        n1, n2 = node_of[r1], node_of[r2]
+                        to_lacking = n1 != n2 and node_cnt[l, e1 + 1, n2] == 0
+                        e2_lacking = False
+                        for m in range(M):
+                            if node_cnt[l, e2 + 1, m] == 0:
+                                e2_lacking = True
+                        keeps_e2 = not _spread_loss(node_cnt, l, e2, n2, n1) and not (
+                            node_cnt[l, e2 + 1, n1] > 0 and n1 != n2 and e2_lacking)
+                        if not (is_dup or (to_lacking and keeps_e2)):
+                            continue
+                        cost = (cost + (0.0 if keeps_e2 else 2 * big)) + (0.0 if to_lacking else big)
+                    if cost < best:
+                        best, br, bs = cost, r2, s2
+            if br < 0:
+                continue
+            _swap_slots(l, x, present, node_cnt, node_of, has_nodes, r1, s1, br, bs)
+
+    @njit(cache=True, nogil=True)
+    def _conflicts_all(layers, x, present, node_cnt, node_of, has_nodes, per, max_iters, big):
+        for i in range(layers.size):
+            _conflicts_layer(layers[i], x, present, node_cnt, node_of, has_nodes, per, max_iters, big)
 
     @njit(cache=True, nogil=True)
     def _rewind_all(x, swaps, nsteps, stop):

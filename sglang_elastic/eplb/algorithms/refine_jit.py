@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
 from .jit_kernels import AVAILABLE
 
 if AVAILABLE:
-    from .jit_kernels import _rewind_all
+    from .jit_kernels import _conflicts_all, _rewind_all, _scratch_all
 
-__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "warm_up"]
+if TYPE_CHECKING:
+    from .slots import SlotState
+
+__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "warm_up"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
@@ -36,8 +39,14 @@ def _threads() -> int:
     return max(1, min(THREADS, cpus))
 
 
-def _run_split(fn, layers: np.ndarray, args: tuple) -> None:
-    """``fn(some_layers, *args)`` over all of ``layers`` (int64), shared among up to :data:`THREADS` threads.
+# Below this many slots in all (layers x live ranks x slots per rank) one thread runs the kernels: a
+# hand-off costs ~50 us, more than a small model's layers take (8x32 EP8x6 to 16x60 EP8x9: ~25 % faster).
+_MIN_SPLIT = 4096
+
+
+def _run_split(fn, layers: np.ndarray, args: tuple, slots: int = _MIN_SPLIT) -> None:
+    """``fn(some_layers, *args)`` over all of ``layers`` (int64), shared among up to :data:`THREADS` threads
+    where there is enough work (``slots``: a layer's live slots).
 
     The kernels release the GIL (``nogil``) and layers never interact, so plain threads run them in
     parallel; numba's own ``parallel=True`` (OpenMP layer) waited ~2x longer for its threads on the
@@ -47,7 +56,7 @@ def _run_split(fn, layers: np.ndarray, args: tuple) -> None:
     """
     global _POOL
     L = layers.size
-    k = _threads() if L >= 8 else 1  # a thread hand-off costs ~50 us: not worth it for a few layers
+    k = _threads() if L >= 8 and L * slots >= _MIN_SPLIT else 1
     if k == 1:
         fn(layers, *args)
         return
@@ -75,6 +84,41 @@ def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
     """:func:`.refine.rewind` for :func:`.repair_jit.traced`'s record: undo layer ``l``'s swaps after step ``stop[l]``."""
     swaps, nsteps = record
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
+
+
+def refine_scratch(st: SlotState, max_iters: int, target: np.ndarray, heavy: int = 4, light: int = 2) -> None:
+    """:func:`.refine.refine` of a from-scratch placement (``widen=False``, no ``orig_present``), compiled:
+    the same swaps, in place on ``st`` (``x``, ``present``, ``node_cnt``); layers over the threads."""
+    n = st.n
+    if n < 2 or st.L == 0:
+        return
+    has_nodes = st.node_of is not None
+    if has_nodes:
+        heavy = 1  # as the reference: concurrent swaps could each take an expert's last replica off a node
+    H = max(1, min(heavy, n // (light + 1)))
+    K = max(1, min(light, (n - H) // H))
+    for a in ("x", "present", "per", "per32") + (("node_cnt",) if has_nodes else ()):
+        assert getattr(st, a).flags.c_contiguous, a  # updated in place: a copy would lose the swaps
+    node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
+    node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(n, np.int64)
+    _run_split(_scratch_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per, st.per32,
+                                               st.loads(), np.ascontiguousarray(target, dtype=np.float64),
+                                               int(max_iters), H, K), slots=n * st.S)
+
+
+def fix_conflicts_compiled(st: SlotState, max_iters: int) -> None:
+    """:func:`.conflicts.fix_conflicts`, compiled: the same swaps, in place on ``st``; layers over the threads."""
+    if st.L == 0:
+        return
+    from .counts import BIG
+
+    has_nodes = st.node_of is not None
+    for a in ("x", "present", "per") + (("node_cnt",) if has_nodes else ()):
+        assert getattr(st, a).flags.c_contiguous, a  # updated in place: a copy would lose the swaps
+    node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
+    node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(st.n, np.int64)
+    _run_split(_conflicts_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per,
+                                                 int(max_iters), BIG), slots=st.n * st.S)
 
 
 def warm_up() -> float:

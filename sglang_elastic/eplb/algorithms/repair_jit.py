@@ -91,7 +91,7 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
             np.ascontiguousarray(rep_bound, dtype=np.float64), BIG, np.ascontiguousarray(target, dtype=np.float64),
             float(near_factor), float(aim_factor), rp.aim, cap, K, rp.k_extra, rp.wide_search, rp.maxes, rp.fetched,
             rp.swaps, rp.nsteps, rp.flag)
-    _run_split(_repair_refine_all, np.arange(L), args)
+    _run_split(_repair_refine_all, np.arange(L), args, slots=n * S)
     return rp
 
 
@@ -102,7 +102,7 @@ def refine_layers(rp: Repaired, layers: np.ndarray) -> None:
     _run_split(_refine_all, np.ascontiguousarray(layers, dtype=np.int64),
                (rp.x, rp.present, rp.node_cnt, rp.node_of, rp.has_nodes, rp.per, rp.per32, rp.load, rp.aim,
                 rp.orig, rp.max_iters, rp.k_narrow, rp.k_extra, rp.wide_search, rp.maxes, rp.fetched, rp.swaps,
-                rp.nsteps))
+                rp.nsteps), slots=rp.x.shape[1] * rp.x.shape[2])
 
 
 def traced(rp: Repaired) -> Tuple[np.ndarray, np.ndarray, Tuple]:
@@ -148,5 +148,5 @@ def targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: floa
     _run_split(_targets_all, np.arange(L), (np.ascontiguousarray(weight, dtype=np.float64),
                                             np.ascontiguousarray(w, dtype=np.float64), int(n), int(S),
                                             float(min_balance), float(slack), reference == "greedy",
-                                            target, rep_bound))
+                                            target, rep_bound), slots=n * S)
     return target, rep_bound
