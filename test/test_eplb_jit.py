@@ -90,8 +90,16 @@ def test_compiled_conflict_removal_is_the_reference(rpn, seed):
 
 
 def test_warm_up_compiles_then_placements_are_unchanged():
-    from sglang_elastic.eplb import warm_up
+    from sglang_elastic.eplb import warm_up, warm_up_in_background
+    from sglang_elastic.eplb.algorithms import jit_kernels
 
+    t = warm_up_in_background("test-warm-up")
+    assert t.daemon and t.name == "test-warm-up"
+    t.join(timeout=600)
+    assert not t.is_alive()
+    # every kernel a rebalance runs, from scratch and from a current placement, is ready
+    for k in ("_repair_refine_all", "_refine_all", "_scratch_all", "_conflicts_all"):
+        assert getattr(jit_kernels, k).signatures, k
     assert warm_up() >= 0.0
     w = synthetic_load("hot", 9, 48, seed=3)
     cur = rebalance(w, 10, 7)

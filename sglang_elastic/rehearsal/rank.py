@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..eplb import warm_up
+from ..eplb import warm_up_in_background
 from ..location.updater import UpdateFailure
 from ..transport.liveness import Liveness
 from .config import RehearsalConfig
@@ -364,8 +364,7 @@ def rank_main(rank: int, cfg_dict: Dict[str, Any], port: int, joiner: bool = Fal
     torch.set_num_threads(1)
     # A failover re-plans with the compiled EPLB kernels: load them now (numba's disk cache, ~0.3 s),
     # beside joining and connecting, so the first failover does not pay for it.
-    warming = threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True)
-    warming.start()
+    warming = warm_up_in_background("eplb-warm-up")
     code = 0
     r = None
     try:

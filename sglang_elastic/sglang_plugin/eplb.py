@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..eplb import warm_up
+from ..eplb import warm_up_in_background
 from ..eplb.algorithms import rebalance
 from ..eplb.metrics import balancedness
 from ..eplb.placement import Placement
@@ -57,18 +56,7 @@ def start_warm_up() -> threading.Thread:
     ctx = context.get()
     with ctx.eplb_warm_up_lock:
         if ctx.eplb_warm_up is None:
-            def run() -> None:
-                t = time.perf_counter()
-                try:
-                    warm_up()
-                except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first call its compile
-                    log.warning("[sglang_elastic] EPLB warm-up failed (%s: %s); the first rebalance compiles",
-                                type(exc).__name__, exc)
-                    return
-                log.info("[sglang_elastic] EPLB kernels ready in %.2f s", time.perf_counter() - t)
-
-            ctx.eplb_warm_up = threading.Thread(target=run, name="sglang-elastic-eplb-warm-up", daemon=True)
-            ctx.eplb_warm_up.start()
+            ctx.eplb_warm_up = warm_up_in_background("sglang-elastic-eplb-warm-up")
         return ctx.eplb_warm_up
 
 

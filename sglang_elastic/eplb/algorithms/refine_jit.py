@@ -8,8 +8,10 @@ decisions (``test/test_eplb_jit.py``). Without numba, :mod:`.repair` uses the re
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Tuple
 
@@ -23,12 +25,14 @@ if AVAILABLE:
 if TYPE_CHECKING:
     from .slots import SlotState
 
-__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "warm_up"]
+__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "warm_up",
+           "warm_up_in_background"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
 
 _POOL: Optional[ThreadPoolExecutor] = None
+log = logging.getLogger(__name__)
 
 
 def _threads() -> int:
@@ -129,8 +133,6 @@ def warm_up() -> float:
     cache (``cache=True``, next to the sources or in ``NUMBA_CACHE_DIR``) in ~0.3 s. Call it at start-up
     (e.g. in a background thread) where a failover must not wait for it. A no-op without numba.
     """
-    import time
-
     from . import rebalance  # the package imports this module: import it at call time
 
     t = time.perf_counter()
@@ -147,3 +149,21 @@ def warm_up() -> float:
                                       np.full(9, np.inf), np.full(9, np.inf), 1.002, 1.0)
         repair_jit.refine_layers(rp, np.arange(9))
     return time.perf_counter() - t
+
+
+def warm_up_in_background(name: str = "sglang-elastic-eplb-warm-up") -> threading.Thread:
+    """Start :func:`warm_up` in a daemon thread named ``name`` and return it (join it to wait for the
+    kernels). A failure is logged, not raised: it only costs the first rebalance its compile."""
+    def run() -> None:
+        t = time.perf_counter()
+        try:
+            warm_up()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("[sglang_elastic] EPLB warm-up failed (%s: %s); the first rebalance compiles",
+                        type(exc).__name__, exc)
+            return
+        log.info("[sglang_elastic] EPLB kernels ready in %.2f s", time.perf_counter() - t)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
