@@ -90,6 +90,17 @@ def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
 
 
+def _kernel_arrays(st: SlotState) -> None:
+    """Give ``st`` C-contiguous arrays of the kernels' dtypes, on ``st`` itself (the kernels write into
+    them; no copy where they already are, as for every ``SlotState`` the package builds)."""
+    st.x = np.ascontiguousarray(st.x, dtype=np.int64)
+    st.present = np.ascontiguousarray(st.present, dtype=np.int8)
+    st.per = np.ascontiguousarray(st.per, dtype=np.float64)
+    st.per32 = np.ascontiguousarray(st.per32, dtype=np.float32)
+    if st.node_of is not None:
+        st.node_cnt = np.ascontiguousarray(st.node_cnt, dtype=np.int64)
+
+
 def refine_scratch(st: SlotState, max_iters: int, target: np.ndarray, heavy: int = 4, light: int = 2) -> None:
     """:func:`.refine.refine` of a from-scratch placement (``widen=False``, no ``orig_present``), compiled:
     the same swaps, in place on ``st`` (``x``, ``present``, ``node_cnt``); layers over the threads."""
@@ -101,8 +112,7 @@ def refine_scratch(st: SlotState, max_iters: int, target: np.ndarray, heavy: int
         heavy = 1  # as the reference: concurrent swaps could each take an expert's last replica off a node
     H = max(1, min(heavy, n // (light + 1)))
     K = max(1, min(light, (n - H) // H))
-    for a in ("x", "present", "per", "per32") + (("node_cnt",) if has_nodes else ()):
-        assert getattr(st, a).flags.c_contiguous, a  # updated in place: a copy would lose the swaps
+    _kernel_arrays(st)
     node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
     node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(n, np.int64)
     _run_split(_scratch_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per, st.per32,
@@ -117,8 +127,7 @@ def fix_conflicts_compiled(st: SlotState, max_iters: int) -> None:
     from .counts import BIG
 
     has_nodes = st.node_of is not None
-    for a in ("x", "present", "per") + (("node_cnt",) if has_nodes else ()):
-        assert getattr(st, a).flags.c_contiguous, a  # updated in place: a copy would lose the swaps
+    _kernel_arrays(st)
     node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
     node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(st.n, np.int64)
     _run_split(_conflicts_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per,
