@@ -89,6 +89,23 @@ def test_compiled_conflict_removal_is_the_reference(rpn, seed):
     assert (b.x != x).any() and b.duplicates().sum() < SlotState(x, per, None).duplicates().sum()
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**16), st.booleans())
+def test_compiled_packings_are_the_reference(L, n, S, seed, ties):
+    """Differencing and LPT from scratch: the kernels assign as numpy does, ties in loads included."""
+    from sglang_elastic.eplb.algorithms.counts import replica_counts
+    from sglang_elastic.eplb.algorithms.packing import lpt_assign_reference, scratch_assign_reference
+    from sglang_elastic.eplb.algorithms.refine_jit import lpt_assign_compiled, scratch_assign_compiled
+
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(S, n * S + 1))  # a rank never needs an expert twice
+    w = rng.integers(1, 4, size=(L, E)).astype(float) if ties else rng.lognormal(0, 1.5, size=(L, E))
+    counts = replica_counts(w, n * S, n)
+    per = w / counts
+    np.testing.assert_array_equal(scratch_assign_reference(per, counts, n, S), scratch_assign_compiled(per, counts, n, S))
+    np.testing.assert_array_equal(lpt_assign_reference(per, counts, n, S), lpt_assign_compiled(per, counts, n, S))
+
+
 def test_warm_up_compiles_then_placements_are_unchanged():
     from sglang_elastic.eplb import warm_up, warm_up_in_background
     from sglang_elastic.eplb.algorithms import jit_kernels
@@ -98,7 +115,8 @@ def test_warm_up_compiles_then_placements_are_unchanged():
     t.join(timeout=600)
     assert not t.is_alive()
     # every kernel a rebalance runs, from scratch and from a current placement, is ready
-    for k in ("_repair_refine_all", "_refine_all", "_scratch_all", "_conflicts_all"):
+    for k in ("_repair_refine_all", "_refine_all", "_scratch_all", "_conflicts_all", "_assign_all",
+              "_lpt_all"):
         assert getattr(jit_kernels, k).signatures, k
     assert warm_up() >= 0.0
     w = synthetic_load("hot", 9, 48, seed=3)

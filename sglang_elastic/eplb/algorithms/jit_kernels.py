@@ -458,6 +458,90 @@ if AVAILABLE:
             _conflicts_layer(layers[i], x, present, node_cnt, node_of, has_nodes, per, max_iters, big)
 
     @njit(cache=True, nogil=True)
+    def _assign_layer(l, per, counts, x):
+        """:func:`.packing.scratch_assign` for layer ``l`` into ``x[l]``: the same rounds, merges (the
+        two partials that spread most; ties to the first) and stable orders."""
+        n, S = x.shape[1], x.shape[2]
+        E = per.shape[1]
+        p = per[l]
+        order = np.argsort(-p, kind="mergesort")  # stable, as the reference
+        items = np.empty(n * S, np.int64)
+        k = 0
+        for i in range(E):
+            e = order[i]
+            for _ in range(counts[l, e]):
+                items[k] = e
+                k += 1
+        sums = np.empty((S, n))
+        spread = np.empty(S)
+        for q in range(S):
+            for j in range(n):
+                sums[q, j] = p[items[q * n + j]]
+            spread[q] = sums[q].max() - sums[q].min()
+        ha = np.empty(max(S - 1, 0), np.int64)
+        hb = np.empty(max(S - 1, 0), np.int64)
+        hpa = np.empty((max(S - 1, 0), n), np.int64)
+        hpb = np.empty((max(S - 1, 0), n), np.int64)
+        for t in range(S - 1):
+            a = np.argmax(spread)
+            spread[a] = -np.inf
+            b = np.argmax(spread)
+            pa = np.argsort(sums[a], kind="mergesort")  # lightest rank of a first ...
+            pb = np.argsort(sums[b], kind="mergesort")[::-1]  # ... meets the heaviest of b
+            merged = sums[a][pa] + sums[b][pb]
+            sums[a] = merged
+            spread[a] = merged.max() - merged.min()
+            spread[b] = -np.inf
+            ha[t], hb[t] = a, b
+            hpa[t] = pa
+            hpb[t] = pb
+        rank = np.empty((S, n), np.int64)
+        rank[np.argmax(spread)] = np.arange(n)
+        for t in range(S - 2, -1, -1):
+            after = rank[ha[t]].copy()
+            for j in range(n):
+                rank[ha[t], hpa[t, j]] = after[j]
+                rank[hb[t], hpb[t, j]] = after[j]
+        for q in range(S):
+            for j in range(n):
+                x[l, rank[q, j], q] = items[q * n + j]
+
+    @njit(cache=True, nogil=True)
+    def _assign_all(layers, per, counts, x):
+        for i in range(layers.size):
+            _assign_layer(layers[i], per, counts, x)
+
+    @njit(cache=True, nogil=True)
+    def _lpt_layer(i, per, counts, x):
+        """:func:`.packing.lpt_assign_reference` for row ``i`` into ``x[i]``: replicas heaviest first
+        (stable), each to the lightest rank with a free slot (ties: lower rank), slots filled in order."""
+        n, S = x.shape[1], x.shape[2]
+        E = per.shape[1]
+        p = per[i]
+        order = np.argsort(-p, kind="mergesort")
+        load = np.zeros(n)
+        fill = np.zeros(n, np.int64)
+        k = 0
+        for a in range(E):
+            e = order[a]
+            for _ in range(counts[i, e]):
+                if S == 1:  # one item per pack: item k -> pack k (balanced_packing's shortcut)
+                    x[i, k, 0] = e
+                else:
+                    r = np.argmin(load)
+                    x[i, r, fill[r]] = e
+                    load[r] += p[e]
+                    fill[r] += 1
+                    if fill[r] == S:
+                        load[r] = np.inf
+                k += 1
+
+    @njit(cache=True, nogil=True)
+    def _lpt_all(rows, per, counts, x):
+        for j in range(rows.size):
+            _lpt_layer(rows[j], per, counts, x)
+
+    @njit(cache=True, nogil=True)
     def _rewind_all(x, swaps, nsteps, stop):
         for l in range(x.shape[0]):
             for t in range(nsteps[l] - 1, stop[l] - 1, -1):  # the swap of step t + 1, latest first

@@ -9,13 +9,22 @@ from .conflicts import fix_conflicts
 from .counts import replica_counts
 from .deepseek import balanced_packing
 from .refine import refine
-from .refine_jit import refine_scratch
+from .refine_jit import lpt_assign_compiled, refine_scratch, scratch_assign_compiled
 from .slots import SlotState
 
-__all__ = ["scratch_assign", "order_ranks_by_node", "shift_to_top", "from_scratch"]
+__all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "shift_to_top", "from_scratch"]
 
 
 def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """:func:`scratch_assign_reference`, compiled wherever :mod:`.repair` runs its kernels (the same assignment)."""
+    from . import repair  # repair imports this module; its switch decides for both
+
+    if repair.USE_JIT:
+        return scratch_assign_compiled(per, counts, n, S)
+    return scratch_assign_reference(per, counts, n, S)
+
+
+def scratch_assign_reference(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
     """Balanced largest differencing (Karmarkar-Karp with equal cardinality): ``[L, n, S]`` experts.
 
     Replicas sorted by load are cut into ``S`` rounds of ``n``; each round is a partial solution (one
@@ -25,7 +34,7 @@ def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.nd
     """
     L, E = per.shape
     rows, r2 = np.arange(L), np.arange(L)[:, None]
-    order = np.argsort(-per, axis=1)  # heaviest replicas first
+    order = np.argsort(-per, axis=1, kind="stable")  # heaviest replicas first; stable: the kernel's order
     items = np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(L, S, n)
     sums = per[rows[:, None, None], items]  # [L, S, n]: partial p's rank loads
     spread = sums.max(-1) - sums.min(-1)
@@ -34,8 +43,8 @@ def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.nd
         a = spread.argmax(1)
         spread[rows, a] = -np.inf
         b = spread.argmax(1)
-        pa = np.argsort(sums[rows, a], 1)  # lightest rank of a first ...
-        pb = np.argsort(sums[rows, b], 1)[:, ::-1]  # ... meets the heaviest of b
+        pa = np.argsort(sums[rows, a], 1, kind="stable")  # lightest rank of a first ...
+        pb = np.argsort(sums[rows, b], 1, kind="stable")[:, ::-1]  # ... meets the heaviest of b
         merged = sums[rows, a][r2, pa] + sums[rows, b][r2, pb]
         sums[rows, a] = merged
         spread[rows, a] = merged.max(1) - merged.min(1)
@@ -50,6 +59,30 @@ def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.nd
         rank[r2, b[:, None], pb] = after
     x = np.empty((L, n, S), dtype=np.int64)
     x[rows[:, None, None], rank, np.arange(S)[None, :, None]] = items
+    return x
+
+
+def lpt_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """:func:`lpt_assign_reference`, compiled wherever :mod:`.repair` runs its kernels (the same assignment)."""
+    from . import repair  # repair imports this module; its switch decides for both
+
+    if repair.USE_JIT:
+        return lpt_assign_compiled(per, counts, n, S)
+    return lpt_assign_reference(per, counts, n, S)
+
+
+def lpt_assign_reference(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """Longest processing time (DeepSeek's :func:`.deepseek.balanced_packing`): ``[L, n, S]`` experts.
+
+    Replicas heaviest first (a stable order), each onto the lightest rank with a free slot (ties: the
+    lower rank), filling its slots in order.
+    """
+    L = per.shape[0]
+    order = np.argsort(-per, axis=1, kind="stable")
+    items = np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(L, n * S)
+    pack, pos = balanced_packing(np.take_along_axis(per, items, 1), n)
+    x = np.empty((L, n, S), dtype=np.int64)
+    x[np.arange(L)[:, None], pack, pos] = items
     return x
 
 
@@ -137,11 +170,7 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
     # than differencing; try it where we are still well above the bound and keep the better layer.
     bad = np.flatnonzero(best > bound * (1 + 5e-3))
     if bad.size and S > 1:
-        order = np.argsort(-per[bad], axis=1)
-        items = np.repeat(order.ravel(), np.take_along_axis(counts[bad], order, 1).ravel()).reshape(bad.size, n * S)
-        pack, pos = balanced_packing(np.take_along_axis(per[bad], items, 1), n)
-        xl = np.empty((bad.size, n, S), dtype=np.int64)
-        xl[np.arange(bad.size)[:, None], pack, pos] = items
+        xl = lpt_assign(per[bad], counts[bad], n, S)
         if node_of is not None:
             xl = order_ranks_by_node(xl, node_of)
         sl = SlotState(xl, per[bad], node_of)

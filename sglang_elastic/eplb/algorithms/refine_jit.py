@@ -20,12 +20,13 @@ import numpy as np
 from .jit_kernels import AVAILABLE
 
 if AVAILABLE:
-    from .jit_kernels import _conflicts_all, _rewind_all, _scratch_all
+    from .jit_kernels import _assign_all, _conflicts_all, _lpt_all, _rewind_all, _scratch_all
 
 if TYPE_CHECKING:
     from .slots import SlotState
 
-__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "warm_up",
+__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "scratch_assign_compiled", "lpt_assign_compiled",
+           "warm_up",
            "warm_up_in_background"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
@@ -88,6 +89,26 @@ def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
     """:func:`.refine.rewind` for :func:`.repair_jit.traced`'s record: undo layer ``l``'s swaps after step ``stop[l]``."""
     swaps, nsteps = record
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
+
+
+def scratch_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """:func:`.packing.scratch_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
+    L = per.shape[0]
+    x = np.empty((L, n, S), dtype=np.int64)
+    if L:
+        _run_split(_assign_all, np.arange(L), (np.ascontiguousarray(per, dtype=np.float64),
+                                               np.ascontiguousarray(counts, dtype=np.int64), x), slots=n * S)
+    return x
+
+
+def lpt_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """:func:`.packing.lpt_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
+    L = per.shape[0]
+    x = np.empty((L, n, S), dtype=np.int64)
+    if L:
+        _run_split(_lpt_all, np.arange(L), (np.ascontiguousarray(per, dtype=np.float64),
+                                            np.ascontiguousarray(counts, dtype=np.int64), x), slots=n * S)
+    return x
 
 
 def _kernel_arrays(st: SlotState) -> None:
@@ -157,6 +178,8 @@ def warm_up() -> float:
         rp = repair_jit.repair_refine(w, cur.phy2log.numpy().reshape(9, 4, 4)[:, :3], 3, 4, None, 4,
                                       np.full(9, np.inf), np.full(9, np.inf), 1.002, 1.0)
         repair_jit.refine_layers(rp, np.arange(9))
+        # From scratch, the LPT packing runs only for layers the differencing packs badly: compile it too.
+        lpt_assign_compiled(w / 2, np.full(w.shape, 2, np.int64), 6, 4)
     return time.perf_counter() - t
 
 
