@@ -12,6 +12,9 @@ from .refine import refine
 from .refine_jit import lpt_assign_compiled, refine_scratch, scratch_assign_compiled
 from .slots import SlotState
 
+# From scratch, a layer whose differencing + refinement ends this far above the bound also tries LPT.
+_LPT_ABOVE = 1e-4
+
 __all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "shift_to_top", "from_scratch"]
 
 
@@ -168,14 +171,14 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
     bound = np.maximum(w.sum(1) / n, per.max(1))
     # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
     # than differencing; try it where we are still well above the bound and keep the better layer.
-    bad = np.flatnonzero(best > bound * (1 + 5e-3))
+    bad = np.flatnonzero(best > bound * (1 + _LPT_ABOVE))
     if bad.size and S > 1:
         xl = lpt_assign(per[bad], counts[bad], n, S)
         if node_of is not None:
             xl = order_ranks_by_node(xl, node_of)
         sl = SlotState(xl, per[bad], node_of)
         fix_conflicts(sl, max_iters=n * S)
-        _refine(sl, iters, bound[bad] * (1 + 1e-3))
+        _refine(sl, iters, bound[bad] * (1 + _LPT_ABOVE))
         lmax = sl.loads().max(1)
         better = lmax < best[bad]
         x[bad[better]], best[bad[better]] = sl.x[better], lmax[better]
