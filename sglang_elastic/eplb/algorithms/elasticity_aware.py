@@ -153,7 +153,13 @@ def elasticity_aware(
     w = weight + (weight.sum(1, keepdims=True) / (E * 1e9) + 1e-300)
 
     if current is None:
-        result, _ = from_scratch(w, n, S, node_of, iters)
+        # Never less balanced than upstream's EPLB would place this load: its greedy busiest rank per
+        # layer is the ceiling (where it splits an expert twice on a rank, out of reach, the bound).
+        if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:
+            ceiling, _ = repair_jit.targets(weight, w, n, S, 1.0, 1.0, "greedy")
+        else:
+            ceiling = balance_target(weight, n, S, 1.0, "greedy")
+        result, _ = from_scratch(w, n, S, node_of, iters, ceiling=ceiling)
     else:
         event = _live_set_changed(current, live, num_ranks, S)
         if balance_tolerance is not None:

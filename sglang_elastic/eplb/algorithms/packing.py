@@ -12,9 +12,6 @@ from .refine import refine
 from .refine_jit import lpt_assign_compiled, refine_scratch, scratch_assign_compiled
 from .slots import SlotState
 
-# From scratch, a layer whose differencing + refinement ends this far above the bound also tries LPT.
-_LPT_ABOVE = 1e-4
-
 __all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "shift_to_top", "from_scratch"]
 
 
@@ -162,26 +159,39 @@ def shift_to_top(w: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:
     return c
 
 
+def _lpt_candidates(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
+                    iters: int, aim: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S], [L] busiest)``: LPT packing of every layer of ``w``, conflicts fixed, refined to ``aim``."""
+    per = w / counts
+    x = lpt_assign(per, counts, n, S)
+    if node_of is not None:
+        x = order_ranks_by_node(x, node_of)
+    st = SlotState(x, per, node_of)
+    fix_conflicts(st, max_iters=n * S)
+    _refine(st, iters, aim)
+    return st.x, st.loads().max(1)
+
+
 def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-    """``([L, n, S] experts, [L] busiest-rank load)`` of a fresh placement over ``n`` live ranks."""
+                 ceiling: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S] experts, [L] busiest-rank load)`` of a fresh placement over ``n`` live ranks.
+
+    ``ceiling`` (float64 ``[L]``, ``inf`` = none): busiest-rank loads whose sum ours should not exceed,
+    e.g. upstream's greedy placement's (balancedness is a sum over layers); where ours does, the layers
+    above their ceiling also try LPT refined down to it, and the ones that gain most take it, until the
+    sum holds (or none is left): the placement changes no more than the promise needs.
+    """
     counts = replica_counts(w, n * S, n)
     per = w / counts
     x, best = _pack(w, counts, n, S, node_of, iters)
     bound = np.maximum(w.sum(1) / n, per.max(1))
     # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
     # than differencing; try it where we are still well above the bound and keep the better layer.
-    bad = np.flatnonzero(best > bound * (1 + _LPT_ABOVE))
+    bad = np.flatnonzero(best > bound * (1 + 5e-3))
     if bad.size and S > 1:
-        xl = lpt_assign(per[bad], counts[bad], n, S)
-        if node_of is not None:
-            xl = order_ranks_by_node(xl, node_of)
-        sl = SlotState(xl, per[bad], node_of)
-        fix_conflicts(sl, max_iters=n * S)
-        _refine(sl, iters, bound[bad] * (1 + _LPT_ABOVE))
-        lmax = sl.loads().max(1)
+        xl, lmax = _lpt_candidates(w[bad], counts[bad], n, S, node_of, iters, bound[bad] * (1 + 1e-3))
         better = lmax < best[bad]
-        x[bad[better]], best[bad[better]] = sl.x[better], lmax[better]
+        x[bad[better]], best[bad[better]] = xl[better], lmax[better]
     # One very hot expert (zipf: half a layer's tokens) packs badly with the greedy counts' replica
     # size; one to three more replicas of it (from the experts that lose least) often pack much
     # better. Tried only where we are still well above the bound; the better layer is kept.
@@ -193,5 +203,20 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
             xv, lmax = _pack(w[bad], c, n, S, node_of, iters)
             better = lmax < best[bad]
             x[bad[better]], best[bad[better]] = xv[better], lmax[better]
+    if ceiling is not None and S > 1:
+        # Near-uniform loads: upstream's LPT lands within 0.01 % of the bound, below where our
+        # refinement stops (0.1 %); there LPT refined to the ceiling is the better layer.
+        fin = np.isfinite(ceiling)
+        excess = best[fin].sum() - ceiling[fin].sum()
+        over = np.flatnonzero(fin & (best > ceiling))
+        if excess > 0 and over.size:
+            xl, lmax = _lpt_candidates(w[over], counts[over], n, S, node_of, iters,
+                                       np.minimum(bound[over] * (1 + 1e-3), ceiling[over]))
+            gain = best[over] - lmax
+            for i in np.argsort(-gain, kind="stable"):
+                if excess <= 0 or gain[i] <= 0:
+                    break
+                x[over[i]], best[over[i]] = xl[i], lmax[i]
+                excess -= gain[i]
     return x, best
 
