@@ -210,6 +210,26 @@ def test_from_scratch_is_at_least_as_balanced_as_upstreams_greedy(shape):
             assert busiest.sum() <= greedy_busiest(w, R, S).sum() * (1 + 1e-12), (family, seed)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_few_experts_many_replicas_from_scratch_is_valid(compiled):
+    """6-9 experts on 8 live ranks x 4 slots: up to 8 replicas of an expert, each on its own rank. The
+    packing's conflicts may have no single fixing swap (seed 433: rank 7 held expert 4 twice, and
+    rebalance refused its own placement); the round-robin deal must take over."""
+    from sglang_elastic.eplb.algorithms import repair
+
+    live = np.array([False] * 4 + [True] * 8)
+    old = repair.USE_JIT
+    try:
+        repair.USE_JIT = compiled
+        for seed in [433, 944] + list(range(200 if compiled else 20)):  # the numpy reference is ~50x slower
+            rng = np.random.default_rng(seed)
+            w = rng.lognormal(0, 1.2, size=(3, int(rng.integers(5, 10))))
+            p = rebalance(w, 12, 4, live_ranks=live)  # validates: raises on an expert twice on a rank
+            assert balancedness(w, p) > 0.5
+    finally:
+        repair.USE_JIT = old
+
+
 def test_same_load_same_ranks_moves_nothing():
     w = synthetic_load("lognormal1", 6, 64, seed=2)
     p = rebalance(w, 8, 10)

@@ -161,7 +161,9 @@ def shift_to_top(w: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:
 
 def _lpt_candidates(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                     iters: int, aim: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """``([L, n, S], [L] busiest)``: LPT packing of every layer of ``w``, conflicts fixed, refined to ``aim``."""
+    """``([L, n, S], [L] busiest)``: LPT packing of every layer of ``w``, conflicts fixed, refined to ``aim``;
+    a layer whose rank still holds an expert twice (no partner to swap with: few experts, many
+    replicas) gets busiest ``inf``, so it is never taken."""
     per = w / counts
     x = lpt_assign(per, counts, n, S)
     if node_of is not None:
@@ -169,7 +171,7 @@ def _lpt_candidates(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: 
     st = SlotState(x, per, node_of)
     fix_conflicts(st, max_iters=n * S)
     _refine(st, iters, aim)
-    return st.x, st.loads().max(1)
+    return st.x, np.where(st.duplicates().any((1, 2)), np.inf, st.loads().max(1))
 
 
 def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
@@ -218,5 +220,20 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
                     break
                 x[over[i]], best[over[i]] = xl[i], lmax[i]
                 excess -= gain[i]
+    srt = np.sort(x, axis=-1)
+    twice = np.flatnonzero(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any((1, 2)))
+    if twice.size:
+        # Few experts with many replicas each (e.g. 6 experts on 8 ranks x 4 slots): a conflict may
+        # find no single swap that fixes it. Deal the replicas, grouped by expert, round the ranks:
+        # an expert's (at most n) replicas land on distinct ranks; then the usual refinement.
+        per_t, c_t = per[twice], counts[twice]
+        order = np.argsort(-per_t, axis=1, kind="stable")
+        items = np.repeat(order.ravel(), np.take_along_axis(c_t, order, 1).ravel()).reshape(twice.size, n * S)
+        j = np.arange(n * S)
+        xd = np.empty((twice.size, n, S), dtype=np.int64)
+        xd[:, j % n, j // n] = items
+        st = SlotState(xd, per_t, node_of)
+        _refine(st, iters, bound[twice] * (1 + 1e-3))
+        x[twice], best[twice] = st.x, st.loads().max(1)
     return x, best
 
