@@ -60,6 +60,19 @@ if AVAILABLE:
             node_cnt[l, e2 + 1, m1] += 1
             node_cnt[l, e1 + 1, m2] += 1
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _order_by_load(order, ld):
+        """Ranks by (load, id), as the references' stable argsort: insertion sort from the last step's
+        order, which a step's swaps only perturb."""
+        for i in range(1, order.size):
+            c = order[i]
+            v = ld[c]
+            j = i - 1
+            while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
+                order[j + 1] = order[j]
+                j -= 1
+            order[j + 1] = c
+
     @njit(cache=True, nogil=True)
     def _rank_sum(xr, per_l):
         """``np.where(x >= 0, per[x], 0.0).sum(-1)`` for one rank, bit for bit: numpy adds a row of
@@ -128,16 +141,7 @@ if AVAILABLE:
         xl, pres, og, p32 = x[l], present[l], orig[l], per32[l]
         t = 0
         while active and t < max_iters:
-            # Ranks by (load, id), as the reference's stable argsort: insertion sort from the last
-            # step's order, which one swap only perturbs (two ranks move).
-            for i in range(1, n):
-                c = order[i]
-                v = ld[c]
-                j = i - 1
-                while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
-                    order[j + 1] = order[j]
-                    j -= 1
-                order[j + 1] = c
+            _order_by_load(order, ld)
             hi = order[n - 1]
             th = ld[hi]
             K = n - 1 if wide else k_narrow
@@ -329,14 +333,7 @@ if AVAILABLE:
         xl, pres, p32 = x[l], present[l], per32[l]
         t = 0
         while active and t < max_iters:
-            for i in range(1, n):  # (load, id) order, as the reference's stable argsort
-                c = order[i]
-                v = ld[c]
-                j = i - 1
-                while j >= 0 and (ld[order[j]] > v or (ld[order[j]] == v and order[j] > c)):
-                    order[j + 1] = order[j]
-                    j -= 1
-                order[j + 1] = c
+            _order_by_load(order, ld)
             for j in range(H):
                 bk[j] = -1
                 hi = order[n - 1 - j]

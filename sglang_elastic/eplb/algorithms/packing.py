@@ -128,19 +128,25 @@ def _refine(st: SlotState, iters: int, target: np.ndarray) -> None:
         refine(st, iters, target, widen=False)
 
 
-def _pack(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
-          ) -> Tuple[np.ndarray, np.ndarray]:
-    """``([L, n, S] experts, [L] busiest-rank load)``: differencing, node order, conflicts, refinement."""
-    per = w / counts
-    x = scratch_assign(per, counts, n, S)
+def _settle(x: np.ndarray, per: np.ndarray, node_of: Optional[np.ndarray], iters: int, aim: np.ndarray) -> SlotState:
+    """A fresh packing ``x`` ``[L, n, S]`` made a placement: node order, conflicts fixed, refined to ``aim``."""
+    n, S = x.shape[1], x.shape[2]
     if node_of is not None:
         x = order_ranks_by_node(x, node_of)
     st = SlotState(x, per, node_of)
     fix_conflicts(st, max_iters=n * S)
+    _refine(st, iters, aim)
+    return st
+
+
+def _pack(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
+          ) -> Tuple[np.ndarray, np.ndarray]:
+    """``([L, n, S] experts, [L] busiest-rank load)``: differencing, node order, conflicts, refinement."""
+    per = w / counts
     # Stop refining a layer within 0.1 % of the bound: past that, swaps cost more time than they buy.
     # Packing from scratch is already good; a narrow search keeps this path fast.
     bound = np.maximum(w.sum(1) / n, per.max(1))
-    _refine(st, iters, bound * (1 + 1e-3))
+    st = _settle(scratch_assign(per, counts, n, S), per, node_of, iters, bound * (1 + 1e-3))
     return st.x, st.loads().max(1)
 
 
@@ -165,12 +171,7 @@ def _lpt_candidates(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: 
     a layer whose rank still holds an expert twice (no partner to swap with: few experts, many
     replicas) gets busiest ``inf``, so it is never taken."""
     per = w / counts
-    x = lpt_assign(per, counts, n, S)
-    if node_of is not None:
-        x = order_ranks_by_node(x, node_of)
-    st = SlotState(x, per, node_of)
-    fix_conflicts(st, max_iters=n * S)
-    _refine(st, iters, aim)
+    st = _settle(lpt_assign(per, counts, n, S), per, node_of, iters, aim)
     return st.x, np.where(st.duplicates().any((1, 2)), np.inf, st.loads().max(1))
 
 

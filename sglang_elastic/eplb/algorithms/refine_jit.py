@@ -91,24 +91,23 @@ def rewind_traced(x: np.ndarray, record: Tuple, stop: np.ndarray) -> None:
     _rewind_all(x, swaps, nsteps, np.asarray(stop, dtype=np.int64))
 
 
-def scratch_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
-    """:func:`.packing.scratch_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
+def _assign(kernel, per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
     L = per.shape[0]
     x = np.empty((L, n, S), dtype=np.int64)
     if L:
-        _run_split(_assign_all, np.arange(L), (np.ascontiguousarray(per, dtype=np.float64),
-                                               np.ascontiguousarray(counts, dtype=np.int64), x), slots=n * S)
+        _run_split(kernel, np.arange(L), (np.ascontiguousarray(per, dtype=np.float64),
+                                          np.ascontiguousarray(counts, dtype=np.int64), x), slots=n * S)
     return x
+
+
+def scratch_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
+    """:func:`.packing.scratch_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
+    return _assign(_assign_all, per, counts, n, S)
 
 
 def lpt_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
     """:func:`.packing.lpt_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
-    L = per.shape[0]
-    x = np.empty((L, n, S), dtype=np.int64)
-    if L:
-        _run_split(_lpt_all, np.arange(L), (np.ascontiguousarray(per, dtype=np.float64),
-                                            np.ascontiguousarray(counts, dtype=np.int64), x), slots=n * S)
-    return x
+    return _assign(_lpt_all, per, counts, n, S)
 
 
 def _kernel_arrays(st: SlotState) -> None:
