@@ -15,7 +15,7 @@ groups of live ranks of unequal size.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -90,6 +90,15 @@ def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: 
     return bool((was_live != live).any())
 
 
+def _targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: float,
+             reference: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(balance_target, replica bound or None)``: compiled where the kernels run (sums of up to
+    :data:`.repair_jit.MAX_SLOTS` lightest replicas), else the numpy reference (no replica bound)."""
+    if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:
+        return repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference)
+    return balance_target(weight, n, S, min_balance, reference), None
+
+
 @register_algorithm("elasticity_aware")
 def elasticity_aware(
     weight: np.ndarray,
@@ -155,10 +164,7 @@ def elasticity_aware(
     if current is None:
         # Never less balanced than upstream's EPLB would place this load: its greedy busiest rank per
         # layer is the ceiling (where it splits an expert twice on a rank, out of reach, the bound).
-        if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:
-            ceiling, _ = repair_jit.targets(weight, w, n, S, 1.0, 1.0, "greedy")
-        else:
-            ceiling = balance_target(weight, n, S, 1.0, "greedy")
+        ceiling, _ = _targets(weight, w, n, S, 1.0, "greedy")
         result, _ = from_scratch(w, n, S, node_of, iters, ceiling=ceiling)
     else:
         event = _live_set_changed(current, live, num_ranks, S)
@@ -168,10 +174,7 @@ def elasticity_aware(
             min_balance = DEFAULT_MIN_BALANCE[0 if event else 1]
         if balance_reference is None:
             balance_reference = DEFAULT_BALANCE_REFERENCE[0 if event else 1]
-        if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:  # sums of up to 128 lightest replicas
-            target, rep_bound = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, balance_reference)
-        else:
-            target, rep_bound = balance_target(weight, n, S, min_balance, balance_reference), None
+        target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide",
                               rep_bound=rep_bound, exact_target=balance_reference == "greedy")

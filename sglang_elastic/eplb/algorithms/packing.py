@@ -15,6 +15,13 @@ from .slots import SlotState
 __all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "shift_to_top", "from_scratch"]
 
 
+def _replicas_by_load(per: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int64 ``[L, sum(counts)]``: each expert ``counts`` times, heaviest replica first (a stable order:
+    equal loads keep expert order; an expert's replicas stay together)."""
+    order = np.argsort(-per, axis=1, kind="stable")
+    return np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(per.shape[0], -1)
+
+
 def scratch_assign(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
     """:func:`scratch_assign_reference`, compiled wherever :mod:`.repair` runs its kernels (the same assignment)."""
     from . import repair  # repair imports this module; its switch decides for both
@@ -32,10 +39,9 @@ def scratch_assign_reference(per: np.ndarray, counts: np.ndarray, n: int, S: int
     heaviest rank of one with the lightest of the other, which cancels their differences. Merges are
     recorded and replayed backwards to learn which final rank each round's replicas end on.
     """
-    L, E = per.shape
+    L = per.shape[0]
     rows, r2 = np.arange(L), np.arange(L)[:, None]
-    order = np.argsort(-per, axis=1, kind="stable")  # heaviest replicas first; stable: the kernel's order
-    items = np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(L, S, n)
+    items = _replicas_by_load(per, counts).reshape(L, S, n)  # stable: the kernel's order
     sums = per[rows[:, None, None], items]  # [L, S, n]: partial p's rank loads
     spread = sums.max(-1) - sums.min(-1)
     history = []
@@ -78,8 +84,7 @@ def lpt_assign_reference(per: np.ndarray, counts: np.ndarray, n: int, S: int) ->
     lower rank), filling its slots in order.
     """
     L = per.shape[0]
-    order = np.argsort(-per, axis=1, kind="stable")
-    items = np.repeat(order.ravel(), np.take_along_axis(counts, order, 1).ravel()).reshape(L, n * S)
+    items = _replicas_by_load(per, counts)
     pack, pos = balanced_packing(np.take_along_axis(per, items, 1), n)
     x = np.empty((L, n, S), dtype=np.int64)
     x[np.arange(L)[:, None], pack, pos] = items
@@ -227,13 +232,10 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
         # Few experts with many replicas each (e.g. 6 experts on 8 ranks x 4 slots): a conflict may
         # find no single swap that fixes it. Deal the replicas, grouped by expert, round the ranks:
         # an expert's (at most n) replicas land on distinct ranks; then the usual refinement.
-        per_t, c_t = per[twice], counts[twice]
-        order = np.argsort(-per_t, axis=1, kind="stable")
-        items = np.repeat(order.ravel(), np.take_along_axis(c_t, order, 1).ravel()).reshape(twice.size, n * S)
         j = np.arange(n * S)
         xd = np.empty((twice.size, n, S), dtype=np.int64)
-        xd[:, j % n, j // n] = items
-        st = SlotState(xd, per_t, node_of)
+        xd[:, j % n, j // n] = _replicas_by_load(per[twice], counts[twice])
+        st = SlotState(xd, per[twice], node_of)
         _refine(st, iters, bound[twice] * (1 + 1e-3))
         x[twice], best[twice] = st.x, st.loads().max(1)
     return x, best

@@ -25,9 +25,8 @@ if AVAILABLE:
 if TYPE_CHECKING:
     from .slots import SlotState
 
-__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled", "scratch_assign_compiled", "lpt_assign_compiled",
-           "warm_up",
-           "warm_up_in_background"]
+__all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled",
+           "scratch_assign_compiled", "lpt_assign_compiled", "warm_up", "warm_up_in_background"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
@@ -110,15 +109,18 @@ def lpt_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> 
     return _assign(_lpt_all, per, counts, n, S)
 
 
-def _kernel_arrays(st: SlotState) -> None:
+def _kernel_arrays(st: SlotState) -> Tuple[np.ndarray, np.ndarray]:
     """Give ``st`` C-contiguous arrays of the kernels' dtypes, on ``st`` itself (the kernels write into
-    them; no copy where they already are, as for every ``SlotState`` the package builds)."""
+    them; no copy where they already are, as for every ``SlotState`` the package builds); returns the
+    kernels' ``(node_cnt, node_of)`` (placeholders without nodes)."""
     st.x = np.ascontiguousarray(st.x, dtype=np.int64)
     st.present = np.ascontiguousarray(st.present, dtype=np.int8)
     st.per = np.ascontiguousarray(st.per, dtype=np.float64)
     st.per32 = np.ascontiguousarray(st.per32, dtype=np.float32)
-    if st.node_of is not None:
-        st.node_cnt = np.ascontiguousarray(st.node_cnt, dtype=np.int64)
+    if st.node_of is None:
+        return np.zeros((1, 1, 1), np.int64), np.zeros(st.n, np.int64)
+    st.node_cnt = np.ascontiguousarray(st.node_cnt, dtype=np.int64)
+    return st.node_cnt, np.ascontiguousarray(st.node_of, dtype=np.int64)
 
 
 def refine_scratch(st: SlotState, max_iters: int, target: np.ndarray, heavy: int = 4, light: int = 2) -> None:
@@ -132,9 +134,7 @@ def refine_scratch(st: SlotState, max_iters: int, target: np.ndarray, heavy: int
         heavy = 1  # as the reference: concurrent swaps could each take an expert's last replica off a node
     H = max(1, min(heavy, n // (light + 1)))
     K = max(1, min(light, (n - H) // H))
-    _kernel_arrays(st)
-    node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
-    node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(n, np.int64)
+    node_cnt, node_of = _kernel_arrays(st)
     _run_split(_scratch_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per, st.per32,
                                                st.loads(), np.ascontiguousarray(target, dtype=np.float64),
                                                int(max_iters), H, K), slots=n * st.S)
@@ -147,9 +147,7 @@ def fix_conflicts_compiled(st: SlotState, max_iters: int) -> None:
     from .counts import BIG
 
     has_nodes = st.node_of is not None
-    _kernel_arrays(st)
-    node_cnt = st.node_cnt if has_nodes else np.zeros((1, 1, 1), np.int64)
-    node_of = np.ascontiguousarray(st.node_of, dtype=np.int64) if has_nodes else np.zeros(st.n, np.int64)
+    node_cnt, node_of = _kernel_arrays(st)
     _run_split(_conflicts_all, np.arange(st.L), (st.x, st.present, node_cnt, node_of, has_nodes, st.per,
                                                  int(max_iters), BIG), slots=st.n * st.S)
 
