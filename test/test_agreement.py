@@ -54,6 +54,9 @@ def _rank(rank: int, port: int, conn) -> None:
             out.put((rank, "wait", "no failure"))
         except PeerFailure as e:
             out.put((rank, "wait", (e.rank, e.ranks, str(e))))
+        # a closed watch connection is a departure the server records: stay until the test has read
+        # the server's dead set, so that it holds exactly the killed ranks
+        conn.poll(LIMIT)
         member.close()
     except Exception:
         out.put((rank, "error", traceback.format_exc()))
@@ -112,6 +115,8 @@ def test_vote_and_store_wait_end_with_peer_failure_when_a_rank_is_killed():
         for rank, (dead, ranks, msg) in waited.items():
             assert dead == 3 and "a key rank 3 sets" in msg and "heartbeat connection closed" in msg, (rank, msg)
         assert server.liveness.dead() == {2, 3}
+        for r in (0, 1):
+            conns[r].send("close")
     finally:
         for p in procs:
             if p.is_alive():
