@@ -1,0 +1,234 @@
+"""How far ours is from the fewest transfers any placement needs, layer by layer: an exact model (MILP).
+
+Analysis, not a benchmark of ours. For one failure cell of ``bench_eplb.py`` and some of its layers,
+it asks: with no live rank above the busiest rank *our* placement has on that layer, how few slots
+must change? The model is exact for the bench's metrics:
+
+* any replica counts (at least one replica of every expert), every live slot filled;
+* an expert may sit twice on a rank (the bench accepts upstream's placements, which do that);
+* a replica carries ``load / count`` (the metric's even split);
+* a slot is free when its expert was on that rank before (``metrics.movement``), else fetched.
+
+HiGHS (``scipy.optimize.milp``) searches it under a time limit and reports the best placement found
+(checked again here, outside the solver) and a proven bound: no placement has fewer transfers at
+that busiest rank. ``--relaxed`` also solves a smaller relaxation (the fetched replicas of experts
+lighter than ``--weigh`` x the busiest rank weigh nothing and take no slot), whose optimum is a
+bound too and often is reached in seconds.
+
+    python bench/eplb_milp.py ds3-ep32 zipf1.2 "2 dead" --layers 0 --time-limit 400
+    python bench/eplb_milp.py ds3-ep32 hot "2 dead" --layers 3 --time-limit 400 --relaxed
+
+Layers trade balance in the target (a sum over layers), so a per-layer bound bounds the cell only
+where every layer is held at our busiest rank; see docs/results.md for what it was used to show.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class LayerResult:
+    """What the model says about one layer at busiest rank ``T``.
+
+    ``best``: transfers of the best placement found (``None``: none found in time); ``bound``: no
+    placement has fewer; ``placement``: ``[n, S]`` experts of the best one (``None`` if none)."""
+
+    best: Optional[int]
+    bound: float
+    placement: Optional[np.ndarray]
+    seconds: float
+    status: str
+
+
+def transfers(before: np.ndarray, after: np.ndarray) -> int:
+    """Slots of ``after`` (``[n, S]``) whose expert was nowhere on that rank in ``before`` (``[n, S]``)."""
+    return int(sum(int(np.isin(after[r], before[r][before[r] >= 0], invert=True).sum()) for r in range(after.shape[0])))
+
+
+def busiest(w: np.ndarray, x: np.ndarray) -> float:
+    """Busiest rank of ``x`` (``[n, S]``, every slot filled) under load ``w`` (``[E]``) split evenly over replicas."""
+    cnt = np.bincount(x.ravel(), minlength=w.size)
+    return float((w[x] / cnt[x]).sum(1).max())
+
+
+def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float,
+                  weigh: Optional[np.ndarray] = None, duplicates: bool = True) -> LayerResult:
+    """Fewest transfers of one layer with no rank above ``T``.
+
+    Parameters:
+        w: float64 ``[E]`` load of the layer (any positive scale). before: int64 ``[n, S]`` experts on
+            the live ranks before (``-1`` empty). T: the busiest rank allowed, in the units of ``w``.
+        time_limit: seconds for HiGHS. weigh: bool ``[E]``: experts whose fetched replicas are placed
+            with their load; ``None`` (all): the exact model. With a subset, the others' fetched
+            replicas are dropped (a relaxation: its optimum bounds the exact one from below).
+        duplicates: whether a rank may hold an expert twice (the bench's metric allows it; our
+            placements never do it).
+
+    Returns:
+        :class:`LayerResult`; ``placement`` only for the exact model.
+    """
+    E = w.size
+    n, S = before.shape
+    N = n * S
+    weigh = np.ones(E, dtype=bool) if weigh is None else weigh
+    exact = bool(weigh.all())
+    t0 = time.perf_counter()
+    kmin = np.maximum(1, np.ceil(w / T * (1 - 1e-12))).astype(np.int64)  # a replica alone must fit a rank
+    slack = N - int(kmin.sum())
+    if slack < 0:
+        return LayerResult(None, np.inf, None, 0.0, "infeasible: the heaviest experts need more slots than there are")
+    ks = np.arange(slack + 1)
+    # columns: y[e, j] (expert e has kmin[e] + j replicas), then f (kept: e was on r), then g (fetched)
+    ny = E * (slack + 1)
+    old = [np.unique(before[r][before[r] >= 0]) for r in range(n)]
+    f_r = np.concatenate([np.full(o.size, r) for r, o in enumerate(old)]).astype(np.int64)
+    f_e = np.concatenate(old).astype(np.int64)
+    heavy = np.flatnonzero(weigh)
+    g_r = np.repeat(np.arange(n), heavy.size)
+    g_e = np.tile(heavy, n)
+    pr = np.concatenate([f_r, g_r])  # (rank, expert) pairs, f pairs first
+    pe = np.concatenate([f_e, g_e])
+    P = pr.size
+    col_pair = ny + np.arange(P)[:, None] * (slack + 1) + ks[None, :]  # [P, slack+1]
+    col_y = np.arange(E)[:, None] * (slack + 1) + ks[None, :]  # [E, slack+1]
+    nv = ny + P * (slack + 1)
+    k_of = (kmin[:, None] + ks[None, :]).astype(np.float64)  # [E, slack+1]
+    cost = np.zeros(nv)
+    cost[col_pair[: f_r.size].ravel()] = -1.0
+    cons = []
+    # one count per expert; counts fill every live slot
+    A = sp.csr_matrix((np.ones(ny), (np.repeat(np.arange(E), slack + 1), col_y.ravel())), shape=(E, nv))
+    cons.append(LinearConstraint(A, 1, 1))
+    cons.append(LinearConstraint(sp.csr_matrix((k_of.ravel(), (np.zeros(ny, np.int64), col_y.ravel())), shape=(1, nv)), N, N))
+    # replicas of (e, k) on all ranks == k * y[e, k] (<= for experts whose fetched replicas are dropped)
+    rows = (pe[:, None] * (slack + 1) + ks[None, :]).ravel()
+    link = sp.csr_matrix(
+        (np.concatenate([np.ones(P * (slack + 1)), -k_of.ravel()]),
+         (np.concatenate([rows, np.arange(ny)]), np.concatenate([col_pair.ravel(), col_y.ravel()]))),
+        shape=(ny, nv))
+    eq_rows = np.repeat(weigh, slack + 1)
+    cons.append(LinearConstraint(link[eq_rows], 0, 0))
+    if (~eq_rows).any():
+        cons.append(LinearConstraint(link[~eq_rows], -np.inf, 0))
+    # per rank: load <= T, slots <= S
+    per = (w[pe][:, None] / k_of[pe]).ravel()
+    rank_rows = np.repeat(pr, slack + 1)
+    cons.append(LinearConstraint(sp.csr_matrix((per, (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, T))
+    cons.append(LinearConstraint(sp.csr_matrix((np.ones(per.size), (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, S))
+    if not duplicates:  # at most one replica of an expert per rank, whatever its count
+        pair_of = np.repeat(np.unique(np.stack([pr, pe]), axis=1, return_inverse=True)[1].ravel(), slack + 1)
+        cons.append(LinearConstraint(sp.csr_matrix((np.ones(per.size), (pair_of, col_pair.ravel()))), -np.inf, 1))
+    res = milp(cost, constraints=cons, integrality=np.ones(nv), bounds=Bounds(0, np.inf),
+               options={"time_limit": float(time_limit), "disp": False})
+    seconds = time.perf_counter() - t0
+    dual = getattr(res, "mip_dual_bound", None)
+    bound = float(N + dual) if dual is not None and np.isfinite(dual) else 0.0
+    if res.x is None:
+        return LayerResult(None, max(bound, 0.0), None, seconds, res.message)
+    x = np.round(res.x).astype(np.int64)
+    best = int(round(N + res.fun))
+    placement = None
+    if exact:
+        reps = x[col_pair].sum(1)  # replicas per (rank, expert) pair
+        ranks = [np.repeat(pe[pr == r], reps[pr == r]) for r in range(n)]
+        placement = np.stack(ranks)
+        # check outside the solver: shape, every expert, the busiest rank, the transfers
+        assert placement.shape == (n, S), placement.shape
+        assert (np.bincount(placement.ravel(), minlength=E) > 0).all()
+        assert busiest(w, placement) <= T * (1 + 1e-9)
+        best = transfers(before, placement)
+    return LayerResult(best, bound, placement, seconds, res.message)
+
+
+def _show(w: np.ndarray, before: np.ndarray, x: np.ndarray) -> None:
+    """Per rank: load (busiest = 1), experts fetched and dropped with their per-replica load."""
+    cnt = np.bincount(x.ravel(), minlength=w.size)
+    top = busiest(w, x)
+    for r in range(x.shape[0]):
+        old = set(before[r][before[r] >= 0].tolist())
+        got = [e for e in x[r].tolist() if e not in old]
+        gone = sorted(old - set(x[r].tolist()))
+        fmt = lambda es: " ".join(f"{e}({w[e] / max(cnt[e], 1) / top:.2f})" for e in es)  # noqa: E731
+        print(f"      rank {r:2d} load {(w[x[r]] / cnt[x[r]]).sum() / top:.3f}  in: {fmt(got) or '-'}  out: {fmt(gone) or '-'}")
+
+
+def _layers(spec: str) -> List[int]:
+    out: List[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import bench_eplb as B
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("shape", choices=sorted(B.SHAPES))
+    ap.add_argument("family")
+    ap.add_argument("scenario", choices=list(B.FAILURES))
+    ap.add_argument("--layers", default="0", help="layers to solve, e.g. 0-3 (default 0)")
+    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per layer and model")
+    ap.add_argument("--relaxed", action="store_true", help="also solve the relaxation (a bound, often fast)")
+    ap.add_argument("--weigh", type=float, default=0.1,
+                    help="the relaxation weighs fetched replicas of experts above this x the busiest rank")
+    ap.add_argument("--no-duplicates", action="store_true",
+                    help="one replica of an expert per rank at most, as our placements keep it")
+    ap.add_argument("--show", action="store_true", help="print each rank's fetched and dropped experts, ours and the model's")
+    args = ap.parse_args(argv)
+
+    bench = B.Bench(repeats=1, verbose=False)
+    shape = B.SHAPES[args.shape]
+    sc = B.scenario(shape, args.scenario)
+    if not shape.feasible(int(sc.after.sum())):
+        print(f"error: {shape.name} / {args.scenario}: fewer live slots than experts", file=sys.stderr)
+        return 2
+    load = bench.load(shape, args.family)
+    ours = next(a for a in B.ALGOS if a.name == B.OURS_EA)
+    up = next(a for a in B.ALGOS if a.name == B.UP_EA)
+    o = bench.run_one(ours, shape, args.family, sc, load)
+    u = bench.run_one(up, shape, args.family, sc, load)
+    cur = bench.current(ours, shape, args.family, sc.before)
+    call, convert = ours.prepare(load, shape, sc.after, cur)
+    live = np.flatnonzero(sc.after)
+    mine = convert(call()).by_rank().numpy()[:, live]
+    before = cur.by_rank().numpy()[:, live]
+    w = np.asarray(load, dtype=np.float64)
+    w = w.sum(0) if w.ndim == 3 else w
+    w = w / w.sum(1, keepdims=True)
+    allowed = B.allowed_movement(u.movement, o.lower)
+    print(f"{shape.name} / {args.scenario} / {args.family}: ours moved {o.movement} (bal {o.balancedness:.4f}); "
+          f"upstream moved {u.movement} (bal {u.balancedness:.4f}); the target allows {allowed:.0f} "
+          f"({allowed / shape.layers:.1f} a layer on average) at bal >= {0.99 * u.balancedness:.4f}")
+    for l in _layers(args.layers):
+        T = busiest(w[l], mine[l]) * (1 + 1e-9)
+        r = min_transfers(w[l], before[l], T, args.time_limit, duplicates=not args.no_duplicates)
+        dups = "" if r.placement is None else f", {sum(r.placement.shape[1] - np.unique(p).size for p in r.placement)} duplicates"
+        line = (f"  layer {l}: ours {transfers(before[l], mine[l])}; exact model: best found "
+                f"{r.best if r.best is not None else 'none'}{dups}, none below {r.bound:.1f} ({r.seconds:.0f} s, {r.status})")
+        if args.relaxed:
+            heavy = w[l] >= args.weigh * T
+            rr = min_transfers(w[l], before[l], T, args.time_limit, weigh=heavy, duplicates=not args.no_duplicates)
+            line += f"; relaxation: none below {rr.bound:.1f} ({rr.seconds:.0f} s)"
+        print(line, flush=True)
+        if args.show:
+            for name, x in (("ours", mine[l]), ("model", r.placement)):
+                if x is not None:
+                    print(f"    {name}:")
+                    _show(w[l], before[l], x)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
