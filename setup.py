@@ -32,7 +32,7 @@ setup(
         "nixl": ["nixl>=1.4"],
         "mooncake": ["mooncake-transfer-engine-non-cuda"],
         "sglang": ["sglang==0.5.23"],
-        "test": ["pytest>=7", "hypothesis>=6.100", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "matplotlib>=3.7", "highspy==1.16.0"],
     },
     entry_points={
         "console_scripts": ["sglang-elastic=sglang_elastic.cli:main"],

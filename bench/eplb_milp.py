@@ -9,7 +9,7 @@ must change? The model is exact for the bench's metrics:
 * a replica carries ``load / count`` (the metric's even split);
 * a slot is free when its expert was on that rank before (``metrics.movement``), else fetched.
 
-HiGHS (``scipy.optimize.milp``) searches it under a time limit and reports the best placement found
+HiGHS (``highspy``) searches it under a time limit, starting from our placement, and reports the best placement found
 (checked again here, outside the solver) and a proven bound: no placement has fewer transfers at
 that busiest rank. ``--relaxed`` also solves a smaller relaxation (the fetched replicas of experts
 lighter than ``--weigh`` x the busiest rank weigh nothing and take no slot), whose optimum is a
@@ -32,7 +32,6 @@ from typing import List, Optional
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +62,8 @@ def busiest(w: np.ndarray, x: np.ndarray) -> float:
 
 
 def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float,
-                  weigh: Optional[np.ndarray] = None, duplicates: bool = True) -> LayerResult:
+                  weigh: Optional[np.ndarray] = None, duplicates: bool = True,
+                  start: Optional[np.ndarray] = None) -> LayerResult:
     """Fewest transfers of one layer with no rank above ``T``.
 
     Parameters:
@@ -74,6 +74,8 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
             replicas are dropped (a relaxation: its optimum bounds the exact one from below).
         duplicates: whether a rank may hold an expert twice (the bench's metric allows it; our
             placements never do it).
+        start: int64 ``[n, S]``, a placement with no rank above ``T`` for the solver to start from
+            (ours): the best found is then never worse than it.
 
     Returns:
         :class:`LayerResult`; ``placement`` only for the exact model.
@@ -106,11 +108,16 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
     k_of = (kmin[:, None] + ks[None, :]).astype(np.float64)  # [E, slack+1]
     cost = np.zeros(nv)
     cost[col_pair[: f_r.size].ravel()] = -1.0
-    cons = []
+    blocks, lo, hi = [], [], []
+
+    def add(m: sp.spmatrix, low, high) -> None:
+        blocks.append(sp.csr_matrix(m, shape=(m.shape[0], nv)))
+        lo.append(np.broadcast_to(np.asarray(low, np.float64), m.shape[0]))
+        hi.append(np.broadcast_to(np.asarray(high, np.float64), m.shape[0]))
+
     # one count per expert; counts fill every live slot
-    A = sp.csr_matrix((np.ones(ny), (np.repeat(np.arange(E), slack + 1), col_y.ravel())), shape=(E, nv))
-    cons.append(LinearConstraint(A, 1, 1))
-    cons.append(LinearConstraint(sp.csr_matrix((k_of.ravel(), (np.zeros(ny, np.int64), col_y.ravel())), shape=(1, nv)), N, N))
+    add(sp.csr_matrix((np.ones(ny), (np.repeat(np.arange(E), slack + 1), col_y.ravel())), shape=(E, nv)), 1, 1)
+    add(sp.csr_matrix((k_of.ravel(), (np.zeros(ny, np.int64), col_y.ravel())), shape=(1, nv)), N, N)
     # replicas of (e, k) on all ranks == k * y[e, k] (<= for experts whose fetched replicas are dropped)
     rows = (pe[:, None] * (slack + 1) + ks[None, :]).ravel()
     link = sp.csr_matrix(
@@ -118,26 +125,42 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
          (np.concatenate([rows, np.arange(ny)]), np.concatenate([col_pair.ravel(), col_y.ravel()]))),
         shape=(ny, nv))
     eq_rows = np.repeat(weigh, slack + 1)
-    cons.append(LinearConstraint(link[eq_rows], 0, 0))
+    add(link[eq_rows], 0, 0)
     if (~eq_rows).any():
-        cons.append(LinearConstraint(link[~eq_rows], -np.inf, 0))
+        add(link[~eq_rows], -np.inf, 0)
     # per rank: load <= T, slots <= S
     per = (w[pe][:, None] / k_of[pe]).ravel()
     rank_rows = np.repeat(pr, slack + 1)
-    cons.append(LinearConstraint(sp.csr_matrix((per, (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, T))
-    cons.append(LinearConstraint(sp.csr_matrix((np.ones(per.size), (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, S))
+    add(sp.csr_matrix((per, (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, T)
+    add(sp.csr_matrix((np.ones(per.size), (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, S)
+    pair_of = np.unique(np.stack([pr, pe]), axis=1, return_inverse=True)[1].ravel()  # [P] distinct (r, e)
     if not duplicates:  # at most one replica of an expert per rank, whatever its count
-        pair_of = np.repeat(np.unique(np.stack([pr, pe]), axis=1, return_inverse=True)[1].ravel(), slack + 1)
-        cons.append(LinearConstraint(sp.csr_matrix((np.ones(per.size), (pair_of, col_pair.ravel()))), -np.inf, 1))
-    res = milp(cost, constraints=cons, integrality=np.ones(nv), bounds=Bounds(0, np.inf),
-               options={"time_limit": float(time_limit), "disp": False})
+        add(sp.csr_matrix((np.ones(per.size), (np.repeat(pair_of, slack + 1), col_pair.ravel()))), -np.inf, 1)
+    x0 = None
+    if start is not None:
+        x0 = np.zeros(nv)
+        cnt = np.bincount(start.ravel(), minlength=E)
+        j = cnt - kmin
+        x0[col_y[np.arange(E), j]] = 1.0
+        on = np.zeros((n, E), np.int64)
+        np.add.at(on, (np.repeat(np.arange(n), S), start.ravel()), 1)
+        fmask = np.zeros(P, dtype=bool)
+        fmask[: f_r.size] = True
+        # kept pairs first: a (rank, expert) present before is an f column, else a g column if weighed
+        first = np.full((n, E), -1, np.int64)
+        for i in range(P - 1, -1, -1):
+            first[pr[i], pe[i]] = i
+        for r, e in zip(*np.nonzero(on)):
+            i = first[r, e]
+            if i >= 0:
+                x0[col_pair[i, j[e]]] = on[r, e]
+    x, fun, dual, status = _solve(cost, sp.vstack(blocks).tocsc(), np.concatenate(lo), np.concatenate(hi), time_limit, x0)
     seconds = time.perf_counter() - t0
-    dual = getattr(res, "mip_dual_bound", None)
-    bound = float(N + dual) if dual is not None and np.isfinite(dual) else 0.0
-    if res.x is None:
-        return LayerResult(None, max(bound, 0.0), None, seconds, res.message)
-    x = np.round(res.x).astype(np.int64)
-    best = int(round(N + res.fun))
+    bound = max(float(N + dual), 0.0) if np.isfinite(dual) else 0.0
+    if x is None:
+        return LayerResult(None, bound, None, seconds, status)
+    x = np.round(x).astype(np.int64)
+    best = int(round(N + fun))
     placement = None
     if exact:
         reps = x[col_pair].sum(1)  # replicas per (rank, expert) pair
@@ -148,7 +171,46 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
         assert (np.bincount(placement.ravel(), minlength=E) > 0).all()
         assert busiest(w, placement) <= T * (1 + 1e-9)
         best = transfers(before, placement)
-    return LayerResult(best, bound, placement, seconds, res.message)
+    return LayerResult(best, bound, placement, seconds, status)
+
+
+def _solve(cost: np.ndarray, A: sp.csc_matrix, lo: np.ndarray, hi: np.ndarray, time_limit: float,
+           x0: Optional[np.ndarray]):
+    """Minimise ``cost @ x`` over integers ``x >= 0`` with ``lo <= A x <= hi`` (HiGHS; ``x0`` a start).
+    Returns ``(x or None, objective, proven lower bound of the objective, status)``."""
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("threads", 1)
+    inf = highspy.kHighsInf
+    lp = highspy.HighsLp()
+    nv = cost.size
+    lp.num_col_, lp.num_row_ = nv, A.shape[0]
+    lp.col_cost_ = cost
+    lp.col_lower_ = np.zeros(nv)
+    lp.col_upper_ = np.full(nv, inf)
+    lp.row_lower_ = np.where(np.isfinite(lo), lo, -inf)
+    lp.row_upper_ = np.where(np.isfinite(hi), hi, inf)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = A.indptr
+    lp.a_matrix_.index_ = A.indices
+    lp.a_matrix_.value_ = A.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * nv
+    h.passModel(lp)
+    if x0 is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = list(x0)
+        sol.value_valid = True
+        h.setSolution(sol)
+    h.run()
+    info = h.getInfo()
+    status = h.modelStatusToString(h.getModelStatus())
+    dual = info.mip_dual_bound
+    if info.primal_solution_status == 0:  # no feasible point
+        return None, np.inf, dual, status
+    return np.asarray(h.getSolution().col_value), info.objective_function_value, dual, status
 
 
 def _show(w: np.ndarray, before: np.ndarray, x: np.ndarray) -> None:
@@ -213,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({allowed / shape.layers:.1f} a layer on average) at bal >= {0.99 * u.balancedness:.4f}")
     for l in _layers(args.layers):
         T = busiest(w[l], mine[l]) * (1 + 1e-9)
-        r = min_transfers(w[l], before[l], T, args.time_limit, duplicates=not args.no_duplicates)
+        r = min_transfers(w[l], before[l], T, args.time_limit, duplicates=not args.no_duplicates, start=mine[l])
         dups = "" if r.placement is None else f", {sum(r.placement.shape[1] - np.unique(p).size for p in r.placement)} duplicates"
         line = (f"  layer {l}: ours {transfers(before[l], mine[l])}; exact model: best found "
                 f"{r.best if r.best is not None else 'none'}{dups}, none below {r.bound:.1f} ({r.seconds:.0f} s, {r.status})")

@@ -46,9 +46,13 @@ def test_exact_model_matches_brute_force(seed, shape, slackness):
     before = rng.permutation(full).reshape(n + 1, S)[:n]
     # a reachable busiest rank: a random valid placement's, loosened
     x = np.concatenate([rng.permutation(E), rng.integers(0, E, n * S - E)])
-    T = eplb_milp.busiest(w, rng.permutation(x).reshape(n, S)) * slackness
+    start = rng.permutation(x).reshape(n, S)
+    T = eplb_milp.busiest(w, start) * slackness
     want = _brute(w, before, T)
     got = eplb_milp.min_transfers(w, before, T * (1 + 1e-9), time_limit=60)
+    assert got.best == want, (got, want)
+    # started from a valid placement (as the script starts from ours): the same optimum
+    got = eplb_milp.min_transfers(w, before, T * (1 + 1e-9), time_limit=60, start=start)
     assert got.best == want, (got, want)
     assert got.bound <= want + 1e-6
     assert eplb_milp.busiest(w, got.placement) <= T * (1 + 1e-9)
