@@ -225,6 +225,62 @@ def _show(w: np.ndarray, before: np.ndarray, x: np.ndarray) -> None:
         print(f"      rank {r:2d} load {(w[x[r]] / cnt[x[r]]).sum() / top:.3f}  in: {fmt(got) or '-'}  out: {fmt(gone) or '-'}")
 
 
+def alike(w: np.ndarray, before: np.ndarray, dead: np.ndarray) -> bool:
+    """Whether every layer is the same problem up to expert and rank names: per layer, the multiset of
+    live ranks' (sorted) expert loads and of the dead ranks' ones. ``before``: ``[L, R, S]`` all ranks;
+    ``dead``: bool ``[R]``. Exact where distinct experts have distinct loads (zipf)."""
+    def sig(l: int) -> tuple:
+        ranks = lambda mask: tuple(sorted(tuple(sorted(w[l][before[l, r]].round(12))) for r in np.flatnonzero(mask)))  # noqa: E731
+        return ranks(~dead), ranks(dead)
+    distinct = all(np.unique(w[l]).size == w.shape[1] for l in range(w.shape[0]))
+    return distinct and all(sig(l) == sig(0) for l in range(1, w.shape[0]))
+
+
+def cheapest_split(points_T: np.ndarray, points_cost: np.ndarray, budget: float) -> float:
+    """Lower bound of one layer's transfers when layers may share a busiest-rank budget: the lower
+    convex envelope of ``(T_k, cost_k)`` at ``budget`` (an LP over mixtures; ``inf`` if none fits)."""
+    from scipy.optimize import linprog
+
+    K = points_T.size
+    res = linprog(points_cost, A_ub=points_T[None, :], b_ub=[budget], A_eq=np.ones((1, K)), b_eq=[1.0],
+                  bounds=(0, None), method="highs")
+    return float(res.fun) if res.status == 0 else np.inf
+
+
+def _cell_bound(args, w, before, mine, sc, shape, o, u, allowed) -> int:
+    """``--cell``: a bound of the whole cell's transfers at the target's balance, for alike layers."""
+    import bench_eplb as B  # noqa: F401
+
+    # the signature needs the dead ranks' experts too: the bench's current placement, all ranks
+    bench = B.Bench(repeats=1, verbose=False)
+    ours = next(a for a in B.ALGOS if a.name == B.OURS_EA)
+    cur = bench.current(ours, shape, args.family, sc.before).by_rank().numpy()
+    if not alike(w, cur, ~sc.after):
+        print(f"error: the layers of {shape.name} / {args.scenario} / {args.family} differ; "
+              "--cell needs alike layers (e.g. zipf loads)", file=sys.stderr)
+        return 2
+    n = before.shape[1]
+    mean = 1.0 / n
+    mults = np.array(sorted(float(m) for m in args.cell.split(",")))
+    budget = mean / (0.99 * u.balancedness)  # per layer: every layer carries the same tokens
+    per_layer_floor = o.lower / shape.layers  # orphans to place: any busiest rank
+    bounds = []
+    for m in mults:
+        T = m * mean * (1 + 1e-9)
+        start = mine[0] if busiest(w[0], mine[0]) <= T else None
+        r = min_transfers(w[0], before[0], T, args.time_limit, duplicates=not args.no_duplicates, start=start)
+        bounds.append(r.bound)
+        print(f"  busiest rank {m:.4f} x mean: none below {r.bound:.1f}, best found "
+              f"{r.best if r.best is not None else 'none'} ({r.seconds:.0f} s, {r.status})", flush=True)
+    # a layer whose busiest rank lies in [T_k, T_k+1) uses >= T_k of the budget and needs >= bound(T_k+1)
+    pts_T = np.concatenate([[mean], mults * mean])
+    pts_cost = np.concatenate([bounds, [per_layer_floor]])
+    one = cheapest_split(pts_T, pts_cost, budget)
+    print(f"  budget {budget / mean:.4f} x mean a layer (bal >= {0.99 * u.balancedness:.4f}): the cell needs "
+          f">= {shape.layers * one:.0f} transfers (ours {o.movement}, the target allows {allowed:.0f})")
+    return 0
+
+
 def _layers(spec: str) -> List[int]:
     out: List[int] = []
     for part in spec.split(","):
@@ -248,6 +304,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-duplicates", action="store_true",
                     help="one replica of an expert per rank at most, as our placements keep it")
     ap.add_argument("--show", action="store_true", help="print each rank's fetched and dropped experts, ours and the model's")
+    ap.add_argument("--cell", metavar="M1,M2,...",
+                    help="bound the whole cell where its layers are alike: layer 0 solved at these busiest ranks "
+                         "(multiples of the layer mean), then the cheapest split of the balance budget over layers")
     args = ap.parse_args(argv)
 
     bench = B.Bench(repeats=1, verbose=False)
@@ -273,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{shape.name} / {args.scenario} / {args.family}: ours moved {o.movement} (bal {o.balancedness:.4f}); "
           f"upstream moved {u.movement} (bal {u.balancedness:.4f}); the target allows {allowed:.0f} "
           f"({allowed / shape.layers:.1f} a layer on average) at bal >= {0.99 * u.balancedness:.4f}")
+    if args.cell:
+        return _cell_bound(args, w, before, mine, sc, shape, o, u, allowed)
     for l in _layers(args.layers):
         T = busiest(w[l], mine[l]) * (1 + 1e-9)
         r = min_transfers(w[l], before[l], T, args.time_limit, duplicates=not args.no_duplicates, start=mine[l])

@@ -66,3 +66,20 @@ def test_exact_model_matches_brute_force(seed, shape, slackness):
     else:
         assert got.best == want, (got, want)
         assert all(np.unique(row).size == S for row in got.placement)
+
+
+def test_cheapest_split_is_the_lower_convex_envelope():
+    T = np.array([1.0, 1.05, 1.1])
+    cost = np.array([100.0, 40.0, 10.0])
+    assert abs(eplb_milp.cheapest_split(T, cost, 1.06) - 34.0) < 1e-9  # 0.8 x 40 + 0.2 x 10
+    assert abs(eplb_milp.cheapest_split(T, cost, 1.2) - 10.0) < 1e-9
+    assert eplb_milp.cheapest_split(T, cost, 0.9) == np.inf
+
+
+def test_alike_layers():
+    w = np.array([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])  # layer 1: layer 0 with experts renamed
+    before = np.array([[[0, 1], [2, 0]], [[1, 2], [0, 1]]])
+    dead = np.array([False, True])
+    assert eplb_milp.alike(w, before, dead)
+    before[1, 1] = [0, 2]  # the dead rank lost other experts
+    assert not eplb_milp.alike(w, before, dead)
