@@ -19,7 +19,15 @@ bound too and often is reached in seconds.
     python bench/eplb_milp.py ds3-ep32 hot "2 dead" --layers 3 --time-limit 400 --relaxed
 
 Layers trade balance in the target (a sum over layers), so a per-layer bound bounds the cell only
-where every layer is held at our busiest rank; see docs/results.md for what it was used to show.
+where every layer is held at our busiest rank. ``--cell M1,M2,...`` bounds a whole cell whose layers
+are alike (the same problem up to names, e.g. zipf loads): layer 0 is solved at busiest ranks of
+``M x`` the layer mean, and a layer whose busiest rank lies in ``[T_k, T_k+1)`` is charged the bound
+at ``T_k+1`` for a budget of ``T_k``; the cheapest split of the target's budget over the layers (the
+lower convex envelope of those points) times the layers bounds the cell:
+
+    python bench/eplb_milp.py ds3-ep32 zipf1.2 "2 dead" --cell 1.01,1.02,1.03,1.04,1.05,1.08,1.1,1.13 --jobs 2
+
+See docs/results.md ("Session 29") for what it was used to show.
 """
 from __future__ import annotations
 
@@ -264,12 +272,15 @@ def _cell_bound(args, w, before, mine, sc, shape, o, u, allowed) -> int:
     mults = np.array(sorted(float(m) for m in args.cell.split(",")))
     budget = mean / (0.99 * u.balancedness)  # per layer: every layer carries the same tokens
     per_layer_floor = o.lower / shape.layers  # orphans to place: any busiest rank
-    bounds = []
-    for m in mults:
-        T = m * mean * (1 + 1e-9)
-        start = mine[0] if busiest(w[0], mine[0]) <= T else None
-        r = min_transfers(w[0], before[0], T, args.time_limit, duplicates=not args.no_duplicates, start=start)
-        bounds.append(r.bound)
+    from concurrent.futures import ProcessPoolExecutor
+
+    Ts = mults * mean * (1 + 1e-9)
+    starts = [mine[0] if busiest(w[0], mine[0]) <= T else None for T in Ts]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(min_transfers, [w[0]] * Ts.size, [before[0]] * Ts.size, Ts,
+                             [args.time_limit] * Ts.size, [None] * Ts.size, [not args.no_duplicates] * Ts.size, starts))
+    bounds = [r.bound for r in runs]
+    for m, r in zip(mults, runs):
         print(f"  busiest rank {m:.4f} x mean: none below {r.bound:.1f}, best found "
               f"{r.best if r.best is not None else 'none'} ({r.seconds:.0f} s, {r.status})", flush=True)
     # a layer whose busiest rank lies in [T_k, T_k+1) uses >= T_k of the budget and needs >= bound(T_k+1)
@@ -307,6 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cell", metavar="M1,M2,...",
                     help="bound the whole cell where its layers are alike: layer 0 solved at these busiest ranks "
                          "(multiples of the layer mean), then the cheapest split of the balance budget over layers")
+    ap.add_argument("--jobs", type=int, default=1, help="--cell: solves run at once (one thread each)")
     args = ap.parse_args(argv)
 
     bench = B.Bench(repeats=1, verbose=False)
