@@ -164,6 +164,8 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
                 x0[col_pair[i, j[e]]] = on[r, e]
     x, fun, dual, status = _solve(cost, sp.vstack(blocks).tocsc(), np.concatenate(lo), np.concatenate(hi), time_limit, x0)
     seconds = time.perf_counter() - t0
+    if status == "Infeasible":  # proven: no placement at all has every rank under T
+        return LayerResult(None, np.inf, None, seconds, status)
     bound = max(float(N + dual), 0.0) if np.isfinite(dual) else 0.0
     if x is None:
         return LayerResult(None, bound, None, seconds, status)
@@ -246,11 +248,15 @@ def alike(w: np.ndarray, before: np.ndarray, dead: np.ndarray) -> bool:
 
 def cheapest_split(points_T: np.ndarray, points_cost: np.ndarray, budget: float) -> float:
     """Lower bound of one layer's transfers when layers may share a busiest-rank budget: the lower
-    convex envelope of ``(T_k, cost_k)`` at ``budget`` (an LP over mixtures; ``inf`` if none fits)."""
+    convex envelope of ``(T_k, cost_k)`` at ``budget`` (an LP over mixtures; ``inf`` costs, i.e. no
+    placement there, are left out; ``inf`` if nothing fits)."""
     from scipy.optimize import linprog
 
-    K = points_T.size
-    res = linprog(points_cost, A_ub=points_T[None, :], b_ub=[budget], A_eq=np.ones((1, K)), b_eq=[1.0],
+    ok = np.isfinite(points_cost)  # an infeasible busiest rank is no option at any price
+    K = int(ok.sum())
+    if K == 0:
+        return np.inf
+    res = linprog(points_cost[ok], A_ub=points_T[ok][None, :], b_ub=[budget], A_eq=np.ones((1, K)), b_eq=[1.0],
                   bounds=(0, None), method="highs")
     return float(res.fun) if res.status == 0 else np.inf
 

@@ -74,6 +74,18 @@ def test_cheapest_split_is_the_lower_convex_envelope():
     assert abs(eplb_milp.cheapest_split(T, cost, 1.06) - 34.0) < 1e-9  # 0.8 x 40 + 0.2 x 10
     assert abs(eplb_milp.cheapest_split(T, cost, 1.2) - 10.0) < 1e-9
     assert eplb_milp.cheapest_split(T, cost, 0.9) == np.inf
+    # no placement below 1.05: only mixtures of the others
+    assert abs(eplb_milp.cheapest_split(T, np.array([np.inf, 40.0, 10.0]), 1.06) - 34.0) < 1e-9
+    assert eplb_milp.cheapest_split(T, np.array([np.inf, 40.0, 10.0]), 1.04) == np.inf
+
+
+def test_infeasible_busiest_rank_is_an_infinite_bound():
+    w = np.array([4.0, 1.0, 1.0])
+    before = np.array([[0, 1], [2, 0]])
+    # 2 ranks x 2 slots, 3 experts: at best expert 0 sits on both ranks (2.0 each) beside expert 1 or
+    # 2 (1.0), so the busiest rank carries >= 3.0; 2.4 is out of reach, which the model proves
+    got = eplb_milp.min_transfers(w, before, 2.4, time_limit=30)
+    assert got.bound == np.inf and got.best is None
 
 
 def test_alike_layers():
