@@ -391,6 +391,74 @@ def allowed_movement(upstream_moved: int, lower: Optional[int]) -> float:
     return 0.15 * upstream_moved if 0.15 * upstream_moved >= lower else 2.0 * lower
 
 
+@dataclass
+class FailureCell:
+    """One failure cell as the analysis scripts (``eplb_anneal.py``, ``eplb_milp.py``) take it.
+
+    ``mine`` / ``before``: int64 ``[L, n, S]`` our placement and the current one on the live ranks;
+    ``current``: the current placement (all ranks); ``w``: float64 ``[L, E]``, each layer summing to 1;
+    ``allowed``: what the movement target allows in the whole cell."""
+
+    shape: Shape
+    scenario: Scenario
+    family: str
+    ours: Row
+    upstream: Row
+    current: Placement
+    mine: np.ndarray
+    before: np.ndarray
+    w: np.ndarray
+    allowed: float
+
+    def header(self) -> str:
+        o, u = self.ours, self.upstream
+        return (f"{self.shape.name} / {self.scenario.name} / {self.family}: ours moved {o.movement} "
+                f"(bal {o.balancedness:.4f}); upstream moved {u.movement} (bal {u.balancedness:.4f}); the target "
+                f"allows {self.allowed:.0f} at bal >= {0.99 * u.balancedness:.4f}")
+
+
+def failure_cell(shape_key: str, family: str, scenario_name: str) -> FailureCell:
+    """Ours and upstream ``elasticity_aware`` on one failure cell, with the arrays the analyses need.
+    Raises ``ValueError`` (one line) when the live ranks cannot hold every expert."""
+    bench = Bench(repeats=1, verbose=False)
+    shape = SHAPES[shape_key]
+    sc = scenario(shape, scenario_name)
+    if not shape.feasible(int(sc.after.sum())):
+        raise ValueError(f"{shape.name} / {scenario_name}: fewer live slots than experts")
+    load = bench.load(shape, family)
+    ours = next(a for a in ALGOS if a.name == OURS_EA)
+    up = next(a for a in ALGOS if a.name == UP_EA)
+    o = bench.run_one(ours, shape, family, sc, load)
+    u = bench.run_one(up, shape, family, sc, load)
+    cur = bench.current(ours, shape, family, sc.before)
+    call, convert = ours.prepare(load, shape, sc.after, cur)
+    live = np.flatnonzero(sc.after)
+    w = np.asarray(load, dtype=np.float64)
+    w = w.sum(0) if w.ndim == 3 else w
+    return FailureCell(shape, sc, family, o, u, cur, convert(call()).by_rank().numpy()[:, live].astype(np.int64),
+                       cur.by_rank().numpy()[:, live], w / w.sum(1, keepdims=True),
+                       allowed_movement(u.movement, o.lower))
+
+
+def cell_from_args(args: argparse.Namespace) -> Optional[FailureCell]:
+    """:func:`failure_cell` of ``args.shape / args.family / args.scenario``, or ``None`` after printing
+    its one-line error to stderr."""
+    try:
+        return failure_cell(args.shape, args.family, args.scenario)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def layer_list(spec: str) -> List[int]:
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    out: List[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def mark_targets(rows: List[Row], shape_key: str) -> None:
     """Fill ``Row.target`` of ours (default options, flat) with this cell's verdict: failures (2),
     healthy and drift (3), and on the issue's speed cell (DS-V3 EP32x9, 2 dead) speed (1) too."""

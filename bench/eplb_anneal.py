@@ -112,14 +112,6 @@ def anneal(x, orig, w, budget, moves, t0, t1, seed):
     return best, best_x
 
 
-def _layers(spec: str) -> List[int]:
-    out: List[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", choices=sorted(B.SHAPES))
@@ -131,39 +123,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--layers", help="anneal these layers alone, e.g. 0-13 (each under its own busiest rank)")
     args = ap.parse_args(argv)
 
-    bench = B.Bench(repeats=1, verbose=False)
-    shape = B.SHAPES[args.shape]
-    sc = B.scenario(shape, args.scenario)
-    if not shape.feasible(int(sc.after.sum())):
-        print(f"error: {shape.name} / {args.scenario}: fewer live slots than experts", file=sys.stderr)
+    cell = B.cell_from_args(args)
+    if cell is None:
         return 2
-    load = bench.load(shape, args.family)
-    ours = next(a for a in B.ALGOS if a.name == B.OURS_EA)
-    up = next(a for a in B.ALGOS if a.name == B.UP_EA)
-    o = bench.run_one(ours, shape, args.family, sc, load)
-    u = bench.run_one(up, shape, args.family, sc, load)
-    cur = bench.current(ours, shape, args.family, sc.before)
-    call, convert = ours.prepare(load, shape, sc.after, cur)
-    live = np.flatnonzero(sc.after)
-    x0 = convert(call()).by_rank().numpy()[:, live].astype(np.int64)
-    before = cur.by_rank().numpy()[:, live]
-    w = np.asarray(load, dtype=np.float64)
-    w = w.sum(0) if w.ndim == 3 else w
-    w = w / w.sum(1, keepdims=True)
+    x0, before, w, o, u, allowed = cell.mine, cell.before, cell.w, cell.ours, cell.upstream, cell.allowed
     L, E = w.shape
-    n = live.size
+    n = x0.shape[1]
     orig = np.zeros((L, n, E), np.int8)
     for l in range(L):
         for r in range(n):
             orig[l, r, before[l, r][before[l, r] >= 0]] = 1
-    allowed = B.allowed_movement(u.movement, o.lower)
-    print(f"{shape.name} / {args.scenario} / {args.family}: ours moved {o.movement} (bal {o.balancedness:.4f}); "
-          f"upstream moved {u.movement} (bal {u.balancedness:.4f}); the target allows {allowed:.0f} "
-          f"at bal >= {0.99 * u.balancedness:.4f}; lower bound {o.lower}")
+    print(f"{cell.header()}; lower bound {o.lower}")
     moves = int(args.moves)
     if args.layers:
         tot_o = tot_a = 0
-        for l in _layers(args.layers):
+        for l in B.layer_list(args.layers):
             xl = x0[l:l + 1].copy()
             cnt = np.bincount(xl.ravel(), minlength=E)
             top = max((w[l][xl[0, r]] / cnt[xl[0, r]]).sum() for r in range(n))

@@ -35,6 +35,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -261,16 +262,13 @@ def cheapest_split(points_T: np.ndarray, points_cost: np.ndarray, budget: float)
     return float(res.fun) if res.status == 0 else np.inf
 
 
-def _cell_bound(args, w, before, mine, sc, shape, o, u, allowed) -> int:
+def _cell_bound(args, cell) -> int:
     """``--cell``: a bound of the whole cell's transfers at the target's balance, for alike layers."""
-    import bench_eplb as B  # noqa: F401
-
-    # the signature needs the dead ranks' experts too: the bench's current placement, all ranks
-    bench = B.Bench(repeats=1, verbose=False)
-    ours = next(a for a in B.ALGOS if a.name == B.OURS_EA)
-    cur = bench.current(ours, shape, args.family, sc.before).by_rank().numpy()
-    if not alike(w, cur, ~sc.after):
-        print(f"error: the layers of {shape.name} / {args.scenario} / {args.family} differ; "
+    w, before, mine, shape, sc = cell.w, cell.before, cell.mine, cell.shape, cell.scenario
+    o, u, allowed = cell.ours, cell.upstream, cell.allowed
+    # the signature needs the dead ranks' experts too: the current placement, all ranks
+    if not alike(w, cell.current.by_rank().numpy(), ~sc.after):
+        print(f"error: the layers of {shape.name} / {sc.name} / {cell.family} differ; "
               "--cell needs alike layers (e.g. zipf loads)", file=sys.stderr)
         return 2
     n = before.shape[1]
@@ -278,8 +276,6 @@ def _cell_bound(args, w, before, mine, sc, shape, o, u, allowed) -> int:
     mults = np.array(sorted(float(m) for m in args.cell.split(",")))
     budget = mean / (0.99 * u.balancedness)  # per layer: every layer carries the same tokens
     per_layer_floor = o.lower / shape.layers  # orphans to place: any busiest rank
-    from concurrent.futures import ProcessPoolExecutor
-
     Ts = mults * mean * (1 + 1e-9)
     starts = [mine[0] if busiest(w[0], mine[0]) <= T else None for T in Ts]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -296,14 +292,6 @@ def _cell_bound(args, w, before, mine, sc, shape, o, u, allowed) -> int:
     print(f"  budget {budget / mean:.4f} x mean a layer (bal >= {0.99 * u.balancedness:.4f}): the cell needs "
           f">= {shape.layers * one:.0f} transfers (ours {o.movement}, the target allows {allowed:.0f})")
     return 0
-
-
-def _layers(spec: str) -> List[int]:
-    out: List[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -327,32 +315,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="--cell: solves run at once (one thread each)")
     args = ap.parse_args(argv)
 
-    bench = B.Bench(repeats=1, verbose=False)
-    shape = B.SHAPES[args.shape]
-    sc = B.scenario(shape, args.scenario)
-    if not shape.feasible(int(sc.after.sum())):
-        print(f"error: {shape.name} / {args.scenario}: fewer live slots than experts", file=sys.stderr)
+    cell = B.cell_from_args(args)
+    if cell is None:
         return 2
-    load = bench.load(shape, args.family)
-    ours = next(a for a in B.ALGOS if a.name == B.OURS_EA)
-    up = next(a for a in B.ALGOS if a.name == B.UP_EA)
-    o = bench.run_one(ours, shape, args.family, sc, load)
-    u = bench.run_one(up, shape, args.family, sc, load)
-    cur = bench.current(ours, shape, args.family, sc.before)
-    call, convert = ours.prepare(load, shape, sc.after, cur)
-    live = np.flatnonzero(sc.after)
-    mine = convert(call()).by_rank().numpy()[:, live]
-    before = cur.by_rank().numpy()[:, live]
-    w = np.asarray(load, dtype=np.float64)
-    w = w.sum(0) if w.ndim == 3 else w
-    w = w / w.sum(1, keepdims=True)
-    allowed = B.allowed_movement(u.movement, o.lower)
-    print(f"{shape.name} / {args.scenario} / {args.family}: ours moved {o.movement} (bal {o.balancedness:.4f}); "
-          f"upstream moved {u.movement} (bal {u.balancedness:.4f}); the target allows {allowed:.0f} "
-          f"({allowed / shape.layers:.1f} a layer on average) at bal >= {0.99 * u.balancedness:.4f}")
+    w, before, mine = cell.w, cell.before, cell.mine
+    print(f"{cell.header()} ({cell.allowed / cell.shape.layers:.1f} a layer on average)")
     if args.cell:
-        return _cell_bound(args, w, before, mine, sc, shape, o, u, allowed)
-    for l in _layers(args.layers):
+        return _cell_bound(args, cell)
+    for l in B.layer_list(args.layers):
         T = busiest(w[l], mine[l]) * (1 + 1e-9)
         r = min_transfers(w[l], before[l], T, args.time_limit, duplicates=not args.no_duplicates, start=mine[l])
         dups = "" if r.placement is None else f", {sum(r.placement.shape[1] - np.unique(p).size for p in r.placement)} duplicates"
