@@ -142,8 +142,8 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
     rank_rows = np.repeat(pr, slack + 1)
     add(sp.csr_matrix((per, (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, T)
     add(sp.csr_matrix((np.ones(per.size), (rank_rows, col_pair.ravel())), shape=(n, nv)), -np.inf, S)
-    pair_of = np.unique(np.stack([pr, pe]), axis=1, return_inverse=True)[1].ravel()  # [P] distinct (r, e)
     if not duplicates:  # at most one replica of an expert per rank, whatever its count
+        pair_of = np.unique(pr * E + pe, return_inverse=True)[1].ravel()  # [P] -> distinct (rank, expert)
         add(sp.csr_matrix((np.ones(per.size), (np.repeat(pair_of, slack + 1), col_pair.ravel()))), -np.inf, 1)
     x0 = None
     if start is not None:
@@ -153,12 +153,11 @@ def min_transfers(w: np.ndarray, before: np.ndarray, T: float, time_limit: float
         x0[col_y[np.arange(E), j]] = 1.0
         on = np.zeros((n, E), np.int64)
         np.add.at(on, (np.repeat(np.arange(n), S), start.ravel()), 1)
-        fmask = np.zeros(P, dtype=bool)
-        fmask[: f_r.size] = True
-        # kept pairs first: a (rank, expert) present before is an f column, else a g column if weighed
-        first = np.full((n, E), -1, np.int64)
-        for i in range(P - 1, -1, -1):
-            first[pr[i], pe[i]] = i
+        # kept pairs come first: a (rank, expert) present before is an f column, else a g column if weighed
+        first = np.full(n * E, -1, np.int64)
+        keys, at = np.unique(pr * E + pe, return_index=True)
+        first[keys] = at
+        first = first.reshape(n, E)
         for r, e in zip(*np.nonzero(on)):
             i = first[r, e]
             if i >= 0:
