@@ -46,12 +46,18 @@ def test_same_placements_on_bench_families(family):
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(with_current=True), st.sampled_from([None, 0.9, 0.95, 0.99, 0.998, 1.0]),
-       st.sampled_from(["narrow", "wide"]), st.sampled_from([None, 0, 1, 3]))
+       st.sampled_from(["narrow", "wide", "narrow, every layer again wide"]), st.sampled_from([None, 0, 1, 3]))
 def test_same_placements_property(prob, min_balance, search, max_swaps):
     assume(prob["current"] is not None)  # its current placement fits its live set
-    ref, jit = both(prob["load"], prob["num_ranks"], prob["slots_per_rank"], live_ranks=prob["live_ranks"],
-                    ranks_per_node=prob["ranks_per_node"], current=prob["current"], min_balance=min_balance,
-                    search=search, max_swaps=max_swaps)
+    retry = repair._RETRY
+    try:
+        if search.startswith("narrow,"):  # small problems rarely take enough swaps for the second search
+            search, repair._RETRY = "narrow", -1
+        ref, jit = both(prob["load"], prob["num_ranks"], prob["slots_per_rank"], live_ranks=prob["live_ranks"],
+                        ranks_per_node=prob["ranks_per_node"], current=prob["current"], min_balance=min_balance,
+                        search=search, max_swaps=max_swaps)
+    finally:
+        repair._RETRY = retry
     np.testing.assert_array_equal(ref, jit)
 
 

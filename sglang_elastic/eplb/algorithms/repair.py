@@ -1,7 +1,8 @@
 """Movement-aware placement: repair the placement in force, then swap towards balance."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -22,6 +23,13 @@ _LIGHT = 6  # the narrow search: partners of the busiest rank among this many le
 # (refine.best_swaps' ``extra``): 2-7 % fewer transfers after a failure on the bench's loads, 4 more of
 # its 31 failure cells within the issue's target, ~0.6 ms on its speed cell.
 _EXTRA = 12
+# A layer whose narrow swaps fetched more than this many experts is searched wide too, from the same
+# repair, and stops on whichever trace serves the sum best (choose_stops sees both): 6 % fewer
+# transfers over the bench's 31 failure cells (up to 22 % on a cell: zipf 1.2), one more cell in the
+# issue's target. Wide re-routes moved replicas for free where the narrow swaps fetch a lot; elsewhere
+# it rarely finds better and costs ~1.7x the narrow search (every layer again: 2.3x the time on the
+# speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
+_RETRY = 24
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
@@ -164,6 +172,69 @@ def replica_bound(w: np.ndarray, n: int, S: int, target: np.ndarray, min_balance
     return np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
 
 
+@dataclass
+class _Pass:
+    """One repair and traced refinement of some layers: the state after the last swap, the trace
+    (``maxes`` / ``fetched``: ``[T + 1, L]``) and its undo (``rewind(stop [L])``)."""
+
+    x: np.ndarray
+    orig: np.ndarray
+    target: np.ndarray
+    maxes: np.ndarray
+    fetched: np.ndarray
+    rewind: Callable[[np.ndarray], None]
+
+
+def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
+                 target: np.ndarray, min_balance: float, wide_search: bool, rep_bound: np.ndarray,
+                 near_target: bool) -> _Pass:
+    """Repair ``cur`` (counts, surplus drop, pool, conflicts) and trace the swaps towards ``target``.
+    ``near_target``: a layer just above its target after the repair may lower it (``_already_there``)."""
+    L, E = w.shape
+    # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
+    # trade against layers above them (~1 % fewer transfers, no measurable time).
+    aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)
+    target = target.copy()
+    if USE_JIT and S <= repair_jit.MAX_SLOTS:
+        rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, _NEAR if near_target else 1.0,
+                                      aim_factor, light=_LIGHT, extra=_EXTRA, wide_search=wide_search)
+        stopped = np.flatnonzero(rp.flag)
+        if stopped.size:  # conflicts to fix, or just above the target: numpy, then the compiled swaps
+            st = SlotState(rp.x[stopped], rp.per[stopped], node_of)
+            fix_conflicts(st, max_iters=n * S)
+            rp.x[stopped] = st.x
+            rp.present[stopped] = st.present
+            if node_of is not None:
+                rp.node_cnt[stopped] = st.node_cnt
+            rp.load[stopped] = load = st.loads()
+            if near_target:
+                target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
+                                                 min_balance)
+            rp.aim[stopped] = target[stopped] * aim_factor
+            repair_jit.refine_layers(rp, stopped)
+        maxes, fetched, record = repair_jit.traced(rp)
+        return _Pass(rp.x, rp.orig, target, maxes, fetched, lambda k: refine_jit.rewind_traced(rp.x, record, k))
+    cur = drop_duplicates(cur)
+    start = _count(cur.reshape(L, -1) + 1, E + 1)
+    counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
+    per = w / counts
+    x = drop_surplus(cur, counts, per)
+    st = SlotState(x, per, node_of)
+    place_pool(st, pool_items(x, counts, per))
+    fix_conflicts(st, max_iters=n * S)
+    orig = SlotState(cur, per, None).present
+    if near_target:
+        target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
+    # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds
+    # instead of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after
+    # a failure.
+    trace: list = []
+    refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=_LIGHT, trace=trace,
+           wide_search=wide_search, extra=_EXTRA)
+    return _Pass(st.x, orig, target, np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace]),
+                 lambda k: rewind(st.x, trace, k))
+
+
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False,
                  rep_bound: Optional[np.ndarray] = None, exact_target: bool = False) -> np.ndarray:
@@ -177,6 +248,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
         wide_search: swaps look at every rank under the target, not the 6 least busy (see :func:`refine`).
+            Without it, layers whose narrow swaps fetched more than ``_RETRY`` experts are searched
+            wide too, and each layer may stop on either search's trace.
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
@@ -188,52 +261,24 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     L, E = w.shape
     if rep_bound is None:
         rep_bound = replica_bound(w, n, S, target, min_balance)
-    # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
-    # trade against layers above them (~1 % fewer transfers, no measurable time).
-    aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)
-    if USE_JIT and S <= repair_jit.MAX_SLOTS:
-        near = 1.0 if exact_target else _NEAR
-        rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, near, aim_factor,
-                                      light=_LIGHT, extra=_EXTRA, wide_search=wide_search)
-        orig, target = rp.orig, target.copy()
-        stopped = np.flatnonzero(rp.flag)
-        if stopped.size:  # conflicts to fix, or just above the target: numpy, then the compiled swaps
-            st = SlotState(rp.x[stopped], rp.per[stopped], node_of)
-            fix_conflicts(st, max_iters=n * S)
-            rp.x[stopped] = st.x
-            rp.present[stopped] = st.present
-            if node_of is not None:
-                rp.node_cnt[stopped] = st.node_cnt
-            rp.load[stopped] = load = st.loads()
-            if not exact_target:
-                target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
-                                                 min_balance)
-            rp.aim[stopped] = target[stopped] * aim_factor
-            repair_jit.refine_layers(rp, stopped)
-        maxes, fetched, record = repair_jit.traced(rp)
-        x = rp.x
-    else:
-        cur = drop_duplicates(cur)
-        start = _count(cur.reshape(L, -1) + 1, E + 1)
-        counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
-        per = w / counts
-        x = drop_surplus(cur, counts, per)
-        st = SlotState(x, per, node_of)
-        place_pool(st, pool_items(x, counts, per))
-        fix_conflicts(st, max_iters=n * S)
-        orig = SlotState(cur, per, None).present
-        load = st.loads()
-        if not exact_target:
-            target = _already_there(load.max(1), target, w, n, S, node_of, iters, min_balance)
-        # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds
-        # instead of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after
-        # a failure.
-        trace: list = []
-        refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=_LIGHT, trace=trace,
-               wide_search=wide_search, extra=_EXTRA)
-        maxes, fetched = np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace])
-        x = st.x
-    got = maxes[-1]
+    first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, wide_search, rep_bound, not exact_target)
+    target, orig, x = first.target, first.orig, first.x
+    maxes, fetched = first.maxes, first.fetched
+    got = maxes[-1].copy()
+    grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
+    retry = np.zeros(0, np.int64) if wide_search else np.flatnonzero(grown > _RETRY)
+    T = 0
+    if retry.size:
+        # The same repair (the target already settled), wide swaps. Its trace goes first, padded with
+        # points no layer may pick, so that each layer's last point stays the first search's.
+        again = _repair_pass(w[retry], cur[retry], n, S, node_of, iters, target[retry], min_balance, True,
+                             rep_bound[retry], False)
+        T = again.maxes.shape[0]
+        m2 = np.full((T, L), np.inf)
+        f2 = np.zeros((T, L), dtype=fetched.dtype)
+        m2[:, retry], f2[:, retry] = again.maxes, again.fetched
+        maxes, fetched = np.concatenate([m2, maxes]), np.concatenate([f2, fetched])
+        got[retry] = np.minimum(got[retry], again.maxes[-1])
     missed = np.flatnonzero(got > target)
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
@@ -248,10 +293,12 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     allowed = target.copy()
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
-    if USE_JIT and S <= repair_jit.MAX_SLOTS:
-        refine_jit.rewind_traced(x, record, k)
-    else:
-        rewind(x, trace, k)
+    first.rewind(np.where(k >= T, k - T, first.maxes.shape[0] - 1))
+    if retry.size:
+        k2 = k[retry]
+        wide = k2 < T
+        again.rewind(np.where(wide, k2, T - 1))
+        x[retry[wide]] = again.x[wide]
     if use_fresh.any():
         x[missed[use_fresh]] = fresh[use_fresh]
     return x
