@@ -4,7 +4,7 @@ DS-V3 58 x 256, EP32 x 9, ranks 1 and 17 dead, ``current=`` our healthy placemen
 (the cell of target (1) in bench_eplb.py). On a shared machine single timings swing by 2-5x, so the
 calls alternate (ours, upstream, ours, ...) and medians and minima are printed side by side.
 
-    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2] [--search wide] [--reference]
+    OMP_NUM_THREADS=2 taskset -c 0,1 python bench/bench_eplb_speed.py --calls 40 [--family zipf1.2] [--search narrow|wide|both] [--reference]
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=40, help="timed calls of each, alternating (default 40)")
     ap.add_argument("--family", default="lognormal1", help="synthetic load family (default lognormal1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and ours' kernel threads (default 2)")
-    ap.add_argument("--search", choices=("narrow", "wide"), default="narrow",
-                    help="ours: elasticity_aware's search option (default narrow, the default of rebalance)")
+    ap.add_argument("--search", choices=("narrow", "wide", "both"), default=None,
+                    help="ours: elasticity_aware's search option (default: rebalance's, both after a failure)")
     ap.add_argument("--reference", action="store_true",
                     help="ours: the numpy reference instead of the numba kernels (same placements)")
     args = ap.parse_args()
@@ -46,7 +46,8 @@ def main() -> int:
     cur = rebalance(w, R, S)
     live = np.ones(R, dtype=bool)
     live[[1, R // 2 + 1]] = False
-    ours = lambda: rebalance(w, R, S, live_ranks=live, current=cur, search=args.search)  # noqa: E731
+    opts = {} if args.search is None else {"search": args.search}
+    ours = lambda: rebalance(w, R, S, live_ranks=live, current=cur, **opts)  # noqa: E731
     up_call, up_convert = _upstream.prepare_elasticity_aware(w, R, S, live_ranks=live)
     t = time.perf_counter()
     p_ours = ours()  # warm-up: numba compiles here (or loads its on-disk cache)
@@ -62,7 +63,7 @@ def main() -> int:
     print(f"DS-V3 58x256 EP32x9, 2 dead, {args.family}, {args.calls} alternating calls, "
           f"{args.threads} torch threads, loadavg {os.getloadavg()[0]:.1f}")
     print(f"  ours: {impl}, first call (compile or cache load included) {t_first * 1e3:.0f} ms")
-    print(f"  ours (current=, {args.search:6s}) median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
+    print(f"  ours (current=, {args.search or 'default':7s}) median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_ours)}  balancedness {balancedness(w, p_ours):.4f}")
     print(f"  upstream elasticity_aware median {mu:7.2f} ms  min {min(t_up) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_up)}  balancedness {balancedness(w, p_up):.4f}")

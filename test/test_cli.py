@@ -187,17 +187,18 @@ def test_min_balance_is_passed_to_the_algorithm(capsys, tmp_path):
     assert rep["balancedness_after"] == pytest.approx(balancedness(w, want))
 
 
-def test_search_is_passed_to_the_algorithm(capsys, tmp_path):
-    """--search wide reaches elasticity_aware as search='wide'; the healthy "before" plan ignores it."""
+@pytest.mark.parametrize("search", ["narrow", "wide", "both"])
+def test_search_is_passed_to_the_algorithm(capsys, tmp_path, search):
+    """--search reaches elasticity_aware as search=...; the healthy "before" plan ignores it."""
     w = _load()
     np.save(tmp_path / "w.npy", w)
     rc, _, err = _run(capsys, "--load", tmp_path / "w.npy", *SMALL, "--current", "healthy", "--dead", 1,
-                      "--search", "wide", "--json", tmp_path / "r.json")
+                      "--search", search, "--json", tmp_path / "r.json")
     assert rc == 0, err
     rep = json.loads((tmp_path / "r.json").read_text())
     healthy = rebalance(w, R, S)
-    want = rebalance(w, R, S, live_ranks=_live([1]), current=healthy, search="wide")
-    assert rep["options"] == {"search": "wide"}
+    want = rebalance(w, R, S, live_ranks=_live([1]), current=healthy, search=search)
+    assert rep["options"] == {"search": search}
     assert rep["movement_slots"] == movement(healthy, want)
 
 

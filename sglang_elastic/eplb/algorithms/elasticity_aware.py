@@ -25,7 +25,7 @@ from .registry import register_algorithm
 from . import repair, repair_jit
 from .repair import from_current
 
-__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES", "BALANCE_REFERENCES",
+__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES", "DEFAULT_SEARCH", "BALANCE_REFERENCES",
            "DEFAULT_BALANCE_REFERENCE"]
 
 # Defaults of min_balance: (after a failure or scale event, periodic rebalance with the same live set).
@@ -59,7 +59,9 @@ def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference:
     return np.where(flat, np.inf, bound / min_balance)
 
 
-SEARCHES = ("narrow", "wide")
+SEARCHES = ("narrow", "wide", "both")
+# Defaults of search: (after a failure or scale event, periodic rebalance with the same live set).
+DEFAULT_SEARCH = ("both", "narrow")
 # What min_balance is relative to (see balance_target), and its defaults (after a failure or scale
 # event, periodic rebalance with the same live set).
 BALANCE_REFERENCES = ("greedy", "bound")
@@ -67,7 +69,7 @@ DEFAULT_BALANCE_REFERENCE = ("greedy", "bound")
 
 
 def _check_options(min_balance: Optional[float], balance_tolerance: Optional[float], max_swaps: Optional[int],
-                   search: str = "narrow", balance_reference: Optional[str] = None) -> None:
+                   search: Optional[str] = None, balance_reference: Optional[str] = None) -> None:
     if min_balance is not None and balance_tolerance is not None:
         raise ValueError("give min_balance or balance_tolerance, not both (min_balance = 1 / (1 + balance_tolerance))")
     if min_balance is not None and (isinstance(min_balance, bool) or not isinstance(min_balance, (int, float, np.floating))
@@ -79,7 +81,7 @@ def _check_options(min_balance: Optional[float], balance_tolerance: Optional[flo
     if max_swaps is not None and (isinstance(max_swaps, bool) or not isinstance(max_swaps, (int, np.integer))
                                   or max_swaps < 0):
         raise ValueError(f"max_swaps must be an integer >= 0, got {max_swaps!r}")
-    if search not in SEARCHES:
+    if search is not None and search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     if balance_reference is not None and balance_reference not in BALANCE_REFERENCES:
         raise ValueError(f"balance_reference must be one of {', '.join(BALANCE_REFERENCES)}, got {balance_reference!r}")
@@ -111,7 +113,7 @@ def elasticity_aware(
     min_balance: Optional[float] = None,
     balance_tolerance: Optional[float] = None,
     max_swaps: Optional[int] = None,
-    search: str = "narrow",
+    search: Optional[str] = None,
     balance_reference: Optional[str] = None,
 ) -> np.ndarray:
     """Place experts on live ranks only; see the module docstring.
@@ -125,12 +127,16 @@ def elasticity_aware(
         balance_tolerance: the same trade-off as a relative excess of each layer's busiest rank over
             from-scratch's (``t`` is ``min_balance = 1 / (1 + t)``); give one of the two.
         max_swaps: cap on repair swaps per layer (default ``4 * live ranks + 8 * slots_per_rank + 32``).
-        search: ``"narrow"`` (default): each swap of the busiest rank looks at the 6 least busy ranks,
-            and where none of them offers a free swap, at up to 12 more under the target that can (see
-            :func:`.refine.best_swaps`), and a layer whose swaps so fetched more than 24 experts is
-            searched wide too (it stops on either search's swaps); ``"wide"``: every layer at every rank under the target.
-            Wide finds more swaps that re-route moved replicas for free: 0-22 % fewer transfers after a
-            failure on the bench's loads than narrow alone, ~1.7x the time.
+        search: where each swap of a layer's busiest rank looks for a partner. ``"narrow"``: the 6 least
+            busy ranks, and where none of them offers a free swap, up to 12 more under the target that
+            can (see :func:`.refine.best_swaps`); ``"wide"``: every rank under the target (0-22 % fewer
+            transfers after a failure on the bench's loads than narrow, ~1.7x the time); ``"both"``:
+            narrow, then wide again for the layers whose narrow swaps fetched more than 24 experts, each
+            layer stopping on either search's swaps (the same ~6 % fewer transfers than narrow as wide,
+            where wide helps: the time of narrow where the swaps fetch little, ~2x on skewed loads).
+            Default: ``"both"`` when the live set changed since ``current`` (the transfers are on the
+            way back to service), ``"narrow"`` otherwise (a periodic rebalance: both saves 2-4 % there
+            for twice the time).
         balance_reference: what ``min_balance`` is a fraction of. ``"greedy"``: the balancedness of
             DeepSeek's greedy from-scratch placement on the live ranks, i.e. what upstream SGLang's EPLB
             would give (where our from-scratch beats it, e.g. on a few very hot experts, the movement
@@ -175,9 +181,11 @@ def elasticity_aware(
             min_balance = DEFAULT_MIN_BALANCE[0 if event else 1]
         if balance_reference is None:
             balance_reference = DEFAULT_BALANCE_REFERENCE[0 if event else 1]
+        if search is None:
+            search = DEFAULT_SEARCH[0 if event else 1]
         target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
-        result = from_current(w, cur, n, S, node_of, iters, target, min_balance, wide_search=search == "wide",
+        result = from_current(w, cur, n, S, node_of, iters, target, min_balance, search=search,
                               rep_bound=rep_bound, exact_target=balance_reference == "greedy")
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result

@@ -23,12 +23,12 @@ _LIGHT = 6  # the narrow search: partners of the busiest rank among this many le
 # (refine.best_swaps' ``extra``): 2-7 % fewer transfers after a failure on the bench's loads, 4 more of
 # its 31 failure cells within the issue's target, ~0.6 ms on its speed cell.
 _EXTRA = 12
-# A layer whose narrow swaps fetched more than this many experts is searched wide too, from the same
-# repair, and stops on whichever trace serves the sum best (choose_stops sees both): 6 % fewer
-# transfers over the bench's 31 failure cells (up to 22 % on a cell: zipf 1.2), one more cell in the
-# issue's target. Wide re-routes moved replicas for free where the narrow swaps fetch a lot; elsewhere
-# it rarely finds better and costs ~1.7x the narrow search (every layer again: 2.3x the time on the
-# speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
+# search="both": a layer whose narrow swaps fetched more than this many experts is searched wide too,
+# from the same repair, and stops on whichever trace serves the sum best (choose_stops sees both): 6 %
+# fewer transfers over the bench's 31 failure cells (up to 22 % on a cell: zipf 1.2), one more cell in
+# the issue's target. Wide re-routes moved replicas for free where the narrow swaps fetch a lot;
+# elsewhere it rarely finds better and costs ~1.7x the narrow search (every layer again: 2.3x the
+# time on the speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
 _RETRY = 24
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
@@ -236,7 +236,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
 
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
-                 iters: int, target: np.ndarray, min_balance: float, wide_search: bool = False,
+                 iters: int, target: np.ndarray, min_balance: float, search: str = "narrow",
                  rep_bound: Optional[np.ndarray] = None, exact_target: bool = False) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
@@ -247,9 +247,9 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         iters: swap budget per layer. target: float64 ``[L]`` busiest-rank load to reach (``inf``: any).
         min_balance: the promise: a layer that misses ``target`` may take the from-scratch placement, and
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
-        wide_search: swaps look at every rank under the target, not the 6 least busy (see :func:`refine`).
-            Without it, layers whose narrow swaps fetched more than ``_RETRY`` experts are searched
-            wide too, and each layer may stop on either search's trace.
+        search: ``"narrow"`` (the 6 least busy ranks and extra partners, see :func:`refine`), ``"wide"``
+            (every rank under the target) or ``"both"`` (narrow, then wide again for the layers whose
+            narrow swaps fetched more than ``_RETRY`` experts; each layer stops on either trace).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
@@ -261,12 +261,13 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     L, E = w.shape
     if rep_bound is None:
         rep_bound = replica_bound(w, n, S, target, min_balance)
-    first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, wide_search, rep_bound, not exact_target)
+    first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, search == "wide", rep_bound,
+                         not exact_target)
     target, orig, x = first.target, first.orig, first.x
     maxes, fetched = first.maxes, first.fetched
     got = maxes[-1].copy()
     grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
-    retry = np.zeros(0, np.int64) if wide_search else np.flatnonzero(grown > _RETRY)
+    retry = np.flatnonzero(grown > _RETRY) if search == "both" else np.zeros(0, np.int64)
     T = 0
     if retry.size:
         # The same repair (the target already settled), wide swaps. Its trace goes first, padded with
