@@ -125,18 +125,18 @@ def test_invariants_from_scratch(prob):
 @given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]),
        st.sampled_from([None, "narrow", "wide", "both", "both, every layer"]))
 def test_invariants_from_current(prob, tol, search):
-    # The small problems here rarely take enough swaps for both's second search: the last case runs
-    # it on every layer.
-    retry = repair._RETRY
+    # The problems here are small: both searches every layer with every candidate; the last case
+    # takes the large problems' path (a wide search again) on every layer.
+    small, retry = repair._SMALL, repair._RETRY
     try:
         if search == "both, every layer":
-            search, repair._RETRY = "both", -1
+            search, repair._SMALL, repair._RETRY = "both", 0, -1
         opts = {} if search is None else {"search": search}
         if tol is not None:
             opts["balance_tolerance"] = tol
         p = rebalance(**prob, **opts)
     finally:
-        repair._RETRY = retry
+        repair._SMALL, repair._RETRY = small, retry
     check_invariants(p, prob)
 
 
@@ -505,7 +505,7 @@ def test_wide_and_both_keep_the_promise_and_move_less_on_skewed_loads(family, mo
 def test_periodic_rebalance_searches_narrow_only(monkeypatch):
     # Same live set (drift): a periodic rebalance defaults to the narrow search alone, even where its
     # swaps fetch many experts (both saves 2-4 % there for twice the time).
-    w = synthetic_load("hot", 8, 256, seed=13)
+    w = synthetic_load("hot", 16, 256, seed=13)
     p = rebalance(w, 32, 9)
     passes = []
     real_pass = repair._repair_pass
@@ -515,6 +515,26 @@ def test_periodic_rebalance_searches_narrow_only(monkeypatch):
     both = rebalance(drift(w, 0.3), 32, 9, current=p, search="both")
     assert passes == [False, False, True]
     assert movement(p, both) <= movement(p, default)
+
+
+def test_small_problems_try_looser_counts_too(monkeypatch):
+    # A whole problem of at most _SMALL live slots: every layer is searched again (narrow) with counts
+    # from a replica bound twice as loose; each layer stops on the better of the two.
+    # The 10x7 toy with a hot expert and one dead rank: fewer transfers than narrow alone, same promise.
+    w = synthetic_load("hot", 4, 48, seed=0)
+    p = rebalance(w, 10, 7)
+    live = np.ones(10, dtype=bool)
+    live[1] = False
+    bounds = []
+    real_pass = repair._repair_pass
+    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: bounds.append((a[8], a[9][0])) or real_pass(*a, **k))
+    both = rebalance(w, 10, 7, live_ranks=live, current=p)
+    assert [b[0] for b in bounds] == [False, False]
+    assert bounds[1][1] == 2 * bounds[0][1]
+    narrow = rebalance(w, 10, 7, live_ranks=live, current=p, search="narrow")
+    fresh = balancedness(w, rebalance(w, 10, 7, live_ranks=live, algorithm="deepseek"))
+    assert balancedness(w, both) >= 0.99 * fresh * (1 - 1e-12)
+    assert movement(p, both) < movement(p, narrow)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

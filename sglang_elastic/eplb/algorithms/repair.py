@@ -30,6 +30,12 @@ _EXTRA = 12
 # elsewhere it rarely finds better and costs ~1.7x the narrow search (every layer again: 2.3x the
 # time on the speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
 _RETRY = 24
+# search="both" on a whole problem of at most this many live slots (L x n x S; a pass takes ~0.2 ms
+# there): every layer is searched again, narrow (which sees most ranks of so few), with counts from a
+# replica bound twice as loose (fewer count trades): on the 10x7 toy with a hot expert 30 -> 28
+# transfers, the cell's target; small odd shapes -2.6 %. Wide again instead: -0.5 %, the toy at 30.
+_SMALL = 4096
+_SMALL_CANDIDATES = ((False, 2.0),)  # (wide search, replica bound factor)
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
@@ -249,7 +255,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             its allowance in the sum is that placement's busiest rank over ``min_balance``.
         search: ``"narrow"`` (the 6 least busy ranks and extra partners, see :func:`refine`), ``"wide"``
             (every rank under the target) or ``"both"`` (narrow, then wide again for the layers whose
-            narrow swaps fetched more than ``_RETRY`` experts; each layer stops on either trace).
+            narrow swaps fetched more than ``_RETRY`` experts; on a problem of at most ``_SMALL`` live
+            slots, every layer narrow again with looser counts; each layer stops on either trace).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
@@ -266,20 +273,28 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     target, orig, x = first.target, first.orig, first.x
     maxes, fetched = first.maxes, first.fetched
     got = maxes[-1].copy()
-    grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
-    retry = np.flatnonzero(grown > _RETRY) if search == "both" else np.zeros(0, np.int64)
-    T = 0
+    if search != "both":
+        retry, candidates = np.zeros(0, np.int64), ()
+    elif L * n * S <= _SMALL:
+        retry, candidates = np.arange(L), _SMALL_CANDIDATES
+    else:
+        grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
+        retry, candidates = np.flatnonzero(grown > _RETRY), ((True, 1.0),)
+    # The same repair (the target already settled; counts from the bound times the factor), another
+    # search. Their traces go first, each padded with points no layer may pick, so that each layer's
+    # last point stays the first search's.
+    more = []
     if retry.size:
-        # The same repair (the target already settled), wide swaps. Its trace goes first, padded with
-        # points no layer may pick, so that each layer's last point stays the first search's.
-        again = _repair_pass(w[retry], cur[retry], n, S, node_of, iters, target[retry], min_balance, True,
-                             rep_bound[retry], False)
-        T = again.maxes.shape[0]
-        m2 = np.full((T, L), np.inf)
-        f2 = np.zeros((T, L), dtype=fetched.dtype)
-        m2[:, retry], f2[:, retry] = again.maxes, again.fetched
-        maxes, fetched = np.concatenate([m2, maxes]), np.concatenate([f2, fetched])
-        got[retry] = np.minimum(got[retry], again.maxes[-1])
+        for wide, factor in candidates:
+            again = _repair_pass(w[retry], cur[retry], n, S, node_of, iters, target[retry], min_balance, wide,
+                                 rep_bound[retry] * factor, False)
+            T = again.maxes.shape[0]
+            m2 = np.full((T, L), np.inf)
+            f2 = np.zeros((T, L), dtype=fetched.dtype)
+            m2[:, retry], f2[:, retry] = again.maxes, again.fetched
+            maxes, fetched = np.concatenate([m2, maxes]), np.concatenate([f2, fetched])
+            got[retry] = np.minimum(got[retry], again.maxes[-1])
+            more.insert(0, again)
     missed = np.flatnonzero(got > target)
     if missed.size:
         fresh, fresh_max = from_scratch(w[missed], n, S, node_of, iters)
@@ -294,12 +309,16 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     allowed = target.copy()
     allowed[missed] = np.maximum(target[missed], fresh_max / min_balance)
     k, use_fresh = choose_stops(maxes, fetched, allowed, missed, fresh_max, fresh_cost)
-    first.rewind(np.where(k >= T, k - T, first.maxes.shape[0] - 1))
-    if retry.size:
-        k2 = k[retry]
-        wide = k2 < T
-        again.rewind(np.where(wide, k2, T - 1))
-        x[retry[wide]] = again.x[wide]
+    off = sum(p.maxes.shape[0] for p in more)
+    first.rewind(np.where(k >= off, k - off, first.maxes.shape[0] - 1))
+    off = 0
+    for again in more:  # in trace order
+        T = again.maxes.shape[0]
+        k2 = k[retry] - off
+        took = (k2 >= 0) & (k2 < T)
+        again.rewind(np.where(took, k2, T - 1))
+        x[retry[took]] = again.x[took]
+        off += T
     if use_fresh.any():
         x[missed[use_fresh]] = fresh[use_fresh]
     return x
