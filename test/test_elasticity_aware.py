@@ -537,6 +537,22 @@ def test_small_problems_try_looser_counts_too(monkeypatch):
     assert movement(p, both) < movement(p, narrow)
 
 
+def test_few_ranks_try_looser_counts_too(monkeypatch):
+    # Over 4096 live slots but only 14 live ranks: the narrow search may ask every rank, so both's
+    # second candidate is the looser counts (narrow), as on small problems, not a wide search.
+    w = synthetic_load("dirichlet0.3", 40, 128, seed=3)
+    p = rebalance(w, 16, 10)
+    live = np.ones(16, dtype=bool)
+    live[[1, 9]] = False
+    passes = []
+    real_pass = repair._repair_pass
+    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: passes.append((a[8], a[0].shape[0])) or real_pass(*a, **k))
+    both = rebalance(w, 16, 10, live_ranks=live, current=p)
+    assert passes == [(False, 40), (False, 40)]
+    narrow = rebalance(w, 16, 10, live_ranks=live, current=p, search="narrow")
+    assert movement(p, both) <= movement(p, narrow)
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**16), st.floats(0.0, 1.0))
 def test_choose_stops_property(L, K, seed, slack):

@@ -115,8 +115,8 @@ def add_parser(sub: Any) -> None:
                      help="elasticity_aware with --current: where each swap looks for a partner: the 6 least "
                           "busy ranks (narrow), every rank under the target (wide: up to 22 %% fewer transfers "
                           "after a failure on skewed loads, ~1.7x the planning time), or narrow and then wide "
-                          "for the layers whose narrow swaps fetched more than 24 experts (both; on a small problem, "
-                          "narrow again with looser replica counts); default both "
+                          "for the layers whose narrow swaps fetched more than 24 experts (both; on a small problem "
+                          "or <= 19 live ranks, narrow again with looser replica counts); default both "
                           "after a failure or scale event, narrow otherwise")
     alg.add_argument("--num-groups", type=positive_int,
                      help="deepseek: expert groups, for hierarchical (node-limited) placement")

@@ -134,8 +134,8 @@ def elasticity_aware(
             narrow, then wide again for the layers whose narrow swaps fetched more than 24 experts, each
             layer stopping on either search's swaps (the same ~6 % fewer transfers than narrow as wide,
             where wide helps: the time of narrow where the swaps fetch little, ~2x on skewed loads); on
-            a problem of at most 4096 live slots, every layer narrow again with counts from a looser
-            replica bound (~2x narrow's time there, ~0.4 ms).
+            a problem of at most 4096 live slots or 19 live ranks (where narrow may ask every rank),
+            every layer narrow again with counts from a looser replica bound (~2x narrow's time).
             Default: ``"both"`` when the live set changed since ``current`` (the transfers are on the
             way back to service), ``"narrow"`` otherwise (a periodic rebalance: both saves 2-4 % there
             for twice the time).

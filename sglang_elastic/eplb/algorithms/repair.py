@@ -31,9 +31,11 @@ _EXTRA = 12
 # time on the speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
 _RETRY = 24
 # search="both" on a whole problem of at most this many live slots (L x n x S; a pass takes ~0.2 ms
-# there): every layer is searched again, narrow (which sees most ranks of so few), with counts from a
-# replica bound twice as loose (fewer count trades): on the 10x7 toy with a hot expert 30 -> 28
-# transfers, the cell's target; small odd shapes -2.6 %. Wide again instead: -0.5 %, the toy at 30.
+# there), or on at most _LIGHT + _EXTRA + 1 live ranks (the narrow search may ask every other rank):
+# every layer is searched again, narrow, with counts from a replica bound twice as loose (fewer count
+# trades): on the 10x7 toy with a hot expert 30 -> 28 transfers, the cell's target; small odd shapes
+# -2.7 %; Qwen3 EP16x10 (14-15 live ranks) -3 to -6 % for ~2x its time. Wide again instead: -0.5 % on
+# the small shapes, the toy at 30.
 _SMALL = 4096
 _SMALL_CANDIDATES = ((False, 2.0),)  # (wide search, replica bound factor)
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
@@ -256,7 +258,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         search: ``"narrow"`` (the 6 least busy ranks and extra partners, see :func:`refine`), ``"wide"``
             (every rank under the target) or ``"both"`` (narrow, then wide again for the layers whose
             narrow swaps fetched more than ``_RETRY`` experts; on a problem of at most ``_SMALL`` live
-            slots, every layer narrow again with looser counts; each layer stops on either trace).
+            slots or so few ranks that narrow may ask them all, every layer narrow again with looser
+            counts; each layer stops on either trace).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
@@ -275,7 +278,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     got = maxes[-1].copy()
     if search != "both":
         retry, candidates = np.zeros(0, np.int64), ()
-    elif L * n * S <= _SMALL:
+    elif L * n * S <= _SMALL or n <= _LIGHT + _EXTRA + 1:  # cheap, or narrow sees every rank anyway
         retry, candidates = np.arange(L), _SMALL_CANDIDATES
     else:
         grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
