@@ -464,6 +464,57 @@ def test_a_suspicion_membership_does_not_confirm_is_withdrawn_after_a_bounded_wa
     assert counted == [("suspicion_withdrawn", 1, "recoveries")]
 
 
+def test_a_collective_retried_after_a_death_runs_over_the_survivors():
+    """Adopting a step plan's live set (a collective) while a rank of that set has died since the
+    plan: the retry after the recovery runs over the agreed survivors, never over the plan's set again
+    (CI soak: rank 4 died after the plan listed it; every retry named it again until 8 recoveries
+    ran out and the rank crashed)."""
+    from types import SimpleNamespace
+
+    from sglang_elastic.membership.view import MembershipView
+    from sglang_elastic.rehearsal.rank_update import UpdaterSide, live_mask
+    from sglang_elastic.transport.base import PeerFailure
+    from sglang_elastic.transport.liveness import Liveness
+
+    R = 5
+
+    class Updater:
+        target = None
+        backup_layout = None
+
+        def __init__(self):
+            self.live = live_mask([0, 1, 3, 4], R)
+            self.calls = []
+
+        def set_live(self, mask, generation=None):
+            self.calls.append((np.flatnonzero(mask).tolist(), generation))
+            if mask[4]:
+                raise PeerFailure(4, "rank 4 is gone")
+            self.live = np.asarray(mask, dtype=bool)
+
+    class Member:
+        def report_dead(self, rank, reason=""):
+            pass
+
+        def wait_for_epoch(self, pred, timeout):
+            view = MembershipView(epoch=16, live=(0, 1, 3), incarnations={0: 0, 1: 0, 3: 0})
+            assert pred(view)
+            return view
+
+    side = UpdaterSide()
+    side.rank, side.R = 0, R
+    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.25))
+    side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
+    side.updater, side.update_load, side._trusted_layout = Updater(), None, None
+    counted = []
+    side._count = lambda mode, n=1, kind="degraded": counted.append((mode, n, kind))
+    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": None)
+    live = side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
+    assert live == [0, 1, 3]
+    assert side.updater.calls == [([0, 1, 3, 4], 15), ([0, 1, 3], None), ([0, 1, 3], 15)]
+    assert counted == [("collective_replans", 1, "recoveries")]
+
+
 def test_a_failure_of_a_rank_s_own_is_voted_and_every_rank_retries_together():
     """A copy list one rank refuses on its own (it read a peer's metadata before that peer
     registered this update's buffers: ValueError) must reach the others through the vote: they

@@ -119,7 +119,7 @@ class UpdaterSide:
                 log.warning("rank %d: backup fill: %s", self.rank, exc)
             self._count("fill_replans", kind="recoveries")
             live = self._agreed_live_without(dead)
-            self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
+            self._collective(lambda lv: self.updater.set_live(live_mask(lv, self.R)), live)
         raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died during one backup fill")
 
     def _forget_unfillable_backups(self) -> None:
@@ -178,14 +178,19 @@ class UpdaterSide:
         self._distrust_unfilled_backups()
         return self._retarget(self._agreed_live_without(dead))
 
-    def _collective(self, fn: Callable[[], Any]) -> Any:
-        """Run an updater collective outside ``step`` (backup fill, re-homing); when a peer dies under
-        it, adopt the agreed live set (which re-homes that peer's backups) and run it again."""
+    def _collective(self, fn: Callable[[List[int]], Any], live: List[int]) -> List[int]:
+        """Run an updater collective over ``live`` (``fn(live)``, outside ``step``: adopting a live set,
+        re-homing); when a peer dies under it, adopt the agreed live set (which re-homes that peer's
+        backups) and run it again over the survivors, never over the peer that died (a retry over
+        the same set fails the same way until the recoveries run out). Returns the live set it ran
+        over."""
         for _ in range(MAX_RECOVERIES):
             try:
-                return fn()
+                fn(live)
+                return live
             except PeerFailure as exc:
                 self._recover(exc, "collective_replans")
+                live = [r for r in live if bool(self.updater.live[r])]
         raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
 
     def _recover(self, exc: PeerFailure, what: str) -> None:
@@ -195,8 +200,8 @@ class UpdaterSide:
         log.warning("rank %d: %s: %s", self.rank, what, exc)
         self._count(what, kind="recoveries")
         self._distrust_unfilled_backups()
-        live = self._agreed_live_without(dead)
-        self._collective(lambda: self.updater.set_live(live_mask(live, self.R)))
+        live = self._collective(lambda lv: self.updater.set_live(live_mask(lv, self.R)),
+                                self._agreed_live_without(dead))
         if self.updater.target is not None and self.update_load is not None:
             before = self.updater.placement
             try:
@@ -240,7 +245,8 @@ class UpdaterSide:
                     self.placement = self.updater.placement
                 self._new_updater(plan.epoch, live)
             else:
-                self._collective(lambda: self.updater.set_live(live_mask(live, self.R), generation=plan.epoch))
+                live = self._collective(
+                    lambda lv: self.updater.set_live(live_mask(lv, self.R), generation=plan.epoch), live)
             self.live, self.epoch = live, plan.epoch
             self.dispatcher.set_placement(self.updater.placement)
         if plan.target is not None:
