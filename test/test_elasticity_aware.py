@@ -125,18 +125,18 @@ def test_invariants_from_scratch(prob):
 @given(problems(with_current=True), st.sampled_from([None, 0.0, 0.01, 10.0]),
        st.sampled_from([None, "narrow", "wide", "both", "both, every layer"]))
 def test_invariants_from_current(prob, tol, search):
-    # The problems here are small: both searches every layer with every candidate; the last case
+    # The problems here are small: both searches every layer again with looser counts; the last case
     # takes the large problems' path (a wide search again) on every layer.
-    small, retry = repair._SMALL, repair._RETRY
+    gates = repair._SMALL, repair._FEW_RANKS, repair._RETRY
     try:
         if search == "both, every layer":
-            search, repair._SMALL, repair._RETRY = "both", 0, -1
+            search, (repair._SMALL, repair._FEW_RANKS, repair._RETRY) = "both", (0, 0, -1)
         opts = {} if search is None else {"search": search}
         if tol is not None:
             opts["balance_tolerance"] = tol
         p = rebalance(**prob, **opts)
     finally:
-        repair._SMALL, repair._RETRY = small, retry
+        repair._SMALL, repair._FEW_RANKS, repair._RETRY = gates
     check_invariants(p, prob)
 
 
@@ -474,6 +474,15 @@ def test_min_balance_promise_holds_across_families(family, dead):
         assert not orphans(q, live).any()
 
 
+def record_passes(monkeypatch) -> list:
+    """``[(wide search, first layer's replica bound, layers), ...]`` of every ``repair._repair_pass`` call."""
+    passes = []
+    real_pass = repair._repair_pass
+    monkeypatch.setattr(repair, "_repair_pass",
+                        lambda *a, **k: passes.append((a[8], float(a[9][0]), a[0].shape[0])) or real_pass(*a, **k))
+    return passes
+
+
 @pytest.mark.parametrize("family", ["dirichlet0.3", "hot", "zipf1.2"])
 def test_wide_and_both_keep_the_promise_and_move_less_on_skewed_loads(family, monkeypatch):
     # DS-V3's EP32x9 on 16 layers: the narrow search's partners (6 least busy, 12 extra) are a small
@@ -485,16 +494,14 @@ def test_wide_and_both_keep_the_promise_and_move_less_on_skewed_loads(family, mo
     live = np.ones(32, dtype=bool)
     live[[4, 19]] = False
     fresh = balancedness(w, rebalance(w, 32, 9, live_ranks=live, algorithm="deepseek"))
-    passes = []
-    real_pass = repair._repair_pass
-    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: passes.append(a[8]) or real_pass(*a, **k))
+    passes = record_passes(monkeypatch)
     default = rebalance(w, 32, 9, live_ranks=live, current=p)
-    assert passes == [False, True]  # these loads need many swaps on some layers: searched again, wide
+    assert [q[0] for q in passes] == [False, True]  # many swaps fetched on some layers: searched again, wide
     both = rebalance(w, 32, 9, live_ranks=live, current=p, search="both")
     np.testing.assert_array_equal(both.phy2log, default.phy2log)
     narrow = rebalance(w, 32, 9, live_ranks=live, current=p, search="narrow")
     wide = rebalance(w, 32, 9, live_ranks=live, current=p, search="wide")
-    assert passes == [False, True, False, True, False, True]
+    assert [q[0] for q in passes] == [False, True, False, True, False, True]
     for q in (default, wide):
         assert balancedness(w, q) >= 0.99 * fresh * (1 - 1e-12)
         assert movement(p, q) < movement(p, narrow)
@@ -507,13 +514,11 @@ def test_periodic_rebalance_searches_narrow_only(monkeypatch):
     # swaps fetch many experts (both saves 2-4 % there for twice the time).
     w = synthetic_load("hot", 16, 256, seed=13)
     p = rebalance(w, 32, 9)
-    passes = []
-    real_pass = repair._repair_pass
-    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: passes.append(a[8]) or real_pass(*a, **k))
+    passes = record_passes(monkeypatch)
     default = rebalance(drift(w, 0.3), 32, 9, current=p)
-    assert passes == [False]
+    assert [q[0] for q in passes] == [False]
     both = rebalance(drift(w, 0.3), 32, 9, current=p, search="both")
-    assert passes == [False, False, True]
+    assert [q[0] for q in passes] == [False, False, True]
     assert movement(p, both) <= movement(p, default)
 
 
@@ -525,12 +530,10 @@ def test_small_problems_try_looser_counts_too(monkeypatch):
     p = rebalance(w, 10, 7)
     live = np.ones(10, dtype=bool)
     live[1] = False
-    bounds = []
-    real_pass = repair._repair_pass
-    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: bounds.append((a[8], a[9][0])) or real_pass(*a, **k))
+    passes = record_passes(monkeypatch)
     both = rebalance(w, 10, 7, live_ranks=live, current=p)
-    assert [b[0] for b in bounds] == [False, False]
-    assert bounds[1][1] == 2 * bounds[0][1]
+    assert [q[0] for q in passes] == [False, False]
+    assert passes[1][1] == 2 * passes[0][1]
     narrow = rebalance(w, 10, 7, live_ranks=live, current=p, search="narrow")
     fresh = balancedness(w, rebalance(w, 10, 7, live_ranks=live, algorithm="deepseek"))
     assert balancedness(w, both) >= 0.99 * fresh * (1 - 1e-12)
@@ -544,11 +547,10 @@ def test_few_ranks_try_looser_counts_too(monkeypatch):
     p = rebalance(w, 16, 10)
     live = np.ones(16, dtype=bool)
     live[[1, 9]] = False
-    passes = []
-    real_pass = repair._repair_pass
-    monkeypatch.setattr(repair, "_repair_pass", lambda *a, **k: passes.append((a[8], a[0].shape[0])) or real_pass(*a, **k))
+    passes = record_passes(monkeypatch)
     both = rebalance(w, 16, 10, live_ranks=live, current=p)
-    assert passes == [(False, 40), (False, 40)]
+    assert [(q[0], q[2]) for q in passes] == [(False, 40), (False, 40)]
+    assert passes[1][1] == 2 * passes[0][1]
     narrow = rebalance(w, 16, 10, live_ranks=live, current=p, search="narrow")
     assert movement(p, both) <= movement(p, narrow)
 

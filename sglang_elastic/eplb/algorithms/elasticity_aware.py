@@ -25,8 +25,8 @@ from .registry import register_algorithm
 from . import repair, repair_jit
 from .repair import from_current
 
-__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES", "DEFAULT_SEARCH", "BALANCE_REFERENCES",
-           "DEFAULT_BALANCE_REFERENCE"]
+__all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHES", "DEFAULT_SEARCH",
+           "BALANCE_REFERENCES", "DEFAULT_BALANCE_REFERENCE"]
 
 # Defaults of min_balance: (after a failure or scale event, periodic rebalance with the same live set).
 DEFAULT_MIN_BALANCE = (0.99, 1.0)

@@ -31,12 +31,13 @@ _EXTRA = 12
 # time on the speed cell, where no layer's swaps fetch more than 24, for 3 % fewer transfers).
 _RETRY = 24
 # search="both" on a whole problem of at most this many live slots (L x n x S; a pass takes ~0.2 ms
-# there), or on at most _LIGHT + _EXTRA + 1 live ranks (the narrow search may ask every other rank):
+# there), or on at most _FEW_RANKS live ranks (the narrow search may ask every other rank):
 # every layer is searched again, narrow, with counts from a replica bound twice as loose (fewer count
 # trades): on the 10x7 toy with a hot expert 30 -> 28 transfers, the cell's target; small odd shapes
 # -2.7 %; Qwen3 EP16x10 (14-15 live ranks) -3 to -6 % for ~2x its time. Wide again instead: -0.5 % on
 # the small shapes, the toy at 30.
 _SMALL = 4096
+_FEW_RANKS = _LIGHT + _EXTRA + 1
 _SMALL_CANDIDATES = ((False, 2.0),)  # (wide search, replica bound factor)
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
@@ -278,7 +279,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     got = maxes[-1].copy()
     if search != "both":
         retry, candidates = np.zeros(0, np.int64), ()
-    elif L * n * S <= _SMALL or n <= _LIGHT + _EXTRA + 1:  # cheap, or narrow sees every rank anyway
+    elif L * n * S <= _SMALL or n <= _FEW_RANKS:  # cheap, or narrow may ask every rank anyway
         retry, candidates = np.arange(L), _SMALL_CANDIDATES
     else:
         grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
