@@ -555,6 +555,25 @@ def test_few_ranks_try_looser_counts_too(monkeypatch):
     assert movement(p, both) <= movement(p, narrow)
 
 
+def test_layers_without_load_signal_are_not_searched_again(monkeypatch):
+    # Two of four toy layers have no signal (all-equal and all-zero load): the small problem's second
+    # search runs on the other two only, and the two without signal move nothing but the orphans.
+    w = synthetic_load("hot", 4, 48, seed=0)
+    w[1] = 1.0
+    w[3] = 0.0
+    p = rebalance(synthetic_load("hot", 4, 48, seed=1), 10, 7)
+    live = np.ones(10, dtype=bool)
+    live[1] = False
+    passes = record_passes(monkeypatch)
+    out = rebalance(w, 10, 7, live_ranks=live, current=p)
+    assert [(q[0], q[2]) for q in passes] == [(False, 4), (False, 2)]
+    before, after = p.by_rank().numpy(), out.by_rank().numpy()
+    lost = orphans(p, live).numpy().sum(1)
+    for layer in (1, 3):
+        fetched = sum(int(np.isin(after[layer, r], before[layer, r], invert=True).sum()) for r in np.flatnonzero(live))
+        assert fetched == lost[layer] > 0
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**16), st.floats(0.0, 1.0))
 def test_choose_stops_property(L, K, seed, slack):

@@ -280,7 +280,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     if search != "both":
         retry, candidates = np.zeros(0, np.int64), ()
     elif L * n * S <= _SMALL or n <= _FEW_RANKS:  # cheap, or narrow may ask every rank anyway
-        retry, candidates = np.arange(L), _SMALL_CANDIDATES
+        # Not a layer without load signal (no target): it keeps its repair, whatever the counts.
+        retry, candidates = np.flatnonzero(np.isfinite(target)), _SMALL_CANDIDATES
     else:
         grown = first.fetched[-1] - first.fetched[0]  # experts the swaps fetched (every layer's last point)
         retry, candidates = np.flatnonzero(grown > _RETRY), ((True, 1.0),)
