@@ -127,7 +127,11 @@ class MooncakeTransport(OneSidedTransport):
         self._ep.connect(rank, meta["session"], meta["inc"])
 
     def _backend_peer_removed(self, rank: int) -> None:
-        self._ep.disconnect(rank)
+        meta = self._peer_meta.get(rank) or {}
+        # A host tensor of the peer: the flush reads 8 bytes of it (no device memory over TCP).
+        some = [t["addr"] for t in meta.get("tensors", {}).values()
+                if t.get("device") == "cpu" and t["rows"] * t["row_bytes"] >= 8]
+        self._ep.disconnect(rank, flush_from=some[0] if some else None)
 
     # ---------------------------------------------------------------- protocol hooks
     def _sync(self, eid: str, plan: Plan) -> Sync:

@@ -21,7 +21,9 @@ still touch its buffers.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import queue
 import threading
 import time
@@ -108,6 +110,74 @@ class _Prober:
         self.q.put(None)
 
 
+def _open_fds() -> Optional[int]:
+    """Open file descriptors of this process (``None`` where /proc is not there)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+class _Janitor:
+    """Closes the engine's idle connections to departed peers, on a background thread.
+
+    Mooncake 0.3.13's TCP transport keeps a small pool of connections per peer and notices that the
+    peer closed one only when a transfer on it fails (upstream: kvcache-ai/Mooncake#4234, open): a
+    survivor kept ~4 sockets in CLOSE_WAIT per dead peer, forever. Each small read from the gone
+    peer fails on one of them and the engine closes it; the reads stop once one no longer frees a
+    descriptor, succeeds (the peer is alive: nothing is stale) or does not end within ``WAIT_S``
+    (a frozen peer: the read stays posted, into the scratch bytes only).
+    """
+
+    READ_BYTES = 8
+    MAX_READS = 16
+    WAIT_S = 3.0  # a dead peer's last read fails in ~1 s (the engine's reconnect attempt)
+
+    def __init__(self, te, scratch: int) -> None:
+        self.te, self.scratch = te, scratch
+        self.q: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
+        self.thread: Optional[threading.Thread] = None
+        self.stopped = False
+
+    def flush(self, session: str, addr: int) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="sgle-mooncake-janitor", daemon=True)
+            self.thread.start()
+        self.q.put((session, addr))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self._flush(*item)
+            except Exception as exc:  # noqa: BLE001 - best effort: a failed flush leaves what upstream leaves
+                log.debug("mooncake flush of %s failed: %s", item[0], exc)
+
+    def _flush(self, session: str, addr: int) -> None:
+        for _ in range(self.MAX_READS):
+            if self.stopped:  # the endpoint closed: its engine is being torn down
+                return
+            before = _open_fds()
+            bid = self.te.batch_transfer_async_read(session, [self.scratch], [addr], [self.READ_BYTES])
+            if bid in _BAD_BID:
+                return
+            end = time.monotonic() + self.WAIT_S
+            st = self.te.transfer_check_status(bid)
+            while st == 0 and time.monotonic() < end:
+                time.sleep(0.002)
+                st = self.te.transfer_check_status(bid)
+            after = _open_fds()
+            if st != -1 or before is None or after is None or after >= before:
+                return
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.thread is not None:
+            self.q.put(None)
+
+
 class MooncakeEndpoint:
     """This rank's TransferEngine; see the module docstring.
 
@@ -135,6 +205,9 @@ class MooncakeEndpoint:
         self._sessions: Dict[int, str] = {}  # rank -> session
         self._contacted: set = set()
         self._prober = _Prober(self.te)
+        self._scratch = ctypes.create_string_buffer(_Janitor.READ_BYTES)  # lives as long as the endpoint
+        self.register(ctypes.addressof(self._scratch), _Janitor.READ_BYTES)
+        self._janitor = _Janitor(self.te, ctypes.addressof(self._scratch))
 
     # ---------------------------------------------------------------- memory
     def register(self, addr: int, nbytes: int) -> None:
@@ -162,9 +235,13 @@ class MooncakeEndpoint:
         self._sessions[int(rank)] = session
         self.watch.connected(rank, incarnation)
 
-    def disconnect(self, rank: int) -> None:
-        """Forget ``rank`` (the engine has no API to close a session)."""
-        self._sessions.pop(int(rank), None)
+    def disconnect(self, rank: int, flush_from: Optional[int] = None) -> None:
+        """Forget ``rank`` (the engine has no API to close a session). With ``flush_from`` (an
+        address of at least 8 bytes the peer registered) and a session this endpoint used, the
+        engine's idle connections to a departed peer are closed in the background (:class:`_Janitor`)."""
+        session = self._sessions.pop(int(rank), None)
+        if session is not None and flush_from is not None and session in self._contacted:
+            self._janitor.flush(session, int(flush_from))
 
     def session_of(self, rank: int) -> Optional[str]:
         return self._sessions.get(int(rank))
@@ -268,6 +345,7 @@ class MooncakeEndpoint:
         if self.te is None:
             return
         self._prober.stop()
+        self._janitor.stop()
         for addr, _ in list(self._regions):
             try:
                 self.te.unregister_memory(addr)

@@ -42,7 +42,8 @@ class MooncakeHostExchange(OneSidedExchange):
         self._ep.connect(peer, meta["session"], meta["inc"])
 
     def _b_disconnect(self, peer) -> None:
-        self._ep.disconnect(peer)
+        meta = self._peer_meta.get(peer)
+        self._ep.disconnect(peer, flush_from=None if meta is None else meta["base"] + meta["nbytes"] - ALIGN)
 
     def _b_peers_set(self, peers, deadline) -> None:
         local = self.base + self.scratch_off
