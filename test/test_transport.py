@@ -296,6 +296,33 @@ def test_missing_library_names_the_package(monkeypatch, kind, module, package):
         make_transport(kind, 0, None)
 
 
+def test_a_nixl_agent_that_cannot_be_loaded_is_a_peer_failure():
+    """NIXL refusing a peer's metadata (NIXL_ERR_BACKEND when its UCX worker is gone, here a torn
+    blob) is a PeerFailure naming that peer, which the callers' failure paths handle; it used to
+    escape set_peers and crash the rank (6-rank nixl soak, seed 103)."""
+    _require("nixl")
+    import subprocess
+
+    code = (
+        "import os\n"
+        "from sglang_elastic.transport.nixl_endpoint import NixlEndpoint\n"
+        "from sglang_elastic.transport.base import PeerFailure\n"
+        "a, b = NixlEndpoint('t', 0, 1), NixlEndpoint('t', 1, 1)\n"
+        "blob = b.metadata()['agent']\n"
+        "try:\n"
+        "    a.connect(1, {'agent': blob[:len(blob) // 2], 'agent_name': 't-r1'}, 1)\n"
+        "except PeerFailure as exc:\n"
+        "    print('PeerFailure', exc.rank, exc, flush=True)\n"
+        "a.connect(1, b.metadata(), 1)\n"  # the whole blob still loads afterwards
+        "print('connected', a.peers, flush=True)\n"
+        "os._exit(0)\n"  # NIXL's agent crashes at interpreter exit
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("PeerFailure", "connected"))]
+    assert lines[0].startswith("PeerFailure 1 ") and "could not load rank 1's agent 't-r1'" in lines[0], p.stdout + p.stderr
+    assert lines[1] == "connected (1,)", p.stdout + p.stderr
+
+
 def test_peer_failure_survives_pickling():
     import pickle
 

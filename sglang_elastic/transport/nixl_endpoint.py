@@ -24,6 +24,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .base import PeerFailure
 from .liveness import Liveness
 from .watch import PROBE_EVERY_S, PeerUnreachable, PeerWatch
 
@@ -131,8 +132,13 @@ class NixlEndpoint:
 
     # ---------------------------------------------------------------- peers
     def connect(self, rank: int, meta: dict, incarnation: Optional[int] = None) -> None:
-        """Load ``rank``'s agent from its :meth:`metadata` (again: reloads its registrations)."""
-        name = self.agent.add_remote_agent(meta["agent"])
+        """Load ``rank``'s agent from its :meth:`metadata` (again: reloads its registrations).
+        Raises :class:`~.base.PeerFailure` naming ``rank`` when NIXL cannot load it (e.g. its UCX
+        worker is gone since it published): the caller's failure path decides, as for any peer."""
+        try:
+            name = self.agent.add_remote_agent(meta["agent"])
+        except Exception as exc:  # noqa: BLE001 - NIXL_ERR_BACKEND and kin: this peer cannot be reached
+            raise PeerFailure(rank, f"NIXL could not load rank {rank}'s agent {meta.get('agent_name')!r}: {exc}") from exc
         self._peers[int(rank)] = name.decode() if isinstance(name, bytes) else str(name)
         self.watch.connected(rank, incarnation)
 
