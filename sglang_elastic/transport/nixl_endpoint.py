@@ -99,6 +99,7 @@ class NixlEndpoint:
         self.agent = make_agent(self.name, backends, num_threads, progress_thread)
         self._regions: Dict[Tuple[int, int, str, int], list] = {}  # region -> [reg descs, refcount]
         self._peers: Dict[int, str] = {}  # rank -> agent name
+        self._metas: Dict[int, Tuple[dict, Optional[int]]] = {}  # rank -> (metadata, incarnation) loaded
 
     # ---------------------------------------------------------------- memory
     def metadata(self) -> dict:
@@ -140,11 +141,13 @@ class NixlEndpoint:
         except Exception as exc:  # noqa: BLE001 - NIXL_ERR_BACKEND and kin: this peer cannot be reached
             raise PeerFailure(rank, f"NIXL could not load rank {rank}'s agent {meta.get('agent_name')!r}: {exc}") from exc
         self._peers[int(rank)] = name.decode() if isinstance(name, bytes) else str(name)
+        self._metas[int(rank)] = (meta, incarnation)
         self.watch.connected(rank, incarnation)
 
     def disconnect(self, rank: int) -> None:
         """Forget ``rank``'s agent (best effort)."""
         name = self._peers.pop(int(rank), None)
+        self._metas.pop(int(rank), None)
         if name is not None:
             try:
                 self.agent.remove_remote_agent(name)
@@ -166,7 +169,18 @@ class NixlEndpoint:
         (state "DONE", "PROC" or "ERR"); :meth:`state` polls the handle, :meth:`release` frees it."""
         ldescs = self.agent.get_xfer_descs(list(local), local_mem)
         rdescs = self.agent.get_xfer_descs(list(remote), remote_mem)
-        handle = self.agent.initialize_xfer(op, ldescs, rdescs, self._peers[int(rank)], notif)
+        try:
+            handle = self.agent.initialize_xfer(op, ldescs, rdescs, self._peers[int(rank)], notif)
+        except Exception as exc:  # noqa: BLE001 - NIXL_ERR_NOT_FOUND: see below; anything else again after a reload
+            # Creating a transfer is local: NIXL refusing one for descriptors that the peer's current
+            # metadata covers means this agent's copy of the peer went bad (seen in a 6-rank soak after
+            # peers died: every retry failed the same way while the peer served everyone else, until
+            # the updater gave up). Forget the peer's agent and load it again, once.
+            log.warning("%s: NIXL refused a %s to rank %d (%s); loading its agent again", self.name, op, rank, exc)
+            meta, inc = self._metas[int(rank)]
+            self.disconnect(rank)
+            self.connect(rank, meta, inc)
+            handle = self.agent.initialize_xfer(op, ldescs, rdescs, self._peers[int(rank)], notif)
         return handle, self.agent.transfer(handle)
 
     def state(self, handle) -> str:
