@@ -515,6 +515,59 @@ def test_a_collective_retried_after_a_death_runs_over_the_survivors():
     assert counted == [("collective_replans", 1, "recoveries")]
 
 
+def test_a_collective_that_keeps_failing_on_a_live_peer_says_so():
+    """A peer this rank cannot reach although membership sees it heartbeat (a 6-rank nixl soak: the
+    rank's NIXL copy of the peer went bad): every retry blames it, membership withdraws the suspicion,
+    and after MAX_RECOVERIES the rank stops with a message naming that peer and saying it stayed live,
+    not "8 peers died"."""
+    from types import SimpleNamespace
+
+    from sglang_elastic.membership.view import MembershipTimeout, MembershipView
+    from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, UpdaterSide, live_mask
+    from sglang_elastic.transport.base import PeerFailure
+    from sglang_elastic.transport.liveness import Liveness
+
+    R = 5
+    view = MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
+
+    class Updater:
+        target = None
+        backup_layout = None
+
+        def __init__(self):
+            self.live = live_mask([0, 1, 3, 4], R)
+            self.calls = 0
+
+        def set_live(self, mask, generation=None):
+            if generation is not None and mask[4]:  # the plan's adoption needs rank 4's weights
+                self.calls += 1
+                raise PeerFailure(4, "NIXL refused a READ from rank 4")
+            self.live = np.asarray(mask, dtype=bool)
+
+    class Member:
+        def report_dead(self, rank, reason=""):
+            pass
+
+        def wait_for_epoch(self, pred, timeout):
+            raise MembershipTimeout("rank 4 keeps heartbeating")
+
+        def current(self):
+            return view
+
+    side = UpdaterSide()
+    side.rank, side.R = 0, R
+    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.0))
+    side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
+    side.updater, side.update_load, side._trusted_layout = Updater(), None, None
+    side._count = lambda mode, n=1, kind="degraded": None
+    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": None)
+    with pytest.raises(RuntimeError) as info:
+        side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
+    assert side.updater.calls == MAX_RECOVERIES
+    msg = str(info.value)
+    assert f"failed {MAX_RECOVERIES} times in a row blaming rank(s) [4]; membership kept [4] live" in msg, msg
+
+
 def test_a_failure_of_a_rank_s_own_is_voted_and_every_rank_retries_together():
     """A copy list one rank refuses on its own (it read a peer's metadata before that peer
     registered this update's buffers: ValueError) must reach the others through the vote: they

@@ -184,13 +184,20 @@ class UpdaterSide:
         backups) and run it again over the survivors, never over the peer that died (a retry over
         the same set fails the same way until the recoveries run out). Returns the live set it ran
         over."""
+        blamed: List[int] = []
         for _ in range(MAX_RECOVERIES):
             try:
                 fn(live)
                 return live
             except PeerFailure as exc:
+                blamed.append(exc.rank)
                 self._recover(exc, "collective_replans")
                 live = [r for r in live if bool(self.updater.live[r])]
+        kept = sorted(set(blamed) & set(live))
+        if kept:  # not deaths: a peer this rank cannot reach although membership sees it heartbeat
+            raise RuntimeError(f"rank {self.rank}: an updater collective failed {MAX_RECOVERIES} times in a row "
+                               f"blaming rank(s) {sorted(set(blamed))}; membership kept {kept} live each time "
+                               "(this rank cannot reach a peer that heartbeats)")
         raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
 
     def _recover(self, exc: PeerFailure, what: str) -> None:
