@@ -464,33 +464,53 @@ def test_a_suspicion_membership_does_not_confirm_is_withdrawn_after_a_bounded_wa
     assert counted == [("suspicion_withdrawn", 1, "recoveries")]
 
 
+class _AdoptingUpdater:
+    """An updater whose ``set_live`` fails (PeerFailure naming rank 4) while rank 4 is in the mask and
+    ``fails(generation)`` says so; records each call's live ranks and generation."""
+
+    target = None
+    backup_layout = None
+
+    def __init__(self, R, fails):
+        from sglang_elastic.rehearsal.rank_update import live_mask
+
+        self.live, self.fails, self.calls = live_mask([0, 1, 3, 4], R), fails, []
+
+    def set_live(self, mask, generation=None):
+        from sglang_elastic.transport.base import PeerFailure
+
+        self.calls.append((np.flatnonzero(mask).tolist(), generation))
+        if mask[4] and self.fails(generation):
+            raise PeerFailure(4, "rank 4 failed under the collective")
+        self.live = np.asarray(mask, dtype=bool)
+
+
+def _updater_side(R, updater, member, counted):
+    """rehearsal's UpdaterSide of rank 0 around a fake updater and membership client."""
+    from types import SimpleNamespace
+
+    from sglang_elastic.rehearsal.rank_update import UpdaterSide
+    from sglang_elastic.transport.liveness import Liveness
+
+    side = UpdaterSide()
+    side.rank, side.R = 0, R
+    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.0))
+    side.member, side.liveness, side.reported_dead = member, Liveness(), set()
+    side.updater, side.update_load, side._trusted_layout = updater, None, None
+    side._count = lambda mode, n=1, kind="degraded": counted.append((mode, n, kind))
+    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": None)
+    return side
+
+
 def test_a_collective_retried_after_a_death_runs_over_the_survivors():
     """Adopting a step plan's live set (a collective) while a rank of that set has died since the
     plan: the retry after the recovery runs over the agreed survivors, never over the plan's set again
     (CI soak: rank 4 died after the plan listed it; every retry named it again until 8 recoveries
     ran out and the rank crashed)."""
-    from types import SimpleNamespace
-
     from sglang_elastic.membership.view import MembershipView
-    from sglang_elastic.rehearsal.rank_update import UpdaterSide, live_mask
-    from sglang_elastic.transport.base import PeerFailure
-    from sglang_elastic.transport.liveness import Liveness
+    from sglang_elastic.rehearsal.rank_update import live_mask
 
     R = 5
-
-    class Updater:
-        target = None
-        backup_layout = None
-
-        def __init__(self):
-            self.live = live_mask([0, 1, 3, 4], R)
-            self.calls = []
-
-        def set_live(self, mask, generation=None):
-            self.calls.append((np.flatnonzero(mask).tolist(), generation))
-            if mask[4]:
-                raise PeerFailure(4, "rank 4 is gone")
-            self.live = np.asarray(mask, dtype=bool)
 
     class Member:
         def report_dead(self, rank, reason=""):
@@ -501,14 +521,8 @@ def test_a_collective_retried_after_a_death_runs_over_the_survivors():
             assert pred(view)
             return view
 
-    side = UpdaterSide()
-    side.rank, side.R = 0, R
-    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.25))
-    side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
-    side.updater, side.update_load, side._trusted_layout = Updater(), None, None
     counted = []
-    side._count = lambda mode, n=1, kind="degraded": counted.append((mode, n, kind))
-    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": None)
+    side = _updater_side(R, _AdoptingUpdater(R, fails=lambda generation: True), Member(), counted)
     live = side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
     assert live == [0, 1, 3]
     assert side.updater.calls == [([0, 1, 3, 4], 15), ([0, 1, 3], None), ([0, 1, 3], 15)]
@@ -520,29 +534,11 @@ def test_a_collective_that_keeps_failing_on_a_live_peer_says_so():
     rank's NIXL copy of the peer went bad): every retry blames it, membership withdraws the suspicion,
     and after MAX_RECOVERIES the rank stops with a message naming that peer and saying it stayed live,
     not "8 peers died"."""
-    from types import SimpleNamespace
-
     from sglang_elastic.membership.view import MembershipTimeout, MembershipView
-    from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, UpdaterSide, live_mask
-    from sglang_elastic.transport.base import PeerFailure
-    from sglang_elastic.transport.liveness import Liveness
+    from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, live_mask
 
     R = 5
     view = MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
-
-    class Updater:
-        target = None
-        backup_layout = None
-
-        def __init__(self):
-            self.live = live_mask([0, 1, 3, 4], R)
-            self.calls = 0
-
-        def set_live(self, mask, generation=None):
-            if generation is not None and mask[4]:  # the plan's adoption needs rank 4's weights
-                self.calls += 1
-                raise PeerFailure(4, "NIXL refused a READ from rank 4")
-            self.live = np.asarray(mask, dtype=bool)
 
     class Member:
         def report_dead(self, rank, reason=""):
@@ -554,16 +550,12 @@ def test_a_collective_that_keeps_failing_on_a_live_peer_says_so():
         def current(self):
             return view
 
-    side = UpdaterSide()
-    side.rank, side.R = 0, R
-    side.cfg = SimpleNamespace(cluster=SimpleNamespace(heartbeat_timeout_s=0.0))
-    side.member, side.liveness, side.reported_dead = Member(), Liveness(), set()
-    side.updater, side.update_load, side._trusted_layout = Updater(), None, None
-    side._count = lambda mode, n=1, kind="degraded": None
-    side.state = SimpleNamespace(is_alive=lambda r: True, mark_failed=lambda ranks, reason="": None)
+    # The plan's adoption (with a generation) needs rank 4's weights; adopting a live set does not.
+    updater = _AdoptingUpdater(R, fails=lambda generation: generation is not None)
+    side = _updater_side(R, updater, Member(), [])
     with pytest.raises(RuntimeError) as info:
         side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
-    assert side.updater.calls == MAX_RECOVERIES
+    assert [c for c in updater.calls if c[1] is not None] == [([0, 1, 3, 4], 15)] * MAX_RECOVERIES
     msg = str(info.value)
     assert f"failed {MAX_RECOVERIES} times in a row blaming rank(s) [4]; membership kept [4] live" in msg, msg
 

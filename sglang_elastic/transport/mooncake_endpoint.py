@@ -71,6 +71,15 @@ class MooncakeOp:
         self.thread: Optional[threading.Thread] = None
 
 
+def _serve(q: "queue.Queue", handle) -> None:
+    """A background thread's loop: ``handle`` each item of ``q`` until ``None`` arrives."""
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        handle(item)
+
+
 class _Prober:
     """Background liveness probes (``send_probe`` blocks on a frozen peer, so never on the caller)."""
 
@@ -80,21 +89,18 @@ class _Prober:
         self.pending = set()
         self.result: Dict[str, Tuple[float, bool]] = {}
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="sgle-mooncake-prober", daemon=True)
+        self.thread = threading.Thread(target=_serve, args=(self.q, self._probe), name="sgle-mooncake-prober",
+                                       daemon=True)
         self.thread.start()
 
-    def _loop(self) -> None:
-        while True:
-            s = self.q.get()
-            if s is None:
-                return
-            try:
-                ok = self.te.send_probe(s) == 0
-            except Exception:  # noqa: BLE001 - any failure to reach the session is the answer "gone"
-                ok = False
-            with self.lock:
-                self.pending.discard(s)
-                self.result[s] = (time.monotonic(), ok)
+    def _probe(self, s: str) -> None:
+        try:
+            ok = self.te.send_probe(s) == 0
+        except Exception:  # noqa: BLE001 - any failure to reach the session is the answer "gone"
+            ok = False
+        with self.lock:
+            self.pending.discard(s)
+            self.result[s] = (time.monotonic(), ok)
 
     def ask(self, session: str, since: float) -> Optional[bool]:
         with self.lock:
@@ -141,19 +147,16 @@ class _Janitor:
 
     def flush(self, session: str, addr: int) -> None:
         if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="sgle-mooncake-janitor", daemon=True)
+            self.thread = threading.Thread(target=_serve, args=(self.q, self._one), name="sgle-mooncake-janitor",
+                                           daemon=True)
             self.thread.start()
         self.q.put((session, addr))
 
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            try:
-                self._flush(*item)
-            except Exception as exc:  # noqa: BLE001 - best effort: a failed flush leaves what upstream leaves
-                log.debug("mooncake flush of %s failed: %s", item[0], exc)
+    def _one(self, item: Tuple[str, int]) -> None:
+        try:
+            self._flush(*item)
+        except Exception as exc:  # noqa: BLE001 - best effort: a failed flush leaves what upstream leaves
+            log.debug("mooncake flush of %s failed: %s", item[0], exc)
 
     def _flush(self, session: str, addr: int) -> None:
         for _ in range(self.MAX_READS):
