@@ -41,13 +41,18 @@ class MooncakeHostExchange(OneSidedExchange):
     def _b_connect(self, peer, meta) -> None:
         self._ep.connect(peer, meta["session"], meta["inc"])
 
+    @staticmethod
+    def _scratch_of(meta: dict) -> int:
+        """Address of a peer's scratch bytes (its buffer's last ALIGN bytes: first contact, flushes)."""
+        return meta["base"] + meta["nbytes"] - ALIGN
+
     def _b_disconnect(self, peer) -> None:
         meta = self._peer_meta.get(peer)
-        self._ep.disconnect(peer, flush_from=None if meta is None else meta["base"] + meta["nbytes"] - ALIGN)
+        self._ep.disconnect(peer, flush_from=None if meta is None else self._scratch_of(meta))
 
     def _b_peers_set(self, peers, deadline) -> None:
         local = self.base + self.scratch_off
-        hello = [(p, (local, self._peer_meta[p]["base"] + self._peer_meta[p]["nbytes"] - ALIGN, 8)) for p in peers]
+        hello = [(p, (local, self._scratch_of(self._peer_meta[p]), 8)) for p in peers]
         self._ep.contact(hello, deadline)
 
     def _b_write(self, op, peer, phase, k, local, remote, length, rows_len) -> None:
