@@ -617,4 +617,66 @@ def test_a_failure_of_a_rank_s_own_is_voted_and_every_rank_retries_together():
     assert out == {0: "ok", 1: "ok"}, out
     assert [f.calls for f in fakes] == [2, 2], "both ranks ran the copies again, together"
     assert [f.rebuilds for f in fakes] == [1, 1], "on connections renewed by both"
-    assert store.get("own/0/1/1") == b"1", "the refusing rank's vote names itself"
+    assert store.get("own/0/1/1").decode().startswith("1 over "), "the refusing rank's vote names itself"
+
+
+def test_voters_over_different_live_sets_recover_together():
+    """A rank that agreed with membership on a death its peers have not learnt yet (a joiner whose
+    connect found rank 3 dead: it builds its updater over the survivors, the others over the plan's
+    set) votes on the same collective as they do. Its vote must fail with theirs, naming rank 3, so
+    that every rank recovers together; it used to see "not ok, nobody dead", retry alone and give
+    up its backups while the others waited for it in their recovery (6-rank nixl soak, seed 202:
+    a 120 s stall). The vote's own timeout is far beyond the test's limit."""
+    import threading
+
+    import torch.distributed as dist
+
+    from sglang_elastic.location.updater import ExpertLocationUpdater
+    from sglang_elastic.membership import StoreVote
+    from sglang_elastic.transport import Liveness
+    from sglang_elastic.transport.base import Copy, PeerFailure
+
+    class Fake:
+        def __init__(self, rank):
+            self.rank, self.calls = rank, 0
+
+        def register(self, *a):
+            pass
+
+        def set_peers(self, ranks, rebuild=False):
+            pass
+
+        def execute(self, copies, timeout_s):
+            self.calls += 1
+
+    store = dist.HashStore()
+    _, p0, _ = placements(seed=1)
+    views = {0: [True, True, True, False], 1: [True] * 4}   # rank 0 already agreed that 3 is gone
+    liveness = {0: Liveness(), 1: Liveness()}
+    liveness[0].mark_dead(3, "membership")
+    fakes = {r: Fake(r) for r in views}
+    ups = {r: ExpertLocationUpdater(r, fakes[r], {"w": weights_for(p0, r)}, p0, live_ranks=views[r], backup=False,
+                                    vote=StoreVote(store, r, 600.0, prefix="views"), liveness=liveness[r])
+           for r in views}
+    copies = {0: [Copy(0, 1, "w", 0, "w", 1)], 1: [Copy(0, 1, "w", 0, "w", 1), Copy(3, 1, "w", 0, "w", 2)]}
+    store.set("views/0/1/2", "ok over 0,1,2,3")   # rank 2 ran the plan's set too; rank 3 never votes
+    out = {}
+
+    def run(r):
+        try:
+            ups[r]._execute(copies[r])
+            out[r] = "ok"
+        except PeerFailure as exc:
+            out[r] = exc.ranks
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out[r] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in views]
+    threads[0].start()
+    time.sleep(0.2)   # rank 0 is waiting for rank 1's post, as the joiner was
+    liveness[1].mark_dead(3, "killed")  # rank 1 learns the death when its copies from rank 3 fail
+    threads[1].start()
+    for t in threads:
+        t.join(60)
+    assert out == {0: [3], 1: [3]}, out
+    assert fakes[0].calls == 1, "rank 0 did not retry alone"

@@ -23,6 +23,13 @@ __all__ = ["StoreVote"]
 _POLL_MIN_S = 0.0005  # first polls are tight: posts of healthy ranks land within a millisecond or two
 _POLL_MAX_S = 0.01    # then back off, so several ranks polling one store cost little
 _DEAD = "dead:"       # prefix of a verdict written in place of a voter's post
+_VIEW = " over "      # a post is "<ok | suspected ranks> over <the live ranks it voted over>"
+
+
+def _parse(post: str) -> Tuple[str, Optional[set]]:
+    """``(outcome, live set the voter ran over)`` of a post (``None``: a post without one)."""
+    outcome, sep, view = post.partition(_VIEW)
+    return outcome, ({int(r) for r in view.split(",") if r} if sep else None)
 
 
 def _sleep(liveness: Liveness, delay: float, version: int) -> None:
@@ -40,7 +47,9 @@ class StoreVote:
     peer makes timeouts cascade, so suspicions are not proof) or the verdict is, and every rank
     reads the same value. So all ranks reach the same outcome: commit only when every live rank
     posted ``ok``. Without this, a rank that never talked to the dead peer would commit a chunk its
-    neighbours abandon.
+    neighbours abandon. A post also names the live set its voter ran over: voters whose sets differ
+    (one has agreed with membership on a death the others have not learnt yet) all get the ranks
+    not in every set as dead, so they recover together.
 
     Args:
         store: the store (``compare_set``, ``check``, ``get``, ``multi_get``).
@@ -65,7 +74,7 @@ class StoreVote:
         """
         lv = self.liveness if self.liveness is not None else self._private
         key = f"{self.prefix}/{seq}"
-        mine = ",".join(map(str, failed)) if failed else "ok"
+        mine = (",".join(map(str, failed)) if failed else "ok") + _VIEW + ",".join(str(int(r)) for r in sorted(live))
         posts = {}
         got = self.store.compare_set(f"{key}/{self.rank}", "", mine).decode()
         if got.startswith(_DEAD):  # the others already gave up on this rank: abandon with them
@@ -108,8 +117,19 @@ class StoreVote:
             _sleep(lv, min(delay, max(0.0, deadline - time.monotonic())), version)
             delay = min(delay * 2, _POLL_MAX_S)
         dead = sorted(r for r, v in posts.items() if v.startswith(_DEAD))
-        all_ok = all(v == "ok" for v in posts.values())
-        return dead, all_ok and not dead
+        if dead:
+            return dead, False
+        outcomes, views = zip(*(_parse(v) for v in posts.values()))
+        views = [v for v in views if v is not None]
+        differ = set().union(*views) - set.intersection(*views) if views else set()
+        if differ:
+            # The voters ran this collective over different live sets: some already agreed with
+            # membership that these ranks are gone (e.g. a joiner whose connect found one dead),
+            # the others have not yet learnt it. To both sides they are the failure: every voter
+            # recovers through membership together, instead of some retrying a collective the
+            # others have left (a 6-rank nixl soak stalled that way).
+            return sorted(differ), False
+        return [], all(o == "ok" for o in outcomes)
 
     def agree(self, seq: str, live: List[int], failed: List[int]) -> bool:
         """Like calling the vote, but a dead voter raises :class:`PeerFailure` naming it (all the
