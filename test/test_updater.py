@@ -560,6 +560,48 @@ def test_a_collective_that_keeps_failing_on_a_live_peer_says_so():
     assert f"failed {MAX_RECOVERIES} times in a row blaming rank(s) [4]; membership kept [4] live" in msg, msg
 
 
+def test_an_adoption_that_keeps_failing_is_retried_flat_and_bounded():
+    """Adopting the survivors after a failure can fail again (a peer membership keeps live that this
+    rank cannot reach). Each such failure used to start a nested recovery (collective -> recover ->
+    collective ...: 7 levels deep in a 6-rank nixl soak, up to MAX_RECOVERIES attempts at each
+    level); now the adoption is retried in one loop: MAX_RECOVERIES attempts in all, then an error
+    naming the peer that stayed live."""
+    import traceback as tb
+
+    from sglang_elastic.membership.view import MembershipTimeout, MembershipView
+    from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, live_mask
+
+    R = 5
+    view = MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
+
+    class Member:
+        def report_dead(self, rank, reason=""):
+            pass
+
+        def wait_for_epoch(self, pred, timeout):
+            raise MembershipTimeout("rank 4 keeps heartbeating")
+
+        def current(self):
+            return view
+
+    depth = []
+
+    class Deep(_AdoptingUpdater):
+        def set_live(self, mask, generation=None):
+            depth.append(len(tb.extract_stack()))
+            super().set_live(mask, generation)
+
+    updater = Deep(R, fails=lambda generation: True)
+    counted = []
+    side = _updater_side(R, updater, Member(), counted)
+    with pytest.raises(RuntimeError) as info:
+        side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
+    assert len(updater.calls) == 1 + MAX_RECOVERIES, "the plan's adoption, then MAX_RECOVERIES of the survivors"
+    assert max(depth) - min(depth) <= 3, f"nested recoveries: stack depths {depth}"
+    assert counted.count(("collective_replans", 1, "recoveries")) == MAX_RECOVERIES
+    assert "membership kept [4] live" in str(info.value), str(info.value)
+
+
 def test_a_failure_of_a_rank_s_own_is_voted_and_every_rank_retries_together():
     """A copy list one rank refuses on its own (it read a peer's metadata before that peer
     registered this update's buffers: ValueError) must reach the others through the vote: they

@@ -118,8 +118,7 @@ class UpdaterSide:
                 dead = sorted(set(exc.ranks))
                 log.warning("rank %d: backup fill: %s", self.rank, exc)
             self._count("fill_replans", kind="recoveries")
-            live = self._agreed_live_without(dead)
-            self._collective(lambda lv: self.updater.set_live(live_mask(lv, self.R)), live)
+            self._adopt_survivors(dead)
         raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died during one backup fill")
 
     def _forget_unfillable_backups(self) -> None:
@@ -193,22 +192,44 @@ class UpdaterSide:
                 blamed.append(exc.rank)
                 self._recover(exc, "collective_replans")
                 live = [r for r in live if bool(self.updater.live[r])]
+        raise self._gave_up(blamed, live)
+
+    def _gave_up(self, blamed: List[int], live: List[int]) -> RuntimeError:
+        """The error of a collective that failed :data:`MAX_RECOVERIES` times, blaming ``blamed``."""
         kept = sorted(set(blamed) & set(live))
         if kept:  # not deaths: a peer this rank cannot reach although membership sees it heartbeat
-            raise RuntimeError(f"rank {self.rank}: an updater collective failed {MAX_RECOVERIES} times in a row "
-                               f"blaming rank(s) {sorted(set(blamed))}; membership kept {kept} live each time "
-                               "(this rank cannot reach a peer that heartbeats)")
-        raise RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
+            return RuntimeError(f"rank {self.rank}: an updater collective failed {MAX_RECOVERIES} times in a row "
+                                f"blaming rank(s) {sorted(set(blamed))}; membership kept {kept} live each time "
+                                "(this rank cannot reach a peer that heartbeats)")
+        return RuntimeError(f"rank {self.rank}: {MAX_RECOVERIES} peers died under one collective")
+
+    def _adopt_survivors(self, dead: List[int]) -> List[int]:
+        """Report ``dead`` to membership, wait for the agreed live set and adopt it (``set_live``, a
+        collective that re-homes their backups). A peer dying under the adoption is agreed on and
+        the adoption runs again in this loop, not in a nested recovery: the stack and the number of
+        attempts stay bounded by :data:`MAX_RECOVERIES` however many fail. Returns the live set."""
+        blamed: List[int] = []
+        for _ in range(MAX_RECOVERIES):
+            if blamed:  # the adoption before this one failed: a recovery of its own
+                self._count("collective_replans", kind="recoveries")
+                self._distrust_unfilled_backups()
+            live = self._agreed_live_without(dead)
+            try:
+                self.updater.set_live(live_mask(live, self.R))
+                return live
+            except PeerFailure as exc:
+                blamed.append(exc.rank)
+                dead = sorted(set(exc.ranks))
+                log.warning("rank %d: collective_replans: %s", self.rank, exc)
+        raise self._gave_up(blamed, live)
 
     def _recover(self, exc: PeerFailure, what: str) -> None:
         """A peer died under an updater collective: agree on the survivors, adopt them (re-homing the
         dead one's backups) and re-plan the in-flight update over them."""
-        dead = sorted(set(exc.ranks))
         log.warning("rank %d: %s: %s", self.rank, what, exc)
         self._count(what, kind="recoveries")
         self._distrust_unfilled_backups()
-        live = self._collective(lambda lv: self.updater.set_live(live_mask(lv, self.R)),
-                                self._agreed_live_without(dead))
+        live = self._adopt_survivors(sorted(set(exc.ranks)))
         if self.updater.target is not None and self.update_load is not None:
             before = self.updater.placement
             try:
