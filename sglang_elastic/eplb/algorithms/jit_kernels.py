@@ -798,3 +798,367 @@ if AVAILABLE:
             swaps[l] = -1
             nsteps[l] = _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, aim, orig,
                                max_iters, k_narrow, k_extra, wide_search, maxes, fetched, swaps)
+
+    @njit(cache=True, nogil=True)
+    def _recount_per_load(xl, w_l, c, per, load):
+        """Counts, load per replica (``0`` for an expert without one) and rank loads of one layer."""
+        n, S = xl.shape
+        c[:] = 0
+        for r in range(n):
+            for s in range(S):
+                if xl[r, s] >= 0:
+                    c[xl[r, s]] += 1
+        for e in range(w_l.size):
+            per[e] = w_l[e] / c[e] if c[e] > 0 else 0.0
+        for r in range(n):
+            load[r] = _rank_sum(xl[r], per)
+
+    @njit(cache=True, nogil=True)
+    def _place_orphans_layer(w_l, xl, c, per, load, top1, top1r, top2):
+        """:func:`.recount.place_orphans` for one layer, in place; ``False`` where an orphan found no slot."""
+        n, S = xl.shape
+        E = w_l.size
+        _recount_per_load(xl, w_l, c, per, load)
+        norph = 0
+        for e in range(E):
+            norph += c[e] == 0
+        if norph == 0:
+            return True
+        orphans = np.empty(norph, np.int64)
+        k = 0
+        for e in range(E):
+            if c[e] == 0:
+                orphans[k] = e
+                k += 1
+        order = np.argsort(-w_l[orphans], kind="mergesort")  # stable: heaviest first, then by id
+        for t in range(norph):
+            f = orphans[order[t]]
+            if t:
+                _recount_per_load(xl, w_l, c, per, load)
+            top1[:] = -np.inf
+            top2[:] = -np.inf
+            top1r[:] = -1
+            for j in range(n * S):  # the busiest holder of each expert (first in slot order), the next
+                e = xl[j // S, j % S]
+                if e >= 0:
+                    h = load[j // S]
+                    if h > top1[e]:
+                        top2[e] = top1[e]
+                        top1[e] = h
+                        top1r[e] = j // S
+                    elif h > top2[e]:
+                        top2[e] = h
+            best, bj = np.inf, -1
+            for j in range(n * S):
+                r = j // S
+                e = xl[r, j % S]
+                if e < 0:
+                    score = load[r] - 0.0 + w_l[f]
+                elif c[e] >= 2:
+                    other = top2[e] if top1r[e] == r else top1[e]
+                    rise = w_l[e] / max(c[e] - 1, 1) - per[e]
+                    score = max(load[r] - per[e] + w_l[f], other + rise)
+                else:
+                    continue
+                if score < best:
+                    best, bj = score, j
+            if bj < 0:
+                return False
+            e = xl[bj // S, bj % S]
+            if e >= 0:
+                c[e] -= 1
+            c[f] += 1
+            xl[bj // S, bj % S] = f
+        return True
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _trade_top(xl, w_l, c, per, load, hold, by_load, first, holders, j, g, fetch, best, busiest, limit):
+        """The busiest rank after slot ``j`` changes to expert ``g`` (:func:`.recount.trade_counts`'s
+        ``new.max(1)``, the same floats): the busiest rank untouched by the trade (``by_load``: ranks
+        busiest first), and the new loads of the slot's rank and of the holders of its expert and of
+        ``g`` (``holders[first[e]:first[e + 1]]``). ``inf`` as soon as the first two show that the
+        trade cannot be picked: not under ``limit``, or its key (``fetch * 10 + top / busiest``, which
+        only grows with ``top``) not under ``best``."""
+        n, S = xl.shape
+        r = j // S
+        e = xl[r, j % S]
+        d_e = w_l[e] / max(c[e] - 1, 1) - per[e] if e >= 0 else 0.0
+        cg = w_l[g] / (c[g] + 1)
+        d_g = cg - per[g]
+        top = load[r] - (per[e] if e >= 0 else 0.0) + cg
+        for i in range(n):
+            q = by_load[i]
+            if q != r and not (e >= 0 and hold[q, e + 1]) and not hold[q, g + 1]:
+                if load[q] > top:
+                    top = load[q]
+                break
+        if not top < limit or fetch * 10.0 + top / busiest > best:
+            return np.inf
+        if e >= 0:
+            for i in range(first[e], first[e + 1]):
+                q = holders[i]
+                if q != r:
+                    v = load[q] + d_e
+                    if hold[q, g + 1]:
+                        v = v + d_g
+                    if v > top:
+                        top = v
+        for i in range(first[g], first[g + 1]):
+            q = holders[i]
+            if not (e >= 0 and hold[q, e + 1]):
+                v = load[q] + d_g
+                if v > top:
+                    top = v
+        return top
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _blocking(load, by_load, hi, hold, g, f, best, top, limit, skip_holders):
+        """Ranks other than ``hi`` that alone keep a trade of fetch ``f`` from beating ``best`` (their load
+        is at least the busiest rank the trade may leave): with ``skip_holders``, those that do not
+        hold ``g``. Returns ``(how many, the first)``, counting to 2 at most."""
+        cnt, first_q = 0, -1
+        for i in range(load.size):
+            q = by_load[i]
+            if q == hi:
+                continue
+            if load[q] < limit and not f * 10.0 + load[q] / top > best:
+                break  # ranks come busiest first: the rest are lighter
+            if skip_holders and hold[q, g + 1]:
+                continue
+            cnt += 1
+            if cnt == 1:
+                first_q = q
+            else:
+                break
+        return cnt, first_q
+
+    @njit(cache=True, nogil=True)
+    def _trade_eval(xl, w_l, c, per, load, hold, by_load, first, holders, orig_l, j, g, f, top, limit, idx, st):
+        """One candidate of fetch ``f`` (others are ignored) against the best so far ``st = [key, index,
+        slot, expert]``: taken where its key is lower, or equal with a lower index in the reference's order."""
+        S = xl.shape[1]
+        r = j // S
+        e = xl[r, j % S]
+        if e == g or hold[r, g + 1] or (e >= 0 and c[e] < 2):
+            return
+        if (0 if orig_l[r, g + 1] else 1) - (1 if e >= 0 and not orig_l[r, e + 1] else 0) != f:
+            return
+        t = _trade_top(xl, w_l, c, per, load, hold, by_load, first, holders, j, g, f, st[0], top, limit)
+        if not t < limit:
+            return
+        key = f * 10.0 + t / top
+        if key < st[0] or (key == st[0] and idx < st[1]):
+            st[0], st[1], st[2], st[3] = key, idx, j, g
+
+    @njit(cache=True, nogil=True)
+    def _free_trade(xl, w_l, c, per, load, hold, by_load, first, holders, orig_l, hi, top, limit, st):
+        """The best trade that fetches nothing (or sends an expert home), into ``st``: only candidates
+        that can be one are visited. A slot of the busiest rank whose expert it fetched may take any
+        expert; one it held before, only an expert it held before. Any slot whose expert was fetched
+        may take an expert of the busiest rank; a slot of a rank that held that expert before, too."""
+        n, S = xl.shape
+        E = w_l.size
+        for f in (-1, 0):
+            st[0], st[1], st[2] = np.inf, np.inf, -1
+            for a in range(S):
+                j = hi * S + a
+                e = xl[hi, a]
+                for g in range(E):
+                    if e == g or hold[hi, g + 1] or (e >= 0 and c[e] < 2):
+                        continue
+                    if (0 if orig_l[hi, g + 1] else 1) - (1 if e >= 0 and not orig_l[hi, e + 1] else 0) == f:
+                        _trade_eval(xl, w_l, c, per, load, hold, by_load, first, holders, orig_l, j, g, f, top,
+                                    limit, a * E + g, st)
+            k = -1
+            for a in range(S):
+                g = xl[hi, a]
+                if g < 0:
+                    continue
+                k += 1
+                for j in range(n * S):
+                    r = j // S
+                    e = xl[r, j % S]
+                    if e == g or hold[r, g + 1] or (e >= 0 and c[e] < 2):
+                        continue
+                    if (0 if orig_l[r, g + 1] else 1) - (1 if e >= 0 and not orig_l[r, e + 1] else 0) == f:
+                        _trade_eval(xl, w_l, c, per, load, hold, by_load, first, holders, orig_l, j, g, f, top,
+                                    limit, S * E + k * n * S + j, st)
+            if st[2] >= 0:
+                return
+
+    @njit(cache=True, nogil=True)
+    def _trade_counts_layer(w_l, xl, orig_l, aim, max_trades, c, per, load, hold, by_load, first, holders):
+        """:func:`.recount.trade_counts` for one layer, in place; returns the trades made.
+
+        The reference's pick is the first minimum of ``fetch * 10 + top / busiest`` with ``top /
+        busiest < 1``: a candidate that fetches less always wins. So the candidates are searched by
+        fetch (-1, 0, then 1) and the first fetch with a candidate decides. Within one, a candidate
+        is skipped where a lower bound of the busiest rank it leaves already loses to the best so
+        far: the busiest rank's own new load (experts tried lightest replica first, so the rest of a
+        slot's list is skipped at once), and every other rank at least that busy must be lowered by
+        the trade (hold the expert it gains a replica of, or give the slot). The pick is the
+        reference's (ties: the lower index in its order)."""
+        n, S = xl.shape
+        E = w_l.size
+        done = 0
+        cg_all = np.empty(E)
+        by_cg = np.empty(E, np.int64)
+        st = np.empty(4)
+        for _ in range(max_trades):
+            _recount_per_load(xl, w_l, c, per, load)
+            hi = 0
+            for r in range(1, n):
+                if load[r] > load[hi]:
+                    hi = r
+            top = load[hi]
+            if not top > aim:
+                break
+            hold[:] = False
+            for r in range(n):
+                for s in range(S):
+                    if xl[r, s] >= 0:
+                        hold[r, xl[r, s] + 1] = True
+            by_load[:] = np.argsort(-load, kind="mergesort")
+            first[0] = 0
+            for e in range(E):
+                first[e + 1] = first[e] + c[e]
+            fill = first[:E].copy()
+            for r in range(n):
+                for s in range(S):
+                    e = xl[r, s]
+                    if e >= 0:
+                        holders[fill[e]] = r
+                        fill[e] += 1
+            for g in range(E):
+                cg_all[g] = w_l[g] / (c[g] + 1)
+            by_cg[:] = np.argsort(cg_all, kind="mergesort")
+            limit = top * (1 - 1e-12)
+            _free_trade(xl, w_l, c, per, load, hold, by_load, first, holders, orig_l, hi, top, limit, st)
+            bj, bg = int(st[2]), int(st[3])
+            for f in range(1, 1 if bj >= 0 else 2):  # no free trade: one that fetches one expert
+                best, bi = np.inf, -1
+                # (a) a slot of the busiest rank, any expert g (candidate index a * E + g)
+                for a in range(S):
+                    j = hi * S + a
+                    e = xl[hi, a]
+                    if e >= 0 and c[e] < 2:
+                        continue
+                    base = load[hi] - (per[e] if e >= 0 else 0.0)
+                    cnt, q = _blocking(load, by_load, hi, hold, 0, f, best, top, limit, False)
+                    m = S if cnt > 0 else E  # a busy second rank must hold g: its experts only
+                    for i in range(m):
+                        if cnt > 0:
+                            g = xl[q, i]
+                            if g < 0:
+                                continue
+                        else:
+                            g = by_cg[i]
+                            own = base + cg_all[g]
+                            if not own < limit or f * 10.0 + own / top > best:
+                                break  # the rest of the list is heavier
+                        if e == g or hold[hi, g + 1]:
+                            continue
+                        fetch = (0 if orig_l[hi, g + 1] else 1) - (1 if e >= 0 and not orig_l[hi, e + 1] else 0)
+                        if fetch != f:
+                            continue
+                        t = _trade_top(xl, w_l, c, per, load, hold, by_load, first, holders, j, g, f, best, top,
+                                       limit)
+                        if not t < limit:
+                            continue
+                        key = f * 10.0 + t / top
+                        idx = a * E + g
+                        if key < best or (key == best and idx < bi):
+                            best, bi, bj, bg = key, idx, j, g
+                # (b) any slot, an expert g of the busiest rank (index S * E + k * n * S + slot)
+                k = -1
+                for a in range(S):
+                    g = xl[hi, a]
+                    if g < 0:
+                        continue
+                    k += 1
+                    lb = load[hi] + (cg_all[g] - per[g])  # the busiest rank keeps g less its drop
+                    if not lb < limit or f * 10.0 + lb / top > best:
+                        continue
+                    # Ranks busiest first, so that a good trade found early rules out the rest: a busy
+                    # rank without g that is not the slot's stays as busy.
+                    for i in range(n):
+                        r = by_load[i]
+                        if r == hi or hold[r, g + 1]:
+                            continue
+                        cnt, q = _blocking(load, by_load, hi, hold, g, f, best, top, limit, True)
+                        if cnt > 1 or (cnt == 1 and q != r):
+                            break
+                        for s in range(S):
+                            j = r * S + s
+                            e = xl[r, s]
+                            if e == g or (e >= 0 and c[e] < 2):
+                                continue
+                            fetch = (0 if orig_l[r, g + 1] else 1) - (1 if e >= 0 and not orig_l[r, e + 1] else 0)
+                            if fetch != f:
+                                continue
+                            t = _trade_top(xl, w_l, c, per, load, hold, by_load, first, holders, j, g, f, best, top,
+                                           limit)
+                            if not t < limit:
+                                continue
+                            key = f * 10.0 + t / top
+                            idx = S * E + k * n * S + j
+                            if key < best or (key == best and idx < bi):
+                                best, bi, bj, bg = key, idx, j, g
+                if bj >= 0:
+                    break
+            if bj < 0:
+                break
+            xl[bj // S, bj % S] = bg
+            done += 1
+        return done
+
+    @njit(cache=True, nogil=True)
+    def _recount_all(layers, w, x, cur, aim, orphans_first, max_trades, ok, counts, per, per32, present, orig, load):
+        """:func:`.recount.recount` over ``layers`` (``x``, the start, changed in place), then the arrays
+        the refinement starts from, as :func:`.repair_jit.recount_refine` documents them."""
+        L, n, S = x.shape
+        E = w.shape[1]
+        c = np.empty(E, np.int64)
+        p = np.empty(E)
+        ld = np.empty(n)
+        top1, top2 = np.empty(E), np.empty(E)
+        top1r = np.empty(E, np.int64)
+        hold = np.zeros((n, E + 1), np.bool_)
+        orig_l = np.zeros((n, E + 1), np.bool_)
+        by_load = np.empty(n, np.int64)
+        first = np.empty(E + 1, np.int64)
+        holders = np.empty(n * S, np.int64)
+        for i in range(layers.size):
+            l = layers[i]
+            ok[l] = True
+            orig_l[:] = False
+            for r in range(n):
+                for s in range(S):
+                    if cur[l, r, s] >= 0:
+                        orig_l[r, cur[l, r, s] + 1] = True
+            if orphans_first and not _place_orphans_layer(w[l], x[l], c, p, ld, top1, top1r, top2):
+                ok[l] = False
+            else:
+                _trade_counts_layer(w[l], x[l], orig_l, aim[l], max_trades, c, p, ld, hold, by_load, first, holders)
+                for r in range(n):
+                    for s in range(S):
+                        if x[l, r, s] < 0:
+                            ok[l] = False
+            # counts (an expert without a replica divides by 1), loads per replica, presence, rank loads
+            counts[l] = 0
+            for r in range(n):
+                for s in range(S):
+                    if x[l, r, s] >= 0:
+                        counts[l, x[l, r, s]] += 1
+            for e in range(E):
+                per[l, e] = w[l, e] / max(counts[l, e], 1)
+                per32[l, e] = np.float32(per[l, e])
+            present[l] = 0
+            orig[l] = 0
+            for r in range(n):
+                for s in range(S):
+                    if x[l, r, s] >= 0:
+                        present[l, r, x[l, r, s] + 1] = 1
+                    if cur[l, r, s] >= 0:
+                        orig[l, r, cur[l, r, s] + 1] = 1
+                load[l, r] = _rank_sum(x[l, r], per[l])

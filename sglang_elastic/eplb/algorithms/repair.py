@@ -10,6 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from .conflicts import fix_conflicts
 from .counts import BIG, lightest_sum, replica_counts
 from .packing import from_scratch
+from .recount import recount
 from . import refine_jit, repair_jit
 from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
@@ -39,6 +40,12 @@ _RETRY = 24
 _SMALL = 4096
 _FEW_RANKS = _LIGHT + _EXTRA + 1
 _SMALL_CANDIDATES = ((False, 2.0),)  # (wide search, replica bound factor)
+# ... and, on a problem of at most _SMALL live slots without nodes, one more that changes replica
+# counts (.recount: orphans into replica slots, then count trades, then the narrow swaps), the count
+# moves of the exact solutions (docs/results.md, session 29): the small odd shapes 3208 -> 2966
+# transfers, 25 -> 21 cells missed, ~0.3-0.6 ms more. Not on few ranks with more slots (Qwen3 EP16x10:
+# -3 to -6 % transfers for 2.5-4x the time, 7 -> 20 ms where upstream takes 24-27 ms).
+_RECOUNT = True
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
 USE_JIT = refine_jit.AVAILABLE
@@ -244,6 +251,29 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
                  lambda k: rewind(st.x, trace, k))
 
 
+def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray, min_balance: float) -> _Pass:
+    """The count-changing candidate (:mod:`.recount`: orphans into replica slots, count trades) from
+    ``cur`` (the current placement without duplicates), then the narrow swaps towards ``target`` (no
+    nodes). A layer whose orphans find no slot gets a trace no layer may pick."""
+    L, n, S = cur.shape
+    aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
+    trades = n * S
+    if USE_JIT and S <= repair_jit.MAX_SLOTS:
+        rp, ok = repair_jit.recount_refine(w, cur, cur, iters, aim, True, trades, light=_LIGHT, extra=_EXTRA)
+        maxes, fetched, record = repair_jit.traced(rp)
+        maxes[:, ~ok] = np.inf
+        return _Pass(rp.x, rp.orig, target, maxes, fetched, lambda k: refine_jit.rewind_traced(rp.x, record, k))
+    x, ok = recount(w, cur, cur, aim, True, trades)
+    per = w / np.maximum(_count(x.reshape(L, -1) + 1, w.shape[1] + 1)[:, 1:], 1)
+    st = SlotState(x, per, None)
+    orig = SlotState(cur, per, None).present
+    trace: list = []
+    refine(st, iters, aim, orig_present=orig, heavy=1, light=_LIGHT, trace=trace, wide_search=False, extra=_EXTRA)
+    maxes = np.stack([t[1] for t in trace])
+    maxes[:, ~ok] = np.inf
+    return _Pass(st.x, orig, target, maxes, np.stack([t[2] for t in trace]), lambda k: rewind(st.x, trace, k))
+
+
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, search: str = "narrow",
                  rep_bound: Optional[np.ndarray] = None, exact_target: bool = False) -> np.ndarray:
@@ -260,7 +290,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             (every rank under the target) or ``"both"`` (narrow, then wide again for the layers whose
             narrow swaps fetched more than ``_RETRY`` experts; on a problem of at most ``_SMALL`` live
             slots or so few ranks that narrow may ask them all, every layer narrow again with looser
-            counts; each layer stops on either trace).
+            counts, and on at most ``_SMALL`` slots without nodes also from :mod:`.recount`'s changed
+            counts; each layer stops on any of the traces).
         rep_bound: :func:`replica_bound` if the caller has it.
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
@@ -288,11 +319,17 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     # The same repair (the target already settled; counts from the bound times the factor), another
     # search. Their traces go first, each padded with points no layer may pick, so that each layer's
     # last point stays the first search's.
+    passes = [lambda wide=wide, factor=factor: _repair_pass(w[retry], cur[retry], n, S, node_of, iters,
+                                                            target[retry], min_balance, wide,
+                                                            rep_bound[retry] * factor, False)
+              for wide, factor in candidates]
+    if candidates is _SMALL_CANDIDATES and node_of is None and L * n * S <= _SMALL and _RECOUNT:
+        # replica counts changed by orphans and trades (.recount)
+        passes.append(lambda: _recount_pass(w[retry], drop_duplicates(cur[retry]), iters, target[retry], min_balance))
     more = []
     if retry.size:
-        for wide, factor in candidates:
-            again = _repair_pass(w[retry], cur[retry], n, S, node_of, iters, target[retry], min_balance, wide,
-                                 rep_bound[retry] * factor, False)
+        for make in passes:
+            again = make()
             T = again.maxes.shape[0]
             m2 = np.full((T, L), np.inf)
             f2 = np.zeros((T, L), dtype=fetched.dtype)

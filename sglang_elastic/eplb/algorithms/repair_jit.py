@@ -21,10 +21,10 @@ from .jit_kernels import AVAILABLE, MAX_SLOTS
 from .refine_jit import _run_split
 
 if AVAILABLE:
-    from .jit_kernels import _refine_all, _repair_refine_all
+    from .jit_kernels import _recount_all, _refine_all, _repair_refine_all
     from .jit_sums import _choose_stops, _targets_all, _valid
 
-__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "refine_layers", "traced", "choose_stops", "targets", "valid"]
+__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "recount_refine", "refine_layers", "traced", "choose_stops", "targets", "valid"]
 
 
 @dataclass
@@ -70,9 +70,7 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
         :class:`Repaired`; ``S`` must be at most :data:`MAX_SLOTS`.
     """
     L, E = w.shape
-    heavy, light = (1, n - 1) if wide_search else (1, light)
-    H = max(1, min(heavy, n // (light + 1)))
-    K = max(1, min(light, (n - H) // H))
+    K = _narrow_partners(n, light, wide_search)
     cap = max(0, int(max_iters))
     has_nodes = node_of is not None
     M = int(node_of.max()) + 1 if has_nodes else 1
@@ -93,6 +91,48 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
             rp.swaps, rp.nsteps, rp.flag)
     _run_split(_repair_refine_all, np.arange(L), args, slots=n * S)
     return rp
+
+
+def _narrow_partners(n: int, light: int, wide_search: bool) -> int:
+    """The busiest rank's partners per step (:func:`.refine.refine` with ``heavy=1``)."""
+    heavy, light = (1, n - 1) if wide_search else (1, light)
+    H = max(1, min(heavy, n // (light + 1)))
+    return max(1, min(light, (n - H) // H))
+
+
+def recount_refine(w: np.ndarray, start: np.ndarray, cur: np.ndarray, max_iters: int, aim: np.ndarray,
+                   orphans_first: bool, max_trades: int, light: int = 4, extra: int = 0) -> Tuple[Repaired, np.ndarray]:
+    """:func:`.recount.recount` from ``start``, then the traced narrow refinement towards ``aim``, per layer
+    (``from_current``'s count-changing candidate; no nodes: the orphans' slots ignore node spread).
+
+    Parameters:
+        w: float64 ``[L, E]``. start: int64 ``[L, n, S]``. cur: int64 ``[L, n, S]`` without duplicates.
+        max_iters: swaps per layer. aim: float64 ``[L]``. orphans_first, max_trades: :func:`.recount.recount`'s.
+
+    Returns:
+        ``(Repaired, ok bool [L])``.
+    """
+    L, n, S = start.shape
+    E = w.shape[1]
+    x = np.ascontiguousarray(start, dtype=np.int64).copy()
+    ok = np.zeros(L, np.bool_)
+    counts, per, per32 = np.empty((L, E), np.int64), np.empty((L, E)), np.empty((L, E), np.float32)
+    present, orig, load = np.empty((L, n, E + 1), np.int8), np.empty((L, n, E + 1), np.int8), np.empty((L, n))
+    aim = np.ascontiguousarray(aim, dtype=np.float64)
+    _run_split(_recount_all, np.arange(L), (np.ascontiguousarray(w, dtype=np.float64), x,
+                                            np.ascontiguousarray(cur, dtype=np.int64), aim, bool(orphans_first),
+                                            int(max_trades), ok, counts, per, per32, present, orig, load),
+               slots=n * S)
+    cap = max(0, int(max_iters))
+    rp = Repaired(
+        x=x, counts=counts, per=per, per32=per32, present=present, orig=orig,
+        node_cnt=np.zeros((1, 1, 1), np.int64), node_of=np.zeros(n, np.int64), has_nodes=False,
+        load=load, aim=aim.copy(), maxes=np.empty((L, cap + 1)),
+        fetched=np.empty((L, cap + 1), np.int64), swaps=np.empty((L, cap, 4), np.int64),
+        nsteps=np.zeros(L, np.int64), flag=np.zeros(L, np.int64), max_iters=cap,
+        k_narrow=_narrow_partners(n, light, False), k_extra=max(0, int(extra)), wide_search=False)
+    refine_layers(rp, np.arange(L))
+    return rp, ok
 
 
 def refine_layers(rp: Repaired, layers: np.ndarray) -> None:
