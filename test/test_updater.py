@@ -485,6 +485,23 @@ class _AdoptingUpdater:
         self.live = np.asarray(mask, dtype=bool)
 
 
+class _KeepsRank4Live:
+    """A membership client whose view keeps rank 4 live however often it is reported dead."""
+
+    def report_dead(self, rank, reason=""):
+        pass
+
+    def wait_for_epoch(self, pred, timeout):
+        from sglang_elastic.membership.view import MembershipTimeout
+
+        raise MembershipTimeout("rank 4 keeps heartbeating")
+
+    def current(self):
+        from sglang_elastic.membership.view import MembershipView
+
+        return MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
+
+
 def _updater_side(R, updater, member, counted):
     """rehearsal's UpdaterSide of rank 0 around a fake updater and membership client."""
     from types import SimpleNamespace
@@ -534,25 +551,12 @@ def test_a_collective_that_keeps_failing_on_a_live_peer_says_so():
     rank's NIXL copy of the peer went bad): every retry blames it, membership withdraws the suspicion,
     and after MAX_RECOVERIES the rank stops with a message naming that peer and saying it stayed live,
     not "8 peers died"."""
-    from sglang_elastic.membership.view import MembershipTimeout, MembershipView
     from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, live_mask
 
     R = 5
-    view = MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
-
-    class Member:
-        def report_dead(self, rank, reason=""):
-            pass
-
-        def wait_for_epoch(self, pred, timeout):
-            raise MembershipTimeout("rank 4 keeps heartbeating")
-
-        def current(self):
-            return view
-
     # The plan's adoption (with a generation) needs rank 4's weights; adopting a live set does not.
     updater = _AdoptingUpdater(R, fails=lambda generation: generation is not None)
-    side = _updater_side(R, updater, Member(), [])
+    side = _updater_side(R, updater, _KeepsRank4Live(), [])
     with pytest.raises(RuntimeError) as info:
         side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
     assert [c for c in updater.calls if c[1] is not None] == [([0, 1, 3, 4], 15)] * MAX_RECOVERIES
@@ -568,22 +572,9 @@ def test_an_adoption_that_keeps_failing_is_retried_flat_and_bounded():
     naming the peer that stayed live."""
     import traceback as tb
 
-    from sglang_elastic.membership.view import MembershipTimeout, MembershipView
     from sglang_elastic.rehearsal.rank_update import MAX_RECOVERIES, live_mask
 
     R = 5
-    view = MembershipView(epoch=16, live=(0, 1, 3, 4), incarnations={0: 0, 1: 0, 3: 0, 4: 0})
-
-    class Member:
-        def report_dead(self, rank, reason=""):
-            pass
-
-        def wait_for_epoch(self, pred, timeout):
-            raise MembershipTimeout("rank 4 keeps heartbeating")
-
-        def current(self):
-            return view
-
     depth = []
 
     class Deep(_AdoptingUpdater):
@@ -593,7 +584,7 @@ def test_an_adoption_that_keeps_failing_is_retried_flat_and_bounded():
 
     updater = Deep(R, fails=lambda generation: True)
     counted = []
-    side = _updater_side(R, updater, Member(), counted)
+    side = _updater_side(R, updater, _KeepsRank4Live(), counted)
     with pytest.raises(RuntimeError) as info:
         side._collective(lambda lv: side.updater.set_live(live_mask(lv, R), generation=15), [0, 1, 3, 4])
     assert len(updater.calls) == 1 + MAX_RECOVERIES, "the plan's adoption, then MAX_RECOVERIES of the survivors"
