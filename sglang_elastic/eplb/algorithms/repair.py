@@ -42,9 +42,9 @@ _FEW_RANKS = _LIGHT + _EXTRA + 1
 _SMALL_CANDIDATES = ((False, 2.0),)  # (wide search, replica bound factor)
 # ... and, on a problem of at most _SMALL live slots without nodes, one more that changes replica
 # counts (.recount: orphans into replica slots, then count trades, then the narrow swaps), the count
-# moves of the exact solutions (docs/results.md, session 29): the small odd shapes 3208 -> 2966
-# transfers, 25 -> 21 cells missed, ~0.3-0.6 ms more. Not on few ranks with more slots (Qwen3 EP16x10:
-# -3 to -6 % transfers for 2.5-4x the time, 7 -> 20 ms where upstream takes 24-27 ms).
+# moves of the exact solutions (docs/results.md, session 29): the small odd shapes 3208 -> 3033
+# transfers, 25 -> 22 cells missed, ~0.4 ms more a cell. Not on few ranks with more slots (Qwen3
+# EP16x10: -3 to -6 % transfers for 2.5-4x the time, 7 -> 20 ms where upstream takes 24-27 ms).
 _RECOUNT = True
 # The compiled repair and refinement (repair_jit: same decisions as replica_counts, drop_surplus,
 # pool_items + place_pool, fix_conflicts and refine.refine here; ~20x faster); tests switch it off to compare.
