@@ -207,9 +207,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     """Repair ``cur`` (counts, surplus drop, pool, conflicts) and trace the swaps towards ``target``.
     ``near_target``: a layer just above its target after the repair may lower it (``_already_there``)."""
     L, E = w.shape
-    # Swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets to
-    # trade against layers above them (~1 % fewer transfers, no measurable time).
-    aim_factor = min_balance / min(1.0, min_balance + _AIM_PAST)
+    aim_factor = _aim_factor(min_balance)
     target = target.copy()
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
         rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, _NEAR if near_target else 1.0,
@@ -228,8 +226,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
                                                  min_balance)
             rp.aim[stopped] = target[stopped] * aim_factor
             repair_jit.refine_layers(rp, stopped)
-        maxes, fetched, record = repair_jit.traced(rp)
-        return _Pass(rp.x, rp.orig, target, maxes, fetched, lambda k: refine_jit.rewind_traced(rp.x, record, k))
+        return _compiled_pass(rp, target)
     cur = drop_duplicates(cur)
     start = _count(cur.reshape(L, -1) + 1, E + 1)
     counts = replica_counts(w, n * S, n, start=start[:, 1:], bound=rep_bound)
@@ -241,12 +238,30 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     orig = SlotState(cur, per, None).present
     if near_target:
         target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
+    return _reference_pass(st, orig, target, iters, target * aim_factor, wide_search)
+
+
+def _aim_factor(min_balance: float) -> float:
+    """The swaps aim 0.2 pt past the promise so that the stopping rule has points below the targets
+    to trade against layers above them (~1 % fewer transfers, no measurable time)."""
+    return min_balance / min(1.0, min_balance + _AIM_PAST)
+
+
+def _compiled_pass(rp: "repair_jit.Repaired", target: np.ndarray) -> _Pass:
+    """The :class:`_Pass` of a compiled repair or start and its traced swaps."""
+    maxes, fetched, record = repair_jit.traced(rp)
+    return _Pass(rp.x, rp.orig, target, maxes, fetched, lambda k: refine_jit.rewind_traced(rp.x, record, k))
+
+
+def _reference_pass(st: SlotState, orig: np.ndarray, target: np.ndarray, iters: int, aim: np.ndarray,
+                    wide_search: bool) -> _Pass:
+    """The numpy reference's traced swaps from ``st`` towards ``aim``, as a :class:`_Pass`."""
     # One swap per layer and step: concurrent swaps (tried: disjoint heavy/light pairs, 6 rounds
     # instead of ~38) each pay for a move the others make moot, ~25 % more transfers on DS-V3 after
     # a failure.
     trace: list = []
-    refine(st, iters, target * aim_factor, orig_present=orig, heavy=1, light=_LIGHT, trace=trace,
-           wide_search=wide_search, extra=_EXTRA)
+    refine(st, iters, aim, orig_present=orig, heavy=1, light=_LIGHT, trace=trace, wide_search=wide_search,
+           extra=_EXTRA)
     return _Pass(st.x, orig, target, np.stack([t[1] for t in trace]), np.stack([t[2] for t in trace]),
                  lambda k: rewind(st.x, trace, k))
 
@@ -256,22 +271,17 @@ def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray
     ``cur`` (the current placement without duplicates), then the narrow swaps towards ``target`` (no
     nodes). A layer whose orphans find no slot gets a trace no layer may pick."""
     L, n, S = cur.shape
-    aim = target * (min_balance / min(1.0, min_balance + _AIM_PAST))
+    aim = target * _aim_factor(min_balance)
     trades = n * S
     if USE_JIT and S <= repair_jit.MAX_SLOTS:
         rp, ok = repair_jit.recount_refine(w, cur, cur, iters, aim, True, trades, light=_LIGHT, extra=_EXTRA)
-        maxes, fetched, record = repair_jit.traced(rp)
-        maxes[:, ~ok] = np.inf
-        return _Pass(rp.x, rp.orig, target, maxes, fetched, lambda k: refine_jit.rewind_traced(rp.x, record, k))
-    x, ok = recount(w, cur, cur, aim, True, trades)
-    per = w / np.maximum(_count(x.reshape(L, -1) + 1, w.shape[1] + 1)[:, 1:], 1)
-    st = SlotState(x, per, None)
-    orig = SlotState(cur, per, None).present
-    trace: list = []
-    refine(st, iters, aim, orig_present=orig, heavy=1, light=_LIGHT, trace=trace, wide_search=False, extra=_EXTRA)
-    maxes = np.stack([t[1] for t in trace])
-    maxes[:, ~ok] = np.inf
-    return _Pass(st.x, orig, target, maxes, np.stack([t[2] for t in trace]), lambda k: rewind(st.x, trace, k))
+        done = _compiled_pass(rp, target)
+    else:
+        x, ok = recount(w, cur, cur, aim, True, trades)
+        per = w / np.maximum(_count(x.reshape(L, -1) + 1, w.shape[1] + 1)[:, 1:], 1)
+        done = _reference_pass(SlotState(x, per, None), SlotState(cur, per, None).present, target, iters, aim, False)
+    done.maxes[:, ~ok] = np.inf
+    return done
 
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
