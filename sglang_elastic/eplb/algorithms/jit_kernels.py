@@ -20,10 +20,13 @@ try:  # numba is optional: without it the numpy reference runs (same placements,
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "MAX_SLOTS"]
+__all__ = ["AVAILABLE", "MAX_SLOTS", "MIN_GAIN"]
 
 # _rank_sum reproduces numpy's pairwise summation up to this many addends (one block, no recursion).
 MAX_SLOTS = 128
+# A swap counts only if it lowers the pair's busier rank by more than this fraction of the heavy
+# rank's load (half of it, as the scores are doubled): float32 rounding stays far below it.
+MIN_GAIN = 2.0 ** -16
 
 if AVAILABLE:
     @njit(cache=True, nogil=True, inline="always")
@@ -144,6 +147,7 @@ if AVAILABLE:
             _order_by_load(order, ld)
             hi = order[n - 1]
             th = ld[hi]
+            eps = np.float32(th * MIN_GAIN)  # a swap must gain more (refine.best_swaps)
             K = n - 1 if wide else k_narrow
             under = wide_search or wide  # the widened search: every rank under the target
             step = np.float32(2) * np.float32(th - ld[order[0]]) + np.float32(1)
@@ -212,7 +216,7 @@ if AVAILABLE:
                             eb = xl[r, sb]
                             pbs = step * np.float32(fbs[i])
                             sc = abs(gap - (wa2[sa] - np.float32(2) * p32[eb if eb >= 0 else E + eb])) - gap
-                            if sc < 0 and sc + (pas + pbs) < best:
+                            if sc < -eps and sc + (pas + pbs) < best:
                                 best, best_pen, bk, bsa, bsb = sc + (pas + pbs), pas + pbs, r, sa, sb
                     continue
                 pa_min = inf
@@ -258,11 +262,11 @@ if AVAILABLE:
                     # d is, and the term is at least (gap - d_max) - gap (rounding is monotone).
                     d_max = was - wb_min
                     lb_sc = (gap - d_max) - gap if d_max <= gap else -gap
-                    if lb_sc >= 0 or lb_sc + (pas + pb_min) >= best:
+                    if lb_sc >= -eps or lb_sc + (pas + pb_min) >= best:
                         continue
                     for sb in range(S):
                         sc = abs(gap - (was - wb2[sb])) - gap
-                        val[sb] = sc + (pas + pb[sb]) if sc < 0 else inf
+                        val[sb] = sc + (pas + pb[sb]) if sc < -eps else inf
                     for sb in range(S):
                         if val[sb] < best:
                             best, best_pen, bk, bsa, bsb = val[sb], pas + pb[sb], r, sa, sb
@@ -340,6 +344,7 @@ if AVAILABLE:
                 th = ld[hi]
                 if not th > tgt:
                     continue
+                eps = np.float32(th * MIN_GAIN)
                 for s in range(S):
                     ea = xl[hi, s]
                     wa2[s] = two * p32[ea if ea >= 0 else E + ea]
@@ -360,7 +365,7 @@ if AVAILABLE:
                             if has_nodes and _spread_loss(node_cnt, l, eb, node_of[r], node_of[hi]):
                                 continue
                             sc = abs(gap - (wa2[sa] - two * p32[eb if eb >= 0 else E + eb])) - gap
-                            if sc < 0 and sc < best:
+                            if sc < -eps and sc < best:
                                 best, bk[j], bsa[j], bsb[j] = sc, r, sa, sb
             for j in range(H):  # disjoint ranks: the swaps commute
                 if bk[j] < 0:
