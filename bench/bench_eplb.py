@@ -11,6 +11,7 @@ scale-up scenario: its own placement on the smaller live set), as it would be in
 ours gets it as ``current=``. Upstream algorithms have no such input and recompute from scratch.
 
     python bench/bench_eplb.py --quick            # a small subset, < 1 min
+    python bench/bench_eplb.py --large-ep --markdown   # DS-V3 on EP144x2 and EP256x2 only
     python bench/bench_eplb.py --markdown --json out.json
 
 Needs upstream SGLang importable (``bash .ci/setup --test``); see ``bench/_upstream.py``.
@@ -93,6 +94,16 @@ SMALL_SHAPES = {
 }
 SHAPES.update(SMALL_SHAPES)
 SMALL_FAMILIES = ["lognormal1", "hot", "zipf1.2", "dirichlet0.3"]
+# Large EP with 2 slots a rank (--large-ep; not in the default run): DS-V3's 256 experts + 32 redundant on
+# 144 ranks (decode-style wide EP), and 256 + 256 on 256 ranks, where a hot expert has ~20 replicas and
+# ranks that share one are common (session 33: swaps that only relabelled two such ranks stalled every
+# layer there).
+LARGE_EP_SHAPES = {
+    "ep144x2": Shape("DS-V3 58x256 EP144x2", 58, 256, 144, 2, 8, 8),
+    "ep256x2": Shape("DS-V3 58x256 EP256x2", 58, 256, 256, 2, 8, 8),
+}
+SHAPES.update(LARGE_EP_SHAPES)
+LARGE_EP_FAMILIES = ["lognormal1", "hot", "zipf1.2"]
 
 
 @dataclass(frozen=True)
@@ -140,8 +151,12 @@ ALL_SCENARIOS = ["healthy", "1 dead", "2 dead", "3 dead", "node dead", "drift 10
 FAILURES = ("1 dead", "2 dead", "3 dead", "node dead")
 
 
-def plan(quick: bool, small: bool = False) -> List[Tuple[str, str, str]]:
-    """(shape key, family, scenario) cells to run (``small``: the small odd shapes only)."""
+def plan(quick: bool, small: bool = False, large_ep: bool = False) -> List[Tuple[str, str, str]]:
+    """(shape key, family, scenario) cells to run (``small``: the small odd shapes only; ``large_ep``: the
+    large-EP shapes only)."""
+    if large_ep:
+        return [(key, fam, sc) for key in LARGE_EP_SHAPES for fam in LARGE_EP_FAMILIES
+                for sc in ("healthy", "2 dead", "node dead", "drift 30%")]
     if small:
         return [(key, fam, sc) for key in SMALL_SHAPES for fam in SMALL_FAMILIES
                 for sc in ("healthy", "1 dead", "2 dead", "drift 30%")]
@@ -705,11 +720,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--small-shapes", action="store_true",
                     help="only the small odd shapes (8x32 EP8x6, 6x40 EP12x5, 12x64 EP16x5, 4x30 EP6x7, 16x60 EP8x9; "
                          "4 load families; healthy, 1-2 dead, drift)")
+    ap.add_argument("--large-ep", action="store_true",
+                    help="only the large-EP shapes with 2 slots a rank (DS-V3 on EP144x2 and EP256x2; lognormal, hot, "
+                         "zipf 1.2; healthy, 2 dead, a dead node, drift)")
     ap.add_argument("--all-algorithms", action="store_true",
                     help="also run our deepseek rewrite and upstream deepseek_hier / deepseek_vec(_hier)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if sum((args.quick, args.small_shapes, args.large_ep)) > 1:
+        ap.error("give at most one of --quick, --small-shapes, --large-ep")
 
     ok, why = _upstream.upstream_available()
     if not ok:
@@ -728,12 +748,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}); torch {info['torch']} with {info['torch_threads']} threads; "
           f"numpy {info['numpy']}; python {info['python']}")
     print(f"repeats: {args.repeats} (median after one warm-up); bytes per expert: {BYTES_PER_EXPERT}; "
-          f"mode: {'small shapes' if args.small_shapes else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
+          f"mode: {'small shapes' if args.small_shapes else 'large EP' if args.large_ep else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
           "(timings are wall time: other work on the machine inflates them)\n")
 
     bench = Bench(args.repeats, seed=args.seed, all_algorithms=args.all_algorithms)
     rows: List[Row] = []
-    cells = plan(args.quick, args.small_shapes)
+    cells = plan(args.quick, args.small_shapes, args.large_ep)
     for i, (key, fam, sc) in enumerate(cells):
         t0 = time.perf_counter()
         cell_rows = bench.run_cell(key, fam, sc)
@@ -771,7 +791,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
 
     curve: List[Dict[str, object]] = []
-    if not args.small_shapes:  # the curve is DS-V3's
+    if not (args.small_shapes or args.large_ep):  # the curve is DS-V3 EP32x9's
         levels = TRADEOFF_MIN_BALANCE if not args.quick else [1.0, 0.99, 0.95]
         curve = tradeoff(bench, levels)
         print(f"{h}{'#' if args.markdown else '='} Trade-off: ours min_balance on DS-V3 EP32x9 lognormal1\n")
@@ -801,6 +821,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": info, "repeats": args.repeats, "quick": args.quick, "small_shapes": args.small_shapes,
+            "large_ep": args.large_ep,
             "bytes_per_expert": BYTES_PER_EXPERT,
             "rows": [r.__dict__ for r in rows], "tradeoff": curve, "targets": tg, "losses": lost,
             "notes": notes, "elapsed_s": elapsed,
