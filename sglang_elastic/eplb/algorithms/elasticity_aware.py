@@ -94,9 +94,9 @@ def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: 
 
 def _targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: float,
              reference: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(balance_target, replica bound or None)``: compiled where the kernels run (sums of up to
-    :data:`.repair_jit.MAX_SLOTS` lightest replicas), else the numpy reference (no replica bound)."""
-    if repair.USE_JIT and S <= repair_jit.MAX_SLOTS:
+    """``(balance_target, replica bound or None)``: compiled where the kernels run, else the numpy
+    reference (no replica bound)."""
+    if repair.USE_JIT:
         return repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference)
     return balance_target(weight, n, S, min_balance, reference), None
 

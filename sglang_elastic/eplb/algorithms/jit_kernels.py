@@ -20,10 +20,8 @@ try:  # numba is optional: without it the numpy reference runs (same placements,
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "MAX_SLOTS", "MIN_GAIN"]
+__all__ = ["AVAILABLE", "MIN_GAIN"]
 
-# _rank_sum reproduces numpy's pairwise summation up to this many addends (one block, no recursion).
-MAX_SLOTS = 128
 # A swap counts only if it lowers the pair's busier rank by more than this fraction of the heavy
 # rank's load (half of it, as the scores are doubled): float32 rounding stays far below it.
 MIN_GAIN = 2.0 ** -16
@@ -79,8 +77,14 @@ if AVAILABLE:
     @njit(cache=True, nogil=True)
     def _rank_sum(xr, per_l):
         """``np.where(x >= 0, per[x], 0.0).sum(-1)`` for one rank, bit for bit: numpy adds a row of
-        at most 128 values as 0 + (8 interleaved partial sums combined pairwise, then the rest)."""
+        at most 128 values as 0 + (8 interleaved partial sums combined pairwise, then the rest), a
+        longer one in halves (:func:`_long_sum`)."""
         S = xr.size
+        if S > 128:
+            v = np.empty(S)
+            for s in range(S):
+                v[s] = _val(xr, per_l, s)
+            return _long_sum(v)
         if S < 8:
             res = 0.0
             for s in range(S):
@@ -104,6 +108,69 @@ if AVAILABLE:
             res += _val(xr, per_l, i)
             i += 1
         return 0.0 + res
+
+    @njit(cache=True, nogil=True)
+    def _block_sum(v, lo, n):
+        """``v[lo:lo + n].sum()`` for ``n <= 128`` as numpy adds it (see :func:`_rank_sum`)."""
+        if n < 8:
+            res = 0.0
+            for i in range(lo, lo + n):
+                res += v[i]
+            return 0.0 + res
+        r0, r1, r2, r3 = v[lo], v[lo + 1], v[lo + 2], v[lo + 3]
+        r4, r5, r6, r7 = v[lo + 4], v[lo + 5], v[lo + 6], v[lo + 7]
+        i = lo + 8
+        end = lo + n - (n % 8)
+        while i < end:
+            r0 += v[i]
+            r1 += v[i + 1]
+            r2 += v[i + 2]
+            r3 += v[i + 3]
+            r4 += v[i + 4]
+            r5 += v[i + 5]
+            r6 += v[i + 6]
+            r7 += v[i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < lo + n:
+            res += v[i]
+            i += 1
+        return 0.0 + res
+
+    @njit(cache=True, nogil=True)
+    def _long_sum(v):
+        """``v.sum()`` for more than 128 values as numpy adds them: split at half rounded down to a
+        multiple of 8, the halves summed alike and added (numpy's recursion on an explicit stack:
+        numba's cache cannot hold a self-recursive kernel). Rows longer than 128 slots are rare (e.g.
+        512 experts over 4 ranks), so the gather and this loop cost nothing elsewhere."""
+        los = np.empty(64, np.int64)
+        ns = np.empty(64, np.int64)
+        stage = np.empty(64, np.int64)
+        left = np.empty(64)
+        top = 0
+        los[0], ns[0], stage[0] = 0, v.size, 0
+        ret = 0.0
+        while top >= 0:
+            lo, m = los[top], ns[top]
+            if m <= 128:
+                ret = _block_sum(v, lo, m)  # its 0.0 + x == x for x >= 0
+                top -= 1
+                continue
+            m2 = m // 2
+            m2 -= m2 % 8
+            if stage[top] == 0:
+                stage[top] = 1
+                top += 1
+                los[top], ns[top], stage[top] = lo, m2, 0
+            elif stage[top] == 1:
+                left[top] = ret
+                stage[top] = 2
+                top += 1
+                los[top], ns[top], stage[top] = lo + m2, m - m2, 0
+            else:
+                ret = left[top] + ret
+                top -= 1
+        return 0.0 + ret
 
     @njit(cache=True, nogil=True)
     def _layer(l, x, present, node_cnt, node_of, has_nodes, per, per32, ld, target, orig, max_iters,

@@ -59,12 +59,12 @@ if AVAILABLE:
     def _total(m, k, cols, buf):
         for i in range(cols.size):
             buf[i] = m[k[cols[i]], cols[i]]
-        return _sum_block(buf, cols.size)
+        return _sum_pairwise(buf)
 
     @njit(cache=True, nogil=True)
     def _stops_search(mm, c_none, m, cols, budget, k_lo, k_hi):
         """:func:`.repair.choose_stops`' search for the smallest ``lam`` whose picks keep the sum of
-        busiest ranks over ``cols`` (at most 128) within ``budget``: fills ``k_lo`` / ``k_hi`` with the
+        busiest ranks over ``cols`` within ``budget``: fills ``k_lo`` / ``k_hi`` with the
         picks at the bracket's ends; returns False when even the most balanced points miss (``k_hi``)."""
         buf = np.empty(cols.size)
         k_mid = np.empty_like(k_hi)
@@ -88,7 +88,7 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost, k, use_fresh):
-        """:func:`.repair.choose_stops` whole (at most 128 layers with a finite target): fills ``k``
+        """:func:`.repair.choose_stops` whole: fills ``k``
         (int64 ``[L]``) and ``use_fresh`` (bool ``[M]``) with exactly the numpy reference's picks."""
         K1, L = maxes.shape
         m = np.empty((K1 + 1, L))
@@ -121,7 +121,7 @@ if AVAILABLE:
             for i in range(missed.size):
                 use_fresh[i] = False
             return
-        budget = _sum_block(buf, n_fin)
+        budget = _sum_pairwise(buf)
         scale = -np.inf
         for i in range(K1 + 1):
             for j in cols:
@@ -162,7 +162,7 @@ if AVAILABLE:
                 order = np.argsort(ratio, kind="mergesort")
                 for i in range(n_fin):
                     buf[i] = m[k_lo[cols[i]], cols[i]]
-                need = (_sum_block(buf, n_fin) - budget) * (1 - 1e-12)
+                need = (_sum_pairwise(buf) - budget) * (1 - 1e-12)
                 cnt = nd
                 acc = 0.0
                 for i in range(nd):  # searchsorted(cumsum(dm[order]), need) + 1
@@ -301,7 +301,7 @@ if AVAILABLE:
                     j -= 1
                 small[j] = p
                 m = min(m + 1, k)
-        return (_sum_block(small, k) if k > 0 else 0.0), top
+        return (_sum_pairwise(small[:k]) if k > 0 else 0.0), top
 
     @njit(cache=True, nogil=True)
     def _greedy_busiest_layer(w, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree,

@@ -209,7 +209,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     L, E = w.shape
     aim_factor = _aim_factor(min_balance)
     target = target.copy()
-    if USE_JIT and S <= repair_jit.MAX_SLOTS:
+    if USE_JIT:
         rp = repair_jit.repair_refine(w, cur, n, S, node_of, iters, target, rep_bound, _NEAR if near_target else 1.0,
                                       aim_factor, light=_LIGHT, extra=_EXTRA, wide_search=wide_search)
         stopped = np.flatnonzero(rp.flag)
@@ -273,7 +273,7 @@ def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray
     L, n, S = cur.shape
     aim = target * _aim_factor(min_balance)
     trades = n * S
-    if USE_JIT and S <= repair_jit.MAX_SLOTS:
+    if USE_JIT:
         rp, ok = repair_jit.recount_refine(w, cur, cur, iters, aim, True, trades, light=_LIGHT, extra=_EXTRA)
         done = _compiled_pass(rp, target)
     else:
@@ -394,7 +394,7 @@ def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, mis
     Returns:
         ``(step [L], use_fresh bool [M])``.
     """
-    if USE_JIT and int(np.isfinite(target).sum()) <= repair_jit.MAX_SLOTS:  # the same picks, compiled
+    if USE_JIT:  # the same picks, compiled
         return repair_jit.choose_stops(maxes, fetched, target, missed, fresh_max, fresh_cost)
     K1, L = maxes.shape
     m = np.concatenate([maxes, np.full((1, L), np.inf)], 0)

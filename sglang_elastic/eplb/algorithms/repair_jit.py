@@ -17,14 +17,14 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .counts import BIG
-from .jit_kernels import AVAILABLE, MAX_SLOTS
+from .jit_kernels import AVAILABLE
 from .refine_jit import _run_split
 
 if AVAILABLE:
     from .jit_kernels import _recount_all, _refine_all, _repair_refine_all
     from .jit_sums import _choose_stops, _targets_all, _valid
 
-__all__ = ["MAX_SLOTS", "Repaired", "repair_refine", "recount_refine", "refine_layers", "traced", "choose_stops", "targets", "valid"]
+__all__ = ["Repaired", "repair_refine", "recount_refine", "refine_layers", "traced", "choose_stops", "targets", "valid"]
 
 
 @dataclass
@@ -67,7 +67,7 @@ def repair_refine(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optio
             wide_search: the swap search (:func:`.refine.refine`'s ``light``, ``extra``, ``wide_search``).
 
     Returns:
-        :class:`Repaired`; ``S`` must be at most :data:`MAX_SLOTS`.
+        :class:`Repaired`.
     """
     L, E = w.shape
     K = _narrow_partners(n, light, wide_search)
@@ -157,8 +157,7 @@ def traced(rp: Repaired) -> Tuple[np.ndarray, np.ndarray, Tuple]:
 
 def choose_stops(maxes: np.ndarray, fetched: np.ndarray, target: np.ndarray, missed: np.ndarray,
                  fresh_max: np.ndarray, fresh_cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """:func:`.repair.choose_stops`, compiled (the same picks; at most :data:`MAX_SLOTS` layers with a
-    finite target): ``(step [L], use_fresh bool [M])``."""
+    """:func:`.repair.choose_stops`, compiled (the same picks): ``(step [L], use_fresh bool [M])``."""
     L = maxes.shape[1]
     k, use_fresh = np.empty(L, np.int64), np.empty(len(missed), np.bool_)
     _choose_stops(np.ascontiguousarray(maxes, dtype=np.float64), np.ascontiguousarray(fetched, dtype=np.float64),
