@@ -12,6 +12,7 @@ ours gets it as ``current=``. Upstream algorithms have no such input and recompu
 
     python bench/bench_eplb.py --quick            # a small subset, < 1 min
     python bench/bench_eplb.py --large-ep --markdown   # DS-V3 on EP144x2 and EP256x2 only
+    python bench/bench_eplb.py --many-slots --markdown # over 128 slots a rank: EP4x130, EP4x176
     python bench/bench_eplb.py --markdown --json out.json
 
 Needs upstream SGLang importable (``bash .ci/setup --test``); see ``bench/_upstream.py``.
@@ -104,6 +105,13 @@ LARGE_EP_SHAPES = {
 }
 SHAPES.update(LARGE_EP_SHAPES)
 LARGE_EP_FAMILIES = ["lognormal1", "hot", "zipf1.2"]
+# Few ranks with more than 128 slots each (--many-slots; not in the default run): many experts on few
+# GPUs (Kimi-K2's 384 on EP4, Qwen3-Next's 512 on EP4 with 192 redundant, so that 3 ranks hold them all).
+MANY_SLOTS_SHAPES = {
+    "kimi-ep4x130": Shape("Kimi-K2 61x384 EP4x130", 61, 384, 4, 130, 2, None),
+    "qnext-ep4x176": Shape("Qwen3-Next 48x512 EP4x176", 48, 512, 4, 176, 2, None),
+}
+SHAPES.update(MANY_SLOTS_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -151,9 +159,12 @@ ALL_SCENARIOS = ["healthy", "1 dead", "2 dead", "3 dead", "node dead", "drift 10
 FAILURES = ("1 dead", "2 dead", "3 dead", "node dead")
 
 
-def plan(quick: bool, small: bool = False, large_ep: bool = False) -> List[Tuple[str, str, str]]:
+def plan(quick: bool, small: bool = False, large_ep: bool = False, many_slots: bool = False) -> List[Tuple[str, str, str]]:
     """(shape key, family, scenario) cells to run (``small``: the small odd shapes only; ``large_ep``: the
-    large-EP shapes only)."""
+    large-EP shapes only; ``many_slots``: the shapes of more than 128 slots a rank only)."""
+    if many_slots:
+        return [(key, fam, sc) for key in MANY_SLOTS_SHAPES for fam in ("lognormal1", "hot")
+                for sc in ("healthy", "1 dead", "drift 30%")]
     if large_ep:
         return [(key, fam, sc) for key in LARGE_EP_SHAPES for fam in LARGE_EP_FAMILIES
                 for sc in ("healthy", "2 dead", "node dead", "drift 30%")]
@@ -723,13 +734,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--large-ep", action="store_true",
                     help="only the large-EP shapes with 2 slots a rank (DS-V3 on EP144x2 and EP256x2; lognormal, hot, "
                          "zipf 1.2; healthy, 2 dead, a dead node, drift)")
+    ap.add_argument("--many-slots", action="store_true",
+                    help="only shapes of more than 128 slots a rank (Kimi-K2 on EP4x130, Qwen3-Next on EP4x176; "
+                         "lognormal, hot; healthy, 1 dead, drift)")
     ap.add_argument("--all-algorithms", action="store_true",
                     help="also run our deepseek rewrite and upstream deepseek_hier / deepseek_vec(_hier)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    if sum((args.quick, args.small_shapes, args.large_ep)) > 1:
-        ap.error("give at most one of --quick, --small-shapes, --large-ep")
+    if sum((args.quick, args.small_shapes, args.large_ep, args.many_slots)) > 1:
+        ap.error("give at most one of --quick, --small-shapes, --large-ep, --many-slots")
 
     ok, why = _upstream.upstream_available()
     if not ok:
@@ -748,12 +762,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}); torch {info['torch']} with {info['torch_threads']} threads; "
           f"numpy {info['numpy']}; python {info['python']}")
     print(f"repeats: {args.repeats} (median after one warm-up); bytes per expert: {BYTES_PER_EXPERT}; "
-          f"mode: {'small shapes' if args.small_shapes else 'large EP' if args.large_ep else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
+          f"mode: {'small shapes' if args.small_shapes else 'large EP' if args.large_ep else 'many slots' if args.many_slots else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
           "(timings are wall time: other work on the machine inflates them)\n")
 
     bench = Bench(args.repeats, seed=args.seed, all_algorithms=args.all_algorithms)
     rows: List[Row] = []
-    cells = plan(args.quick, args.small_shapes, args.large_ep)
+    cells = plan(args.quick, args.small_shapes, args.large_ep, args.many_slots)
     for i, (key, fam, sc) in enumerate(cells):
         t0 = time.perf_counter()
         cell_rows = bench.run_cell(key, fam, sc)
@@ -791,7 +805,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
 
     curve: List[Dict[str, object]] = []
-    if not (args.small_shapes or args.large_ep):  # the curve is DS-V3 EP32x9's
+    if not (args.small_shapes or args.large_ep or args.many_slots):  # the curve is DS-V3 EP32x9's
         levels = TRADEOFF_MIN_BALANCE if not args.quick else [1.0, 0.99, 0.95]
         curve = tradeoff(bench, levels)
         print(f"{h}{'#' if args.markdown else '='} Trade-off: ours min_balance on DS-V3 EP32x9 lognormal1\n")
@@ -821,7 +835,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": info, "repeats": args.repeats, "quick": args.quick, "small_shapes": args.small_shapes,
-            "large_ep": args.large_ep,
+            "large_ep": args.large_ep, "many_slots": args.many_slots,
             "bytes_per_expert": BYTES_PER_EXPERT,
             "rows": [r.__dict__ for r in rows], "tradeoff": curve, "targets": tg, "losses": lost,
             "notes": notes, "elapsed_s": elapsed,

@@ -141,8 +141,9 @@ if AVAILABLE:
     def _long_sum(v):
         """``v.sum()`` for more than 128 values as numpy adds them: split at half rounded down to a
         multiple of 8, the halves summed alike and added (numpy's recursion on an explicit stack:
-        numba's cache cannot hold a self-recursive kernel). Rows longer than 128 slots are rare (e.g.
-        512 experts over 4 ranks), so the gather and this loop cost nothing elsewhere."""
+        numba's cache cannot hold a self-recursive kernel). :func:`.jit_sums._sum_pairwise`'s twin
+        (a kernel calls only kernels of its own file, see the module docstring); rows longer than 128
+        slots are rare (e.g. 512 experts over 4 ranks), so the gather costs nothing elsewhere."""
         los = np.empty(64, np.int64)
         ns = np.empty(64, np.int64)
         stage = np.empty(64, np.int64)
