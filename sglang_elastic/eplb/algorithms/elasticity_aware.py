@@ -42,7 +42,7 @@ def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference:
     DeepSeek's greedy from-scratch placement, i.e. upstream's (``reference="greedy"``,
     :func:`.counts.greedy_busiest`), or a lower bound of any placement's (``"bound"``: the mean, or the
     heaviest replica plus the ``S - 1`` lightest; our from-scratch placement lands within ~0.05 % of
-    it), whichever is larger. A layer whose experts all carry the same load (all zero included) has no
+    it, so 0.05 % above it, but never above the greedy's busiest rank), whichever is larger. A layer whose experts all carry the same load (all zero included) has no
     signal to balance on.
 
     Parameters:
@@ -53,8 +53,11 @@ def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference:
         float64 ``[L]``.
     """
     bound = max_load_bound(w, greedy_counts(w, n * S, n), n, S)
-    # The bound is below what our from-scratch reaches (slack); the greedy placement's is exact.
-    bound = np.maximum(bound, greedy_busiest(w, n, S)) if reference == "greedy" else bound * (1 + _SCRATCH_SLACK)
+    greedy = greedy_busiest(w, n, S)
+    # The bound is below what our from-scratch reaches (slack), but never looser than upstream's
+    # placement (on ranks of many slots the greedy lands closer than the slack); the greedy's is exact.
+    bound = (np.maximum(bound, greedy) if reference == "greedy"
+             else np.maximum(bound, np.minimum(bound * (1 + _SCRATCH_SLACK), greedy)))
     flat = w.max(1) <= w.min(1)
     return np.where(flat, np.inf, bound / min_balance)
 

@@ -398,12 +398,13 @@ if AVAILABLE:
                 rep_bound[l] = np.inf
                 continue
             bound = max(mean, top + fill)
+            # Below the per-rank cap everywhere, the capped replication above is upstream's too.
+            greedy = _greedy_busiest_layer(wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree,
+                                           c.max() < n)
             if greedy_ref:  # the real placement's busiest rank (no slack), or the bound below it
-                # Below the per-rank cap everywhere, the capped replication above is upstream's too.
-                bound = max(bound, _greedy_busiest_layer(
-                    wl, n, S, c, gain, cand, per, key, per2, key2, cnt, load, val, left, tree, c.max() < n))
-            else:  # the bound is below what our from-scratch placement reaches
-                bound *= slack
+                bound = max(bound, greedy)
+            else:  # the bound is below what our from-scratch placement reaches, but no looser than upstream's
+                bound = max(bound, min(bound * slack, greedy))
             target[l] = bound / min_balance
             _greedy_layer(w[l], n * S, n, c, gain, cand)
             fill, top = _fill(w[l], c, k, small)
