@@ -42,8 +42,8 @@ def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference:
     DeepSeek's greedy from-scratch placement, i.e. upstream's (``reference="greedy"``,
     :func:`.counts.greedy_busiest`), or a lower bound of any placement's (``"bound"``: the mean, or the
     heaviest replica plus the ``S - 1`` lightest; our from-scratch placement lands within ~0.05 % of
-    it, so 0.05 % above it, but never above the greedy's busiest rank), whichever is larger. A layer whose experts all carry the same load (all zero included) has no
-    signal to balance on.
+    it, so 0.05 % above it, but never above the greedy's busiest rank), whichever is larger. A layer
+    whose experts all carry the same load (all zero included) has no signal to balance on.
 
     Parameters:
         w: float64 ``[L, E]`` load. n: live ranks. S: slots per rank.
