@@ -79,23 +79,26 @@ if AVAILABLE:
     @njit(cache=True, nogil=True)
     def _rank_sum(xr, per_l):
         """``np.where(x >= 0, per[x], 0.0).sum(-1)`` for one rank, bit for bit: numpy adds a row of
-        at most 128 values as 0 + (8 interleaved partial sums combined pairwise, then the rest), a
-        longer one in halves (:func:`_long_sum`)."""
+        at most 128 values in one block (:func:`_block_sum`), a longer one in halves (:func:`_long_sum`)."""
         S = xr.size
-        if S > 128:
-            v = np.empty(S)
-            for s in range(S):
-                v[s] = _val(xr, per_l, s)
-            return _long_sum(v)
-        if S < 8:
+        return _block_sum(xr, per_l, 0, S) if S <= 128 else _long_sum(xr, per_l)
+
+    @njit(cache=True, nogil=True)
+    def _block_sum(xr, per_l, lo, n):
+        """The values of slots ``lo:lo + n`` (``n <= 128``) of rank ``xr`` summed as numpy adds them:
+        0 + (8 interleaved partial sums combined pairwise, then the rest)."""
+        if n < 8:
             res = 0.0
-            for s in range(S):
-                res += _val(xr, per_l, s)
+            for i in range(lo, lo + n):
+                res += _val(xr, per_l, i)
             return 0.0 + res
-        r0, r1, r2, r3 = _val(xr, per_l, 0), _val(xr, per_l, 1), _val(xr, per_l, 2), _val(xr, per_l, 3)
-        r4, r5, r6, r7 = _val(xr, per_l, 4), _val(xr, per_l, 5), _val(xr, per_l, 6), _val(xr, per_l, 7)
-        i = 8
-        while i < S - (S % 8):
+        r0, r1 = _val(xr, per_l, lo), _val(xr, per_l, lo + 1)
+        r2, r3 = _val(xr, per_l, lo + 2), _val(xr, per_l, lo + 3)
+        r4, r5 = _val(xr, per_l, lo + 4), _val(xr, per_l, lo + 5)
+        r6, r7 = _val(xr, per_l, lo + 6), _val(xr, per_l, lo + 7)
+        i = lo + 8
+        end = lo + n - (n % 8)
+        while i < end:
             r0 += _val(xr, per_l, i)
             r1 += _val(xr, per_l, i + 1)
             r2 += _val(xr, per_l, i + 2)
@@ -106,57 +109,28 @@ if AVAILABLE:
             r7 += _val(xr, per_l, i + 7)
             i += 8
         res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < S:
+        while i < lo + n:
             res += _val(xr, per_l, i)
             i += 1
         return 0.0 + res
 
     @njit(cache=True, nogil=True)
-    def _block_sum(v, lo, n):
-        """``v[lo:lo + n].sum()`` for ``n <= 128`` as numpy adds it (see :func:`_rank_sum`)."""
-        if n < 8:
-            res = 0.0
-            for i in range(lo, lo + n):
-                res += v[i]
-            return 0.0 + res
-        r0, r1, r2, r3 = v[lo], v[lo + 1], v[lo + 2], v[lo + 3]
-        r4, r5, r6, r7 = v[lo + 4], v[lo + 5], v[lo + 6], v[lo + 7]
-        i = lo + 8
-        end = lo + n - (n % 8)
-        while i < end:
-            r0 += v[i]
-            r1 += v[i + 1]
-            r2 += v[i + 2]
-            r3 += v[i + 3]
-            r4 += v[i + 4]
-            r5 += v[i + 5]
-            r6 += v[i + 6]
-            r7 += v[i + 7]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < lo + n:
-            res += v[i]
-            i += 1
-        return 0.0 + res
-
-    @njit(cache=True, nogil=True)
-    def _long_sum(v):
-        """``v.sum()`` for more than 128 values as numpy adds them: split at half rounded down to a
-        multiple of 8, the halves summed alike and added (numpy's recursion on an explicit stack:
-        numba's cache cannot hold a self-recursive kernel). :func:`.jit_sums._sum_pairwise`'s twin
-        (a kernel calls only kernels of its own file, see the module docstring); rows longer than 128
-        slots are rare (e.g. 512 experts over 4 ranks), so the gather costs nothing elsewhere."""
+    def _long_sum(xr, per_l):
+        """:func:`_rank_sum` of more than 128 slots as numpy adds them: split at half rounded down to
+        a multiple of 8, the halves summed alike and added (numpy's recursion on an explicit stack:
+        numba's cache cannot hold a self-recursive kernel). :func:`.jit_sums._sum_pairwise` does the
+        same over a plain array; a kernel calls only kernels of its own file (module docstring)."""
         los = np.empty(64, np.int64)
         ns = np.empty(64, np.int64)
         stage = np.empty(64, np.int64)
         left = np.empty(64)
         top = 0
-        los[0], ns[0], stage[0] = 0, v.size, 0
+        los[0], ns[0], stage[0] = 0, xr.size, 0
         ret = 0.0
         while top >= 0:
             lo, m = los[top], ns[top]
             if m <= 128:
-                ret = _block_sum(v, lo, m)  # its 0.0 + x == x for x >= 0
+                ret = _block_sum(xr, per_l, lo, m)  # its 0.0 + x == x for x >= 0
                 top -= 1
                 continue
             m2 = m // 2
