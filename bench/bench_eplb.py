@@ -94,7 +94,6 @@ SMALL_SHAPES = {
     "s16x60": Shape("small 16x60 EP8x9", 16, 60, 8, 9, 4, None),
 }
 SHAPES.update(SMALL_SHAPES)
-SMALL_FAMILIES = ["lognormal1", "hot", "zipf1.2", "dirichlet0.3"]
 # Large EP with 2 slots a rank (--large-ep; not in the default run): DS-V3's 256 experts + 32 redundant on
 # 144 ranks (decode-style wide EP), and 256 + 256 on 256 ranks, where a hot expert has ~20 replicas and
 # ranks that share one are common (session 33: swaps that only relabelled two such ranks stalled every
@@ -104,7 +103,6 @@ LARGE_EP_SHAPES = {
     "ep256x2": Shape("DS-V3 58x256 EP256x2", 58, 256, 256, 2, 8, 8),
 }
 SHAPES.update(LARGE_EP_SHAPES)
-LARGE_EP_FAMILIES = ["lognormal1", "hot", "zipf1.2"]
 # Few ranks with more than 128 slots each (--many-slots; not in the default run): many experts on few
 # GPUs (Kimi-K2's 384 on EP4, Qwen3-Next's 512 on EP4 with 192 redundant, so that 3 ranks hold them all).
 MANY_SLOTS_SHAPES = {
@@ -112,6 +110,14 @@ MANY_SLOTS_SHAPES = {
     "qnext-ep4x176": Shape("Qwen3-Next 48x512 EP4x176", 48, 512, 4, 176, 2, None),
 }
 SHAPES.update(MANY_SLOTS_SHAPES)
+# The suites of their own (each replaces the default run): option -> (mode, shapes, load families, scenarios).
+SUITES = {
+    "small_shapes": ("small shapes", SMALL_SHAPES, ("lognormal1", "hot", "zipf1.2", "dirichlet0.3"),
+                     ("healthy", "1 dead", "2 dead", "drift 30%")),
+    "large_ep": ("large EP", LARGE_EP_SHAPES, ("lognormal1", "hot", "zipf1.2"),
+                 ("healthy", "2 dead", "node dead", "drift 30%")),
+    "many_slots": ("many slots", MANY_SLOTS_SHAPES, ("lognormal1", "hot"), ("healthy", "1 dead", "drift 30%")),
+}
 
 
 @dataclass(frozen=True)
@@ -159,18 +165,11 @@ ALL_SCENARIOS = ["healthy", "1 dead", "2 dead", "3 dead", "node dead", "drift 10
 FAILURES = ("1 dead", "2 dead", "3 dead", "node dead")
 
 
-def plan(quick: bool, small: bool = False, large_ep: bool = False, many_slots: bool = False) -> List[Tuple[str, str, str]]:
-    """(shape key, family, scenario) cells to run (``small``: the small odd shapes only; ``large_ep``: the
-    large-EP shapes only; ``many_slots``: the shapes of more than 128 slots a rank only)."""
-    if many_slots:
-        return [(key, fam, sc) for key in MANY_SLOTS_SHAPES for fam in ("lognormal1", "hot")
-                for sc in ("healthy", "1 dead", "drift 30%")]
-    if large_ep:
-        return [(key, fam, sc) for key in LARGE_EP_SHAPES for fam in LARGE_EP_FAMILIES
-                for sc in ("healthy", "2 dead", "node dead", "drift 30%")]
-    if small:
-        return [(key, fam, sc) for key in SMALL_SHAPES for fam in SMALL_FAMILIES
-                for sc in ("healthy", "1 dead", "2 dead", "drift 30%")]
+def plan(quick: bool, suite: Optional[str] = None) -> List[Tuple[str, str, str]]:
+    """(shape key, family, scenario) cells to run (``suite``: a key of :data:`SUITES`, its cells only)."""
+    if suite is not None:
+        _, shapes, families, scenarios = SUITES[suite]
+        return [(key, fam, sc) for key in shapes for fam in families for sc in scenarios]
     if quick:
         cells = [("ds3-ep32", "lognormal1", s) for s in ("healthy", "2 dead", "drift 30%")]
         cells += [("tiny", "lognormal1", s) for s in ("healthy", "1 dead", "3 dead", "drift 30%")]
@@ -742,8 +741,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    if sum((args.quick, args.small_shapes, args.large_ep, args.many_slots)) > 1:
+    chosen = [name for name in SUITES if getattr(args, name)]
+    if len(chosen) + args.quick > 1:
         ap.error("give at most one of --quick, --small-shapes, --large-ep, --many-slots")
+    suite = chosen[0] if chosen else None
 
     ok, why = _upstream.upstream_available()
     if not ok:
@@ -762,12 +763,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}); torch {info['torch']} with {info['torch_threads']} threads; "
           f"numpy {info['numpy']}; python {info['python']}")
     print(f"repeats: {args.repeats} (median after one warm-up); bytes per expert: {BYTES_PER_EXPERT}; "
-          f"mode: {'small shapes' if args.small_shapes else 'large EP' if args.large_ep else 'many slots' if args.many_slots else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
+          f"mode: {SUITES[suite][0] if suite else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
           "(timings are wall time: other work on the machine inflates them)\n")
 
     bench = Bench(args.repeats, seed=args.seed, all_algorithms=args.all_algorithms)
     rows: List[Row] = []
-    cells = plan(args.quick, args.small_shapes, args.large_ep, args.many_slots)
+    cells = plan(args.quick, suite)
     for i, (key, fam, sc) in enumerate(cells):
         t0 = time.perf_counter()
         cell_rows = bench.run_cell(key, fam, sc)
@@ -805,7 +806,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
 
     curve: List[Dict[str, object]] = []
-    if not (args.small_shapes or args.large_ep or args.many_slots):  # the curve is DS-V3 EP32x9's
+    if suite is None:  # the curve is DS-V3 EP32x9's
         levels = TRADEOFF_MIN_BALANCE if not args.quick else [1.0, 0.99, 0.95]
         curve = tradeoff(bench, levels)
         print(f"{h}{'#' if args.markdown else '='} Trade-off: ours min_balance on DS-V3 EP32x9 lognormal1\n")
@@ -834,8 +835,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": info, "repeats": args.repeats, "quick": args.quick, "small_shapes": args.small_shapes,
-            "large_ep": args.large_ep, "many_slots": args.many_slots,
+            "machine": info, "repeats": args.repeats, "quick": args.quick, **{name: getattr(args, name) for name in SUITES},
             "bytes_per_expert": BYTES_PER_EXPERT,
             "rows": [r.__dict__ for r in rows], "tradeoff": curve, "targets": tg, "losses": lost,
             "notes": notes, "elapsed_s": elapsed,
