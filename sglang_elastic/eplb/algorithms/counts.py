@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["BIG", "greedy_counts", "replica_counts", "lightest_sum", "max_load_bound", "greedy_busiest"]
+__all__ = ["BIG", "greedy_counts", "replica_counts", "capped_counts", "FILL_RULES", "lightest_sum", "max_load_bound",
+           "greedy_busiest"]
 
 BIG = 1e30  # "never pick this" score that stays finite (inf would poison sums)
 
@@ -74,6 +75,46 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_per_expert: int,
             break
         bump(go, hot[go], 1)
         bump(go, cold[go], -1)
+    return c
+
+
+# Where the slots a replica cap leaves go (see capped_counts).
+FILL_RULES = ("light", "single")
+
+
+def capped_counts(weight: np.ndarray, num_slots: int, cap: np.ndarray, max_per_expert: int,
+                  fill: str) -> np.ndarray:
+    """int64 ``[L, E]``: the fewest replicas that keep each expert's replica at most ``cap[l]``, the
+    slots left over spread by ``fill``; a row of ``-1`` where the cap needs more than ``num_slots``.
+
+    The greedy counts make every replica about as heavy as the layer's mean replica; with few slots a
+    rank (2 on wide EP) that leaves more heavy replicas than ranks, and ranks pair two of them (upstream
+    then puts an expert twice on a rank). Capping the heavy experts' replicas near a rank's share and
+    spending the spare slots on light replicas instead leaves every heavy replica a light companion.
+    ``fill``: ``"light"``: one more replica of each expert, lightest expert first (small fillers);
+    ``"single"``: the heaviest experts of one replica first (split in two), then the heaviest replicas.
+    Rounds repeat while slots are left; an expert never exceeds ``max_per_expert``.
+
+    Parameters:
+        weight: float64 ``[L, E]``. num_slots: ``n * S``. cap: float64 ``[L]`` (> 0).
+        max_per_expert: ``n`` (one replica a rank). fill: one of :data:`FILL_RULES`.
+
+    Returns:
+        int64 ``[L, E]`` summing to ``num_slots`` per feasible row.
+    """
+    E = weight.shape[1]
+    c = np.clip(np.ceil(weight / cap[:, None]), 1, max_per_expert).astype(np.int64)
+    left = num_slots - c.sum(1)
+    if fill == "light":
+        key = weight
+    else:  # singletons (heaviest first) before the rest (heaviest replica first)
+        key = np.where(c == 1, -weight, weight.max(1, keepdims=True) - weight / c)
+    order = np.argsort(key, 1, kind="stable")
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(E), order.shape), 1)
+    spare = np.maximum(left, 0)[:, None]
+    c = c + spare // E + (pos < spare % E)
+    c[(left < 0) | (c > max_per_expert).any(1)] = -1
     return c
 
 

@@ -190,8 +190,11 @@ def elasticity_aware(
             search = DEFAULT_SEARCH[0 if event else 1]
         target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
+        # After a failure or scale event the survivors' counts were chosen for this load's shape (our
+        # from-scratch counts); a periodic rebalance exists to rebalance counts too.
+        keep = repair.surviving_heaviest(w, cur) if event else None
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, search=search,
-                              rep_bound=rep_bound, exact_target=balance_reference == "greedy")
+                              rep_bound=rep_bound, exact_target=balance_reference == "greedy", keep=keep)
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result
     return out.reshape(L, num_ranks * S)

@@ -15,7 +15,8 @@ from . import refine_jit, repair_jit
 from .refine import refine, rewind
 from .slots import SlotState, drop_duplicates
 
-__all__ = ["drop_surplus", "pool_items", "place_pool", "replica_bound", "from_current", "choose_stops"]
+__all__ = ["drop_surplus", "pool_items", "place_pool", "replica_bound", "surviving_heaviest", "from_current",
+           "choose_stops"]
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
 _NEAR = 1 + 2e-3  # a layer this close above its target is compared with from scratch (_already_there)
@@ -145,9 +146,12 @@ def match_ranks(fresh: np.ndarray, present: np.ndarray, node_of: Optional[np.nda
         int64 ``[G, n, S]``: ``fresh`` with its rank axis permuted.
     """
     G, n, S = fresh.shape
-    g = np.arange(G)[:, None, None, None]
-    # keep[g, i, j]: replicas of content i that rank j holds already.
-    keep = present[g, np.arange(n)[None, None, :, None], fresh[:, :, None, :] + 1].sum(-1)
+    # keep[g, i, j]: replicas of content i that rank j holds already (whole rows of the transposed
+    # presence gathered per slot: a fancy index over [G, n, n, S] was most of a 58-layer fallback's time).
+    held = np.ascontiguousarray(present.transpose(0, 2, 1))  # [G, E + 1, n]
+    keep = np.zeros((G, n, n), dtype=np.int64)
+    for s in range(S):
+        keep += np.take_along_axis(held, fresh[:, :, s, None] + 1, 1)
     if node_of is not None:
         keep = np.where(node_of[:, None] == node_of[None, :], keep + 1, -n * S)
     out = np.empty_like(fresh)
@@ -175,17 +179,35 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
     return target
 
 
-def replica_bound(w: np.ndarray, n: int, S: int, target: np.ndarray, min_balance: float) -> np.ndarray:
+def replica_bound(w: np.ndarray, n: int, S: int, target: np.ndarray, min_balance: float,
+                  keep: Optional[np.ndarray] = None) -> np.ndarray:
     """float64 ``[L]``: the heaviest replica the counts from a current placement may leave.
 
     A replica's rank also carries ``S - 1`` others: the heaviest replica stays well below the target
     (twice the lightest possible companions' load) so the ranks holding it can be balanced, and never
-    above the greedy optimum's heaviest replica over ``min_balance``. ``inf`` where the target is.
+    above the greedy optimum's heaviest replica over ``min_balance`` — nor above ``keep`` (float64
+    ``[L]``, e.g. :func:`surviving_heaviest`), where that is heavier. ``inf`` where the target is.
     """
     E = w.shape[1]
     per_opt = w / replica_counts(w, n * S, n)
     fill = lightest_sum(per_opt, min(S - 1, E - 1))
-    return np.where(np.isfinite(target), np.minimum(per_opt.max(1) / min_balance, target - 2 * fill), np.inf)
+    top = per_opt.max(1) / min_balance
+    if keep is not None:
+        top = np.maximum(top, keep)
+    return np.where(np.isfinite(target), np.minimum(top, target - 2 * fill), np.inf)
+
+
+def surviving_heaviest(w: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """float64 ``[L]``: the heaviest replica among the experts that keep a replica in ``cur``
+    (int64 ``[L, n, S]`` on the live ranks, ``-1`` = empty), at their surviving counts.
+
+    After a failure the survivors were placed for this load's shape: our from-scratch counts cap the
+    heavy experts' replicas near a rank's share where the greedy counts would leave more heavy
+    replicas than ranks to pair them with (few slots a rank). A repair that pushed those counts back to
+    the greedy's moved ~100 replicas a layer on EP256 x 2 for a less balanced layer."""
+    L, E = w.shape
+    cnt = _count(cur.reshape(L, -1) + 1, E + 1)[:, 1:]
+    return np.where(cnt > 0, w / np.maximum(cnt, 1), 0.0).max(1)
 
 
 @dataclass
@@ -286,7 +308,8 @@ def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray
 
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, search: str = "narrow",
-                 rep_bound: Optional[np.ndarray] = None, exact_target: bool = False) -> np.ndarray:
+                 rep_bound: Optional[np.ndarray] = None, exact_target: bool = False,
+                 keep: Optional[np.ndarray] = None) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -302,7 +325,9 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             slots or so few ranks that narrow may ask them all, every layer narrow again with looser
             counts, and on at most ``_SMALL`` slots without nodes also from :mod:`.recount`'s changed
             counts; each layer stops on any of the traces).
-        rep_bound: :func:`replica_bound` if the caller has it.
+        rep_bound: :func:`replica_bound` if the caller has it (without ``keep``).
+        keep: float64 ``[L]``: replicas up to this load keep their counts where the target allows
+            (:func:`replica_bound`'s ``keep``; after a failure :func:`surviving_heaviest`).
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
             from-scratch placement (which only a layer that misses it entirely may fall back to).
@@ -311,8 +336,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         int64 ``[L, n, S]``.
     """
     L, E = w.shape
-    if rep_bound is None:
-        rep_bound = replica_bound(w, n, S, target, min_balance)
+    if rep_bound is None or keep is not None:
+        rep_bound = replica_bound(w, n, S, target, min_balance, keep)
     first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, search == "wide", rep_bound,
                          not exact_target)
     target, orig, x = first.target, first.orig, first.x
