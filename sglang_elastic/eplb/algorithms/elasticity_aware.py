@@ -190,8 +190,9 @@ def elasticity_aware(
             search = DEFAULT_SEARCH[0 if event else 1]
         target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
-        # After a failure or scale event the survivors' counts were chosen for this load's shape (our
-        # from-scratch counts); a periodic rebalance exists to rebalance counts too.
+        # After a failure or scale event the survivors keep the counts the current placement was made
+        # with where the target allows (ours cap heavy replicas where the greedy's pair them); a
+        # periodic rebalance exists to rebalance counts too.
         keep = repair.surviving_heaviest(w, cur) if event else None
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, search=search,
                               rep_bound=rep_bound, exact_target=balance_reference == "greedy", keep=keep)

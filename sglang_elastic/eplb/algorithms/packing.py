@@ -209,12 +209,12 @@ def search_counts(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Op
     are packed (differencing and a short refinement, no nodes, all layers and caps in one batch) and
     each layer keeps its least busy counts, packed in full at the end (nodes, the whole refinement). A
     layer already within ``_SEARCH_ABOVE`` of the mean (or of its hottest expert spread over every
-    rank) and not above its ``ceiling`` keeps the greedy counts.
+    rank) keeps the greedy counts, unless the layers' sum is above the ``ceiling``'s and it is above its own.
 
     Parameters:
         w: float64 ``[L, E]`` load (positive). counts: int64 ``[L, E]`` greedy counts.
         n, S: live ranks, slots per rank. node_of: int64 ``[n]`` or ``None``. iters: refinement budget.
-        ceiling: float64 ``[L]`` (e.g. upstream's busiest rank) or ``None``.
+        ceiling: float64 ``[L]`` (e.g. upstream's busiest rank; ``inf``: none) or ``None``.
 
     Returns:
         ``(int64 [L, E], int64 [L, n, S], float64 [L])``.
@@ -223,7 +223,11 @@ def search_counts(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Op
     x, best = _pack(w, counts, n, S, node_of, iters)
     mean = w.sum(1) / n
     far = best > np.maximum(mean, w.max(1) / n) * (1 + _SEARCH_ABOVE)
-    todo = np.flatnonzero(far if ceiling is None else far | (best > ceiling))
+    if ceiling is not None:
+        fin = np.isfinite(ceiling)
+        if best[fin].sum() > ceiling[fin].sum():  # the promise is on the sum: only then its layers
+            far |= best > ceiling
+    todo = np.flatnonzero(far)
     if todo.size == 0 or S == 1:
         return counts, x, best
     counts = counts.copy()
