@@ -196,59 +196,47 @@ def _trial_iters(n: int, S: int) -> int:
     return n + 2 * S + 8
 
 
-def search_counts(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
-                  ceiling: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Replica counts chosen by packing them: ``(counts, [L, n, S] experts, [L] busiest)``.
+def search_counts(w: np.ndarray, counts: np.ndarray, x: np.ndarray, best: np.ndarray, n: int, S: int,
+                  node_of: Optional[np.ndarray], iters: int, todo: np.ndarray) -> None:
+    """Replica counts chosen by packing them, for the layers ``todo``: ``counts``, ``x`` and ``best``
+    (the layers' counts, packings and busiest ranks so far) are updated in place where a layer gains.
 
-    The greedy counts (``counts``) are one candidate; the others cap each expert's replica at
+    The counts so far are one candidate; the others cap each expert's replica at
     ``cap * mean rank load`` (:func:`.counts.capped_counts`, both fill rules), first on a geometric
     grid of caps from the least that can be met (``1/S``, or the hottest expert over every rank) to
     ``1``, then halving the step around each layer's best candidate (the packing is jagged in the cap:
     a grid point may miss a cap a few percent off that packs better than the greedy counts). A candidate
     whose bound (:func:`.counts.max_load_bound`) is no better than the layer's best is skipped; the rest
     are packed (differencing and a short refinement, no nodes, all layers and caps in one batch) and
-    each layer keeps its least busy counts, packed in full at the end (nodes, the whole refinement). A
-    layer already within ``_SEARCH_ABOVE`` of the mean (or of its hottest expert spread over every
-    rank) keeps the greedy counts, unless the layers' sum is above the ``ceiling``'s and it is above its own.
+    each layer keeps its least busy counts, packed in full at the end (nodes, the whole refinement).
 
     Parameters:
-        w: float64 ``[L, E]`` load (positive). counts: int64 ``[L, E]`` greedy counts.
-        n, S: live ranks, slots per rank. node_of: int64 ``[n]`` or ``None``. iters: refinement budget.
-        ceiling: float64 ``[L]`` (e.g. upstream's busiest rank; ``inf``: none) or ``None``.
-
-    Returns:
-        ``(int64 [L, E], int64 [L, n, S], float64 [L])``.
+        w: float64 ``[L, E]`` load (positive). counts: int64 ``[L, E]``. x: int64 ``[L, n, S]``.
+        best: float64 ``[L]``. n, S: live ranks, slots per rank. node_of: int64 ``[n]`` or ``None``.
+        iters: refinement budget. todo: int64 layer indices.
     """
     L = w.shape[0]
-    x, best = _pack(w, counts, n, S, node_of, iters)
-    mean = w.sum(1) / n
-    far = best > np.maximum(mean, w.max(1) / n) * (1 + _SEARCH_ABOVE)
-    if ceiling is not None:
-        fin = np.isfinite(ceiling)
-        if best[fin].sum() > ceiling[fin].sum():  # the promise is on the sum: only then its layers
-            far |= best > ceiling
-    todo = np.flatnonzero(far)
     if todo.size == 0 or S == 1:
-        return counts, x, best
-    counts = counts.copy()
-    quick = best.copy()  # each layer's best packing after the short refinement (greedy counts: the full one)
-    won = np.zeros(L, dtype=bool)  # a candidate beat the greedy counts
+        return
+    mean = w.sum(1) / n
+    before = counts.copy()
+    quick = best.copy()  # each layer's best packing after the short refinement (the counts so far: in full)
+    won = np.zeros(L, dtype=bool)  # a candidate beat the counts so far
     cand = np.full(L, np.inf)  # the best candidate's busiest rank, and its cap: the search centres on it
     best_cap = np.full(L, np.nan)
     short = min(iters, _trial_iters(n, S))
 
     def trial(caps: np.ndarray, layers: np.ndarray) -> None:
         """Pack every fill rule and cap of ``caps`` ``[K, len(layers)]`` in one batch, keep improvements."""
-        rows, cands, capv = [], [], []
-        for fill in FILL_RULES:
-            for cap in caps:
-                c = capped_counts(w[layers], n * S, cap, n, fill)
-                ok = c[:, 0] >= 0
-                ok[ok] = max_load_bound(w[layers[ok]], c[ok], n, S) < np.minimum(quick, cand)[layers[ok]]
-                rows.append(layers[ok]), cands.append(c[ok]), capv.append(cap[ok])
-        rows, cands, capv = np.concatenate(rows), np.concatenate(cands), np.concatenate(capv)
-        if rows.size == 0:
+        K = caps.shape[0] * len(FILL_RULES)
+        rows, capv = np.tile(layers, K), np.tile(caps.ravel(), len(FILL_RULES))
+        cands = np.concatenate([capped_counts(w[rows[:rows.size // len(FILL_RULES)]], n * S, caps.ravel(), n, fill)
+                                for fill in FILL_RULES])
+        ok = np.flatnonzero(cands[:, 0] >= 0)
+        ok = ok[max_load_bound(w[rows[ok]], cands[ok], n, S) < np.minimum(quick, cand)[rows[ok]]]
+        if ok.size == 0:
             return
+        rows, cands, capv = rows[ok], cands[ok], capv[ok]
         _, bz = _pack(w[rows], cands, n, S, None, short)
         # Per layer, the least busy candidate (a stable order: the first of equals).
         order = np.lexsort((bz, rows))
@@ -273,11 +261,9 @@ def search_counts(w: np.ndarray, counts: np.ndarray, n: int, S: int, node_of: Op
     changed = np.flatnonzero(won)
     if changed.size:
         xc, bc = _pack(w[changed], counts[changed], n, S, node_of, iters)
-        keep = bc < best[changed]  # the full packing of the greedy counts may still be the better one
-        l = changed[keep]
-        x[l], best[l] = xc[keep], bc[keep]
-        counts[changed[~keep]] = replica_counts(w[changed[~keep]], n * S, n)
-    return counts, x, best
+        keep = bc < best[changed]  # the layer's packing so far may still be the better one
+        x[changed[keep]], best[changed[keep]] = xc[keep], bc[keep]
+        counts[changed[~keep]] = before[changed[~keep]]
 
 
 def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
@@ -289,7 +275,10 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
     above their ceiling also try LPT refined down to it, and the ones that gain most take it, until the
     sum holds (or none is left): the placement changes no more than the promise needs.
     """
-    counts, x, best = search_counts(w, replica_counts(w, n * S, n), n, S, node_of, iters, ceiling)
+    counts = replica_counts(w, n * S, n)
+    x, best = _pack(w, counts, n, S, node_of, iters)
+    floor = np.maximum(w.sum(1) / n, w.max(1) / n)  # no counts place a layer below this
+    search_counts(w, counts, x, best, n, S, node_of, iters, np.flatnonzero(best > floor * (1 + _SEARCH_ABOVE)))
     per = w / counts
     bound = np.maximum(w.sum(1) / n, per.max(1))
     # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
@@ -325,6 +314,10 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
                     break
                 x[over[i]], best[over[i]] = xl[i], lmax[i]
                 excess -= gain[i]
+            if excess > 0:  # still above: upstream splits an expert on a rank; other counts may match it
+                over = np.flatnonzero(fin & (best > ceiling))
+                search_counts(w, counts, x, best, n, S, node_of, iters, over)
+                per = w / counts
     srt = np.sort(x, axis=-1)
     twice = np.flatnonzero(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any((1, 2)))
     if twice.size:
