@@ -194,8 +194,12 @@ def elasticity_aware(
         # with where the target allows (ours cap heavy replicas where the greedy's pair them); a
         # periodic rebalance exists to rebalance counts too.
         keep = repair.surviving_heaviest(w, cur) if event else None
+        exact = balance_reference == "greedy"
+        # A layer just above a bound-based target is compared with a placement from scratch, made as the
+        # healthy path makes it (upstream's busiest rank its ceiling).
+        scratch_ceiling = None if exact else _targets(weight, w, n, S, 1.0, "greedy")[0]
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, search=search,
-                              rep_bound=rep_bound, exact_target=balance_reference == "greedy", keep=keep)
+                              rep_bound=rep_bound, exact_target=exact, keep=keep, scratch_ceiling=scratch_ceiling)
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)
     out[:, live_idx] = result
     return out.reshape(L, num_ranks * S)

@@ -162,20 +162,23 @@ def match_ranks(fresh: np.ndarray, present: np.ndarray, node_of: Optional[np.nda
 
 
 def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S: int,
-                   node_of: Optional[np.ndarray], iters: int, min_balance: float) -> np.ndarray:
+                   node_of: Optional[np.ndarray], iters: int, min_balance: float,
+                   ceiling: Optional[np.ndarray] = None) -> np.ndarray:
     """``target`` lowered to ``got`` where a layer just above its target already keeps the promise.
 
     The target is a bound-based estimate; a layer within 0.2 % of it is compared with the real
     from-scratch placement (so that, e.g., the same load on the same ranks moves nothing even at
-    ``min_balance=1``). Returns float64 ``[L]``.
+    ``min_balance=1``), held to ``ceiling`` (float64 ``[L]``, upstream's busiest rank) as a placement
+    from scratch is. Returns float64 ``[L]``.
     """
     near = np.flatnonzero((got > target) & (got <= target * _NEAR))
     if near.size == 0:
         return target
-    # Held to the reference like the missed layers' fresh placement (from_current): without it, our
-    # differencing on a layer with no redundant slot landed above upstream's LPT and let the layer
-    # keep a repair 0.08 % above upstream's busiest rank (4 x 64 on EP16x4, a periodic rebalance).
-    _, fresh_max = from_scratch(w[near], n, S, node_of, iters, ceiling=target[near] * min_balance)
+    # Without the ceiling our differencing on a layer with no redundant slot landed above upstream's
+    # LPT and let the layer keep a repair 0.08 % above upstream's busiest rank (4 x 64 on EP16x4, a
+    # periodic rebalance, session 34); with the target as the ceiling instead, a placement made from
+    # scratch (ceiling: upstream's) was no longer "already there" for its own load.
+    _, fresh_max = from_scratch(w[near], n, S, node_of, iters, ceiling=None if ceiling is None else ceiling[near])
     fine = got[near] * min_balance <= fresh_max
     target = target.copy()
     target[near[fine]] = got[near[fine]]
@@ -230,9 +233,10 @@ class _Pass:
 
 def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
                  target: np.ndarray, min_balance: float, wide_search: bool, rep_bound: np.ndarray,
-                 near_target: bool) -> _Pass:
+                 near_target: bool, ceiling: Optional[np.ndarray] = None) -> _Pass:
     """Repair ``cur`` (counts, surplus drop, pool, conflicts) and trace the swaps towards ``target``.
-    ``near_target``: a layer just above its target after the repair may lower it (``_already_there``)."""
+    ``near_target``: a layer just above its target after the repair may lower it (``_already_there``,
+    with ``ceiling``)."""
     L, E = w.shape
     aim_factor = _aim_factor(min_balance)
     target = target.copy()
@@ -250,7 +254,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             rp.load[stopped] = load = st.loads()
             if near_target:
                 target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
-                                                 min_balance)
+                                                 min_balance, None if ceiling is None else ceiling[stopped])
             rp.aim[stopped] = target[stopped] * aim_factor
             repair_jit.refine_layers(rp, stopped)
         return _compiled_pass(rp, target)
@@ -264,7 +268,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     fix_conflicts(st, max_iters=n * S)
     orig = SlotState(cur, per, None).present
     if near_target:
-        target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance)
+        target = _already_there(st.loads().max(1), target, w, n, S, node_of, iters, min_balance, ceiling)
     return _reference_pass(st, orig, target, iters, target * aim_factor, wide_search)
 
 
@@ -314,7 +318,7 @@ def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, search: str = "narrow",
                  rep_bound: Optional[np.ndarray] = None, exact_target: bool = False,
-                 keep: Optional[np.ndarray] = None) -> np.ndarray:
+                 keep: Optional[np.ndarray] = None, scratch_ceiling: Optional[np.ndarray] = None) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -336,6 +340,8 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
             from-scratch placement (which only a layer that misses it entirely may fall back to).
+        scratch_ceiling: float64 ``[L]``: the ceiling of that comparison's from-scratch placement
+            (upstream's busiest rank, as a placement from scratch has), or ``None``.
 
     Returns:
         int64 ``[L, n, S]``.
@@ -344,7 +350,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
     if rep_bound is None or keep is not None:
         rep_bound = replica_bound(w, n, S, target, min_balance, keep)
     first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, search == "wide", rep_bound,
-                         not exact_target)
+                         not exact_target, scratch_ceiling)
     target, orig, x = first.target, first.orig, first.x
     maxes, fetched = first.maxes, first.fetched
     got = maxes[-1].copy()
