@@ -220,18 +220,18 @@ def search_counts(w: np.ndarray, counts: np.ndarray, x: np.ndarray, best: np.nda
         return
     mean = w.sum(1) / n
     before = counts.copy()
-    quick = best.copy()  # each layer's best packing after the short refinement (the counts so far: in full)
-    won = np.zeros(L, dtype=bool)  # a candidate beat the counts so far
+    # Each layer's best packing after the short refinement (the counts so far: in full); below ``best``
+    # where a candidate beat the counts so far.
+    quick = best.copy()
     cand = np.full(L, np.inf)  # the best candidate's busiest rank, and its cap: the search centres on it
     best_cap = np.full(L, np.nan)
     short = min(iters, _trial_iters(n, S))
 
     def trial(caps: np.ndarray, layers: np.ndarray) -> None:
         """Pack every fill rule and cap of ``caps`` ``[K, len(layers)]`` in one batch, keep improvements."""
-        K = caps.shape[0] * len(FILL_RULES)
-        rows, capv = np.tile(layers, K), np.tile(caps.ravel(), len(FILL_RULES))
-        cands = np.concatenate([capped_counts(w[rows[:rows.size // len(FILL_RULES)]], n * S, caps.ravel(), n, fill)
-                                for fill in FILL_RULES])
+        of_cap = np.tile(layers, caps.shape[0])  # the layer of each entry of caps.ravel()
+        cands = np.concatenate([capped_counts(w[of_cap], n * S, caps.ravel(), n, fill) for fill in FILL_RULES])
+        rows, capv = np.tile(of_cap, len(FILL_RULES)), np.tile(caps.ravel(), len(FILL_RULES))
         ok = np.flatnonzero(cands[:, 0] >= 0)
         ok = ok[max_load_bound(w[rows[ok]], cands[ok], n, S) < np.minimum(quick, cand)[rows[ok]]]
         if ok.size == 0:
@@ -245,7 +245,7 @@ def search_counts(w: np.ndarray, counts: np.ndarray, x: np.ndarray, best: np.nda
         cand[rows[top]], best_cap[rows[top]] = bz[top], capv[top]
         win = first[bz[first] < quick[rows[first]]]
         l = rows[win]
-        quick[l], counts[l], won[l] = bz[win], cands[win], True
+        quick[l], counts[l] = bz[win], cands[win]
 
     # Caps below the mean replica (1/S of a rank's share) or below the hottest expert spread over every
     # rank cannot be met.
@@ -258,7 +258,7 @@ def search_counts(w: np.ndarray, counts: np.ndarray, x: np.ndarray, best: np.nda
         near = np.flatnonzero(np.isfinite(best_cap))
         if near.size:
             trial(np.stack([best_cap[near] / step[near], best_cap[near] * step[near]]), near)
-    changed = np.flatnonzero(won)
+    changed = np.flatnonzero(quick < best)
     if changed.size:
         xc, bc = _pack(w[changed], counts[changed], n, S, node_of, iters)
         keep = bc < best[changed]  # the layer's packing so far may still be the better one
