@@ -197,7 +197,8 @@ def elasticity_aware(
         exact = balance_reference == "greedy"
         # A layer just above a bound-based target is compared with a placement from scratch, made as the
         # healthy path makes it (upstream's busiest rank its ceiling).
-        scratch_ceiling = None if exact else _targets(weight, w, n, S, 1.0, "greedy")[0]
+        # (upstream's greedy placement of those layers only: most calls have none)
+        scratch_ceiling = None if exact else lambda rows: _targets(weight[rows], w[rows], n, S, 1.0, "greedy")[0]
         result = from_current(w, cur, n, S, node_of, iters, target, min_balance, search=search,
                               rep_bound=rep_bound, exact_target=exact, keep=keep, scratch_ceiling=scratch_ceiling)
     out = np.full((L, num_ranks, S), -1, dtype=np.int64)

@@ -20,6 +20,8 @@ __all__ = ["drop_surplus", "pool_items", "place_pool", "replica_bound", "survivi
 
 _AIM_PAST = 2e-3  # how far past min_balance the swap refinement aims (see from_current)
 _NEAR = 1 + 2e-3  # a layer this close above its target is compared with from scratch (_already_there)
+# Layers (int64 indices into the caller's layers) -> float64 ceiling of each: computed on demand.
+Ceiling = Callable[[np.ndarray], np.ndarray]
 _LIGHT = 6  # the narrow search: partners of the busiest rank among this many least busy ranks
 # ... and, where none of them offers a swap that fetches nothing, up to this many more that may
 # (refine.best_swaps' ``extra``): 2-7 % fewer transfers after a failure on the bench's loads, 4 more of
@@ -161,15 +163,20 @@ def match_ranks(fresh: np.ndarray, present: np.ndarray, node_of: Optional[np.nda
     return out
 
 
+def _rows_of(ceiling: Ceiling, rows: np.ndarray) -> Ceiling:
+    """``ceiling`` of a subset: indices into ``rows`` -> the ceiling of those layers of the whole."""
+    return lambda sub: ceiling(rows[sub])
+
+
 def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S: int,
                    node_of: Optional[np.ndarray], iters: int, min_balance: float,
-                   ceiling: Optional[np.ndarray] = None) -> np.ndarray:
+                   ceiling: Optional[Ceiling] = None) -> np.ndarray:
     """``target`` lowered to ``got`` where a layer just above its target already keeps the promise.
 
     The target is a bound-based estimate; a layer within 0.2 % of it is compared with the real
     from-scratch placement (so that, e.g., the same load on the same ranks moves nothing even at
-    ``min_balance=1``), held to ``ceiling`` (float64 ``[L]``, upstream's busiest rank) as a placement
-    from scratch is. Returns float64 ``[L]``.
+    ``min_balance=1``), held to ``ceiling`` (of the layers asked, upstream's busiest rank) as a
+    placement from scratch is. Returns float64 ``[L]``.
     """
     near = np.flatnonzero((got > target) & (got <= target * _NEAR))
     if near.size == 0:
@@ -178,7 +185,7 @@ def _already_there(got: np.ndarray, target: np.ndarray, w: np.ndarray, n: int, S
     # LPT and let the layer keep a repair 0.08 % above upstream's busiest rank (4 x 64 on EP16x4, a
     # periodic rebalance, session 34); with the target as the ceiling instead, a placement made from
     # scratch (ceiling: upstream's) was no longer "already there" for its own load.
-    _, fresh_max = from_scratch(w[near], n, S, node_of, iters, ceiling=None if ceiling is None else ceiling[near])
+    _, fresh_max = from_scratch(w[near], n, S, node_of, iters, ceiling=None if ceiling is None else ceiling(near))
     fine = got[near] * min_balance <= fresh_max
     target = target.copy()
     target[near[fine]] = got[near[fine]]
@@ -233,7 +240,7 @@ class _Pass:
 
 def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], iters: int,
                  target: np.ndarray, min_balance: float, wide_search: bool, rep_bound: np.ndarray,
-                 near_target: bool, ceiling: Optional[np.ndarray] = None) -> _Pass:
+                 near_target: bool, ceiling: Optional[Ceiling] = None) -> _Pass:
     """Repair ``cur`` (counts, surplus drop, pool, conflicts) and trace the swaps towards ``target``.
     ``near_target``: a layer just above its target after the repair may lower it (``_already_there``,
     with ``ceiling``)."""
@@ -254,7 +261,7 @@ def _repair_pass(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             rp.load[stopped] = load = st.loads()
             if near_target:
                 target[stopped] = _already_there(load.max(1), target[stopped], w[stopped], n, S, node_of, iters,
-                                                 min_balance, None if ceiling is None else ceiling[stopped])
+                                                 min_balance, None if ceiling is None else _rows_of(ceiling, stopped))
             rp.aim[stopped] = target[stopped] * aim_factor
             repair_jit.refine_layers(rp, stopped)
         return _compiled_pass(rp, target)
@@ -318,7 +325,7 @@ def _recount_pass(w: np.ndarray, cur: np.ndarray, iters: int, target: np.ndarray
 def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray],
                  iters: int, target: np.ndarray, min_balance: float, search: str = "narrow",
                  rep_bound: Optional[np.ndarray] = None, exact_target: bool = False,
-                 keep: Optional[np.ndarray] = None, scratch_ceiling: Optional[np.ndarray] = None) -> np.ndarray:
+                 keep: Optional[np.ndarray] = None, scratch_ceiling: Optional[Ceiling] = None) -> np.ndarray:
     """Movement-aware placement: repair ``cur``, swap towards ``target``, then stop each layer where the
     balance it still buys costs most transfers (:func:`choose_stops`, the sum over layers is what counts).
 
@@ -340,8 +347,10 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
             greedy reference), not from a bound: a layer just above it is not compared with our
             from-scratch placement (which only a layer that misses it entirely may fall back to).
-        scratch_ceiling: float64 ``[L]``: the ceiling of that comparison's from-scratch placement
-            (upstream's busiest rank, as a placement from scratch has), or ``None``.
+        scratch_ceiling: the ceiling of that comparison's from-scratch placement (upstream's busiest
+            rank, as a placement from scratch has): called with the int64 indices of the layers
+            compared, returns float64 ``[len]``; ``None``: no ceiling. A function, so that a call where
+            no layer lands just above its target never computes it.
 
     Returns:
         int64 ``[L, n, S]``.
