@@ -112,6 +112,22 @@ def test_compiled_packings_are_the_reference(L, n, S, seed, ties):
     np.testing.assert_array_equal(lpt_assign_reference(per, counts, n, S), lpt_assign_compiled(per, counts, n, S))
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 20), st.integers(1, 8), st.integers(1, 8), st.integers(0, 2**16),
+       st.booleans())
+def test_compiled_node_order_is_the_reference(L, n, S, nodes, seed, empty):
+    """The from-scratch node order: the kernel sends each rank's content where numpy does, with
+    experts twice on a rank (counted once per content, as numpy's ``+=``) and empty slots."""
+    from sglang_elastic.eplb.algorithms.packing import order_ranks_by_node_reference
+    from sglang_elastic.eplb.algorithms.refine_jit import order_ranks_by_node_compiled
+
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(1, 2 * n * S + 1))
+    x = rng.integers(-1 if empty else 0, E, size=(L, n, S))
+    node_of = np.unique(rng.integers(0, min(nodes, n), n), return_inverse=True)[1].astype(np.int64)
+    np.testing.assert_array_equal(order_ranks_by_node_reference(x, node_of), order_ranks_by_node_compiled(x, node_of))
+
+
 def test_warm_up_compiles_then_placements_are_unchanged():
     from sglang_elastic.eplb import warm_up, warm_up_in_background
     from sglang_elastic.eplb.algorithms import jit_kernels

@@ -187,6 +187,58 @@ if AVAILABLE:
             if k[j] == K1:
                 k[j] = K1 - 1
 
+    # ----------------------------------------------------------------- from scratch: node order
+
+    @njit(cache=True, nogil=True)
+    def _node_order_all(x, node_of, node_ranks, M, out):
+        """:func:`.packing.order_ranks_by_node_reference` into ``out`` (int64 ``[L, n, S]``): each rank's
+        content, in rank order, to the node with room holding fewest of its experts (clashes counted
+        per slot, an expert counted once per content, as numpy's ``+=`` does; ties: the node with
+        most room, then the lower node); contents bound for a node fill its ranks in order."""
+        L, n, S = x.shape
+        E1 = 0
+        for v in x.ravel():
+            E1 = max(E1, v + 2)
+        big = np.iinfo(np.int64).max
+        node_cnt = np.zeros((E1, M), np.int64)
+        room0 = np.zeros(M, np.int64)
+        for r in range(n):
+            room0[node_of[r]] += 1
+        room = np.empty(M, np.int64)
+        dest = np.empty(n, np.int64)
+        for l in range(L):
+            node_cnt[:] = 0
+            room[:] = room0
+            for j in range(n):
+                best, m_best = big, 0
+                for m in range(M):
+                    if room[m] > 0:
+                        clash = 0
+                        for s in range(S):
+                            clash += node_cnt[x[l, j, s] + 1, m]
+                        score = clash * (n + 1) - room[m]
+                    else:
+                        score = big
+                    if score < best:
+                        best, m_best = score, m
+                dest[j] = m_best
+                room[m_best] -= 1
+                for s in range(S):
+                    v = x[l, j, s] + 1
+                    seen = False
+                    for t in range(s):
+                        if x[l, j, t] + 1 == v:
+                            seen = True
+                            break
+                    if not seen:
+                        node_cnt[v, m_best] += 1
+            k = 0  # contents grouped by node (a stable order), node m's to its ranks in order
+            for m in range(M):
+                for j in range(n):
+                    if dest[j] == m:
+                        out[l, node_ranks[k]] = x[l, j]
+                        k += 1
+
     # ----------------------------------------------------------------- the output check
 
     @njit(cache=True, nogil=True)

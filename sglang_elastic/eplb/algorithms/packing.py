@@ -9,10 +9,10 @@ from .conflicts import fix_conflicts
 from .counts import FILL_RULES, capped_counts, max_load_bound, replica_counts
 from .deepseek import balanced_packing
 from .refine import refine
-from .refine_jit import lpt_assign_compiled, refine_scratch, scratch_assign_compiled
+from .refine_jit import lpt_assign_compiled, order_ranks_by_node_compiled, refine_scratch, scratch_assign_compiled
 from .slots import SlotState
 
-__all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "shift_to_top", "from_scratch"]
+__all__ = ["scratch_assign", "scratch_assign_reference", "lpt_assign", "lpt_assign_reference", "order_ranks_by_node", "order_ranks_by_node_reference", "shift_to_top", "from_scratch"]
 
 
 def _replicas_by_load(per: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -92,10 +92,20 @@ def lpt_assign_reference(per: np.ndarray, counts: np.ndarray, n: int, S: int) ->
 
 
 def order_ranks_by_node(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
+    """:func:`order_ranks_by_node_reference`, compiled wherever :mod:`.repair` runs its kernels (the same order)."""
+    from . import repair  # repair imports this module; its switch decides for both
+
+    if repair.USE_JIT:
+        return order_ranks_by_node_compiled(x, node_of)
+    return order_ranks_by_node_reference(x, node_of)
+
+
+def order_ranks_by_node_reference(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
     """Reorder the ranks of a from-scratch assignment so replicas of an expert land on different nodes.
 
     Rank contents are fixed; only which live rank gets which content changes (free for balance). Each
-    content, heaviest-replicated first, goes to the node with room holding fewest of its experts.
+    content, in rank order, goes to the node with room holding fewest of its experts (then the one
+    with most room). Parameters: x int64 ``[L, n, S]``, node_of int64 ``[n]``. Returns int64 ``[L, n, S]``.
     """
     L, n, S = x.shape
     E1 = int(x.max()) + 2
@@ -113,11 +123,9 @@ def order_ranks_by_node(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
         node_cnt[rows[:, None], x[:, j] + 1, m[:, None]] += 1
     # Contents bound for node m fill node m's live ranks in order.
     node_ranks = np.argsort(node_of, kind="stable")
-    first = np.concatenate([[0], np.cumsum(np.bincount(node_of, minlength=M))[:-1]])
     pos = np.argsort(dest_node, axis=1, kind="stable")  # contents grouped by node
     out = np.empty_like(x)
     out[rows[:, None], node_ranks[None, :]] = x[rows[:, None], pos]
-    del first
     return out
 
 
@@ -278,7 +286,8 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
     counts = replica_counts(w, n * S, n)
     x, best = _pack(w, counts, n, S, node_of, iters)
     floor = np.maximum(w.sum(1) / n, w.max(1) / n)  # no counts place a layer below this
-    search_counts(w, counts, x, best, n, S, node_of, iters, np.flatnonzero(best > floor * (1 + _SEARCH_ABOVE)))
+    searched = np.flatnonzero(best > floor * (1 + _SEARCH_ABOVE))
+    search_counts(w, counts, x, best, n, S, node_of, iters, searched)
     per = w / counts
     bound = np.maximum(w.sum(1) / n, per.max(1))
     # Few large replicas (heavy tails with little redundancy) suit longest-processing-time better
@@ -315,7 +324,8 @@ def from_scratch(w: np.ndarray, n: int, S: int, node_of: Optional[np.ndarray], i
                 x[over[i]], best[over[i]] = xl[i], lmax[i]
                 excess -= gain[i]
             if excess > 0:  # still above: upstream splits an expert on a rank; other counts may match it
-                over = np.flatnonzero(fin & (best > ceiling))
+                # (a layer searched above would try the same candidates again: none beats its winner)
+                over = np.setdiff1d(np.flatnonzero(fin & (best > ceiling)), searched)
                 search_counts(w, counts, x, best, n, S, node_of, iters, over)
                 per = w / counts
     srt = np.sort(x, axis=-1)

@@ -21,12 +21,13 @@ from .jit_kernels import AVAILABLE
 
 if AVAILABLE:
     from .jit_kernels import _assign_all, _conflicts_all, _lpt_all, _rewind_all, _scratch_all
+    from .jit_sums import _node_order_all
 
 if TYPE_CHECKING:
     from .slots import SlotState
 
 __all__ = ["AVAILABLE", "THREADS", "rewind_traced", "refine_scratch", "fix_conflicts_compiled",
-           "scratch_assign_compiled", "lpt_assign_compiled", "warm_up", "warm_up_in_background"]
+           "scratch_assign_compiled", "lpt_assign_compiled", "order_ranks_by_node_compiled", "warm_up", "warm_up_in_background"]
 
 # Threads for the compiled refinement (at most the CPUs this process may use): the issue's machine has 2.
 THREADS = int(os.environ.get("SGLANG_ELASTIC_EPLB_THREADS", "2"))
@@ -107,6 +108,16 @@ def scratch_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int)
 def lpt_assign_compiled(per: np.ndarray, counts: np.ndarray, n: int, S: int) -> np.ndarray:
     """:func:`.packing.lpt_assign_reference`, compiled (the same assignment): int64 ``[L, n, S]``."""
     return _assign(_lpt_all, per, counts, n, S)
+
+
+def order_ranks_by_node_compiled(x: np.ndarray, node_of: np.ndarray) -> np.ndarray:
+    """:func:`.packing.order_ranks_by_node_reference`, compiled (the same order): int64 ``[L, n, S]``."""
+    x = np.ascontiguousarray(x, dtype=np.int64)
+    node_of = np.ascontiguousarray(node_of, dtype=np.int64)
+    out = np.empty_like(x)
+    if x.shape[0]:
+        _node_order_all(x, node_of, np.argsort(node_of, kind="stable"), int(node_of.max()) + 1, out)
+    return out
 
 
 def _kernel_arrays(st: SlotState) -> Tuple[np.ndarray, np.ndarray]:
