@@ -187,6 +187,33 @@ def test_node_spread_on_deepseek_shape_with_dead_ranks():
     assert balancedness(w, p) >= balancedness(w, flat) - 0.002
 
 
+@pytest.mark.parametrize("dead", [(), (3, 20)])
+def test_without_nodes_replicas_spread_over_blocks_of_consecutive_ranks(dead, monkeypatch):
+    """Flat (no ranks_per_node), from scratch: an expert's replicas sit in different blocks of 8
+    consecutive ranks (a node of 1-8 GPUs), so a dead node leaves few experts without a live replica;
+    only which rank holds which content changes: the same rank loads and balance. Before, the packing
+    put both replicas of ~3 in 4 such experts on one block (a dead node: 7.2 orphans a layer, 5.0 now)."""
+    from sglang_elastic.eplb.algorithms import elasticity_aware as ea
+
+    R, S, B = 64, 2, 8
+    w = synthetic_load("shared_hot", 6, 96, seed=4)
+    live = np.ones(R, dtype=bool)
+    live[list(dead)] = False
+    p = rebalance(w, R, S, live_ranks=live)
+    x = p.by_rank().numpy()
+    for l in range(6):
+        for e in range(96):
+            ranks = np.flatnonzero((x[l] == e).any(1))
+            assert len(set(ranks // B)) == min(len(ranks), R // B), (l, e, ranks)
+        for blk in range(R // B):  # the orphans a dead block leaves: only experts of one replica
+            ranks_of = [np.flatnonzero((x[l] == e).any(1)) for e in range(96)]
+            assert all(len(r) == 1 for r in ranks_of if r.size and (r // B == blk).all())
+    monkeypatch.setattr(ea, "_SPREAD_BLOCK", 10 ** 9)  # the same placement, not spread
+    q = rebalance(w, R, S, live_ranks=live)
+    assert not np.array_equal(x, q.by_rank().numpy())
+    np.testing.assert_array_equal(np.sort(rank_load(w, p), 1), np.sort(rank_load(w, q), 1))
+
+
 def test_replica_counts_is_the_greedy_optimum():
     rng = np.random.default_rng(1)
     w = rng.lognormal(0, 1.5, size=(5, 20))

@@ -1,7 +1,8 @@
 """Elasticity-aware EPLB: balanced placement on live ranks only, moving as few experts as it can.
 
 From scratch (:mod:`.packing`): DeepSeek's greedy replica counts, balanced largest differencing over
-the live ranks, node ordering and conflict removal, a short swap refinement.
+the live ranks, node ordering and conflict removal, a short swap refinement; without nodes, the
+ranks' contents ordered so that an expert's replicas sit in different blocks of 8 consecutive ranks.
 
 From a ``current`` placement (:mod:`.repair`): the caller states the trade-off, not a constant —
 ``min_balance=0.99`` asks for at least 99 % of the balancedness a from-scratch placement reaches
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .counts import greedy_busiest, greedy_counts, max_load_bound
-from .packing import from_scratch
+from .packing import from_scratch, order_ranks_by_node
 from .registry import register_algorithm
 from . import repair, repair_jit
 from .repair import from_current
@@ -32,6 +33,13 @@ __all__ = ["elasticity_aware", "balance_target", "DEFAULT_MIN_BALANCE", "SEARCHE
 DEFAULT_MIN_BALANCE = (0.99, 1.0)
 # Our from-scratch placement lands about this close above max_load_bound (measured on the bench shapes).
 _SCRATCH_SLACK = 5e-4
+# Without ranks_per_node, a placement from scratch still spreads each expert's replicas over blocks
+# of this many consecutive ranks (ranks are numbered node by node; nodes of 1, 2, 4 or 8 GPUs nest
+# in these blocks): the packing puts an expert's replicas on neighbouring ranks (EP128x2: 290 of 388
+# experts with two replicas had both on one node of 8), so that a dead node left 7.2 experts a layer
+# without a live replica where 5.0 are left spread (EP256x2: 7.1 vs 2.9): tokens with no live
+# expert until the repair lands, and the transfers that must follow.
+_SPREAD_BLOCK = 8
 
 
 def balance_target(w: np.ndarray, n: int, S: int, min_balance: float, reference: str = "greedy") -> np.ndarray:
@@ -178,6 +186,9 @@ def elasticity_aware(
         # layer is the ceiling (where it splits an expert twice on a rank, out of reach, the bound).
         ceiling, _ = _targets(weight, w, n, S, 1.0, "greedy")
         result, _ = from_scratch(w, n, S, node_of, iters, ceiling=ceiling)
+        if node_of is None and live_idx[-1] // _SPREAD_BLOCK > live_idx[0] // _SPREAD_BLOCK:
+            # Rank contents stay, only which rank holds which changes: the balance is the same.
+            result = order_ranks_by_node(result, np.unique(live_idx // _SPREAD_BLOCK, return_inverse=True)[1])
     else:
         event = _live_set_changed(current, live, num_ranks, S)
         if balance_tolerance is not None:
