@@ -237,10 +237,11 @@ def test_same_placements_from_a_current_placement_with_duplicates():
 @given(st.integers(1, 6), st.sampled_from([7, 48, 128, 129, 256, 384, 1000]), st.integers(1, 40),
        st.one_of(st.integers(1, 12), st.sampled_from([127, 128, 129, 200, 300])),
        st.sampled_from(sorted(SYNTHETIC_LOADS) + ["zero", "flat"]), st.sampled_from([0.9, 0.99, 1.0]),
-       st.integers(0, 2**16), st.sampled_from(["greedy", "bound"]))
-def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, seed, reference):
+       st.integers(0, 2**16), st.sampled_from(["greedy", "bound"]), st.booleans())
+def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, seed, reference, with_keep):
     """balance_target and replica_bound, compiled: the same floats (sums in numpy's order), with
-    either balance reference (the greedy one: the same packing, sorted by a radix sort)."""
+    either balance reference (the greedy one: the same packing, sorted by a radix sort), with and
+    without the survivors' heaviest replica (``keep``)."""
     from sglang_elastic.eplb.algorithms import repair_jit
     from sglang_elastic.eplb.algorithms.elasticity_aware import _SCRATCH_SLACK, balance_target
     from sglang_elastic.eplb.algorithms.inputs import scale_to_unit
@@ -255,9 +256,11 @@ def test_compiled_targets_are_the_reference(L, E, n, S, family, min_balance, see
     else:
         weight = scale_to_unit(np.asarray(synthetic_load(family, L, E, seed=seed), dtype=np.float64))
     w = weight + (weight.sum(1, keepdims=True) / (E * 1e9) + 1e-300)
+    # keep: around each layer's heaviest replica, so that it binds in some layers and not in others
+    keep = w.max(1) / n * np.random.default_rng(seed).uniform(0.5, 3.0, L) if with_keep else None
     target = balance_target(weight, n, S, min_balance, reference)
-    bound = replica_bound(w, n, S, target, min_balance)
-    t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference)
+    bound = replica_bound(w, n, S, target, min_balance, keep)
+    t_jit, b_jit = repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference, keep)
     np.testing.assert_array_equal(target, t_jit)
     np.testing.assert_array_equal(bound, b_jit)
 

@@ -104,11 +104,11 @@ def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: 
 
 
 def _targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: float,
-             reference: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(balance_target, replica bound or None)``: compiled where the kernels run, else the numpy
-    reference (no replica bound)."""
+             reference: str, keep: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(balance_target, replica bound (with keep) or None)``: compiled where the kernels run, else the
+    numpy reference (no replica bound)."""
     if repair.USE_JIT:
-        return repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference)
+        return repair_jit.targets(weight, w, n, S, min_balance, 1 + _SCRATCH_SLACK, reference, keep)
     return balance_target(weight, n, S, min_balance, reference), None
 
 
@@ -199,12 +199,12 @@ def elasticity_aware(
             balance_reference = DEFAULT_BALANCE_REFERENCE[0 if event else 1]
         if search is None:
             search = DEFAULT_SEARCH[0 if event else 1]
-        target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference)
         cur = current.reshape(L, num_ranks, S)[:, live_idx]
         # After a failure or scale event the survivors keep the counts the current placement was made
         # with where the target allows (ours cap heavy replicas where the greedy's pair them); a
         # periodic rebalance exists to rebalance counts too.
         keep = repair.surviving_heaviest(w, cur) if event else None
+        target, rep_bound = _targets(weight, w, n, S, min_balance, balance_reference, keep)
         exact = balance_reference == "greedy"
         # A layer just above a bound-based target is compared with a placement from scratch, made as the
         # healthy path makes it (upstream's busiest rank its ceiling).

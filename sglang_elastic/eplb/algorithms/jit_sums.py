@@ -426,8 +426,9 @@ if AVAILABLE:
         return best
 
     @njit(cache=True, nogil=True)
-    def _targets_all(layers, weight, w, n, S, min_balance, slack, greedy_ref, target, rep_bound):
-        """:func:`.elasticity_aware.balance_target` and ``from_current``'s replica bound, per layer."""
+    def _targets_all(layers, weight, w, n, S, min_balance, slack, greedy_ref, keep, target, rep_bound):
+        """:func:`.elasticity_aware.balance_target` and ``from_current``'s replica bound (with ``keep``,
+        ``0`` for none), per layer."""
         E = weight.shape[1]
         c = np.empty(E, np.int64)
         gain = np.empty(E)
@@ -460,4 +461,4 @@ if AVAILABLE:
             target[l] = bound / min_balance
             _greedy_layer(w[l], n * S, n, c, gain, cand)
             fill, top = _fill(w[l], c, k, small)
-            rep_bound[l] = min(top / min_balance, target[l] - 2 * fill)
+            rep_bound[l] = min(max(top / min_balance, keep[l]), target[l] - 2 * fill)

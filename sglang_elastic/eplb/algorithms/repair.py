@@ -341,7 +341,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
             slots or so few ranks that narrow may ask them all, every layer narrow again with looser
             counts, and on at most ``_SMALL`` slots without nodes also from :mod:`.recount`'s changed
             counts; each layer stops on any of the traces).
-        rep_bound: :func:`replica_bound` if the caller has it (without ``keep``).
+        rep_bound: :func:`replica_bound` (with ``keep``) if the caller has it.
         keep: float64 ``[L]``: replicas up to this load keep their counts where the target allows
             (:func:`replica_bound`'s ``keep``; after a failure :func:`surviving_heaviest`).
         exact_target: ``target`` comes from a real placement's busiest rank over ``min_balance`` (the
@@ -356,7 +356,7 @@ def from_current(w: np.ndarray, cur: np.ndarray, n: int, S: int, node_of: Option
         int64 ``[L, n, S]``.
     """
     L, E = w.shape
-    if rep_bound is None or keep is not None:
+    if rep_bound is None:
         rep_bound = replica_bound(w, n, S, target, min_balance, keep)
     first = _repair_pass(w, cur, n, S, node_of, iters, target, min_balance, search == "wide", rep_bound,
                          not exact_target, scratch_ceiling)

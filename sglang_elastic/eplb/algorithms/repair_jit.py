@@ -177,15 +177,17 @@ def valid(phy2log: np.ndarray, num_ranks: int, num_experts: int, live: np.ndarra
 
 
 def targets(weight: np.ndarray, w: np.ndarray, n: int, S: int, min_balance: float,
-            slack: float, reference: str = "greedy") -> Tuple[np.ndarray, np.ndarray]:
+            slack: float, reference: str = "greedy",
+            keep: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``(balance_target(weight, n, S, min_balance, reference), replica_bound(w, n, S, that target,
-    min_balance))`` compiled, per layer over the threads (same floats; ``slack``: the factor
+    min_balance, keep))`` compiled, per layer over the threads (same floats; ``slack``: the factor
     ``balance_target`` puts on the bound). ``weight``: the caller's load ``[L, E]``; ``w``: it with the
-    zero-load floor."""
+    zero-load floor; ``keep``: float64 ``[L]`` or ``None``."""
     L = weight.shape[0]
     target, rep_bound = np.empty(L), np.empty(L)
+    keep = np.zeros(L) if keep is None else np.ascontiguousarray(keep, dtype=np.float64)
     _run_split(_targets_all, np.arange(L), (np.ascontiguousarray(weight, dtype=np.float64),
                                             np.ascontiguousarray(w, dtype=np.float64), int(n), int(S),
                                             float(min_balance), float(slack), reference == "greedy",
-                                            target, rep_bound), slots=n * S)
+                                            keep, target, rep_bound), slots=n * S)
     return target, rep_bound
