@@ -30,13 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-# torch's OpenMP threads spin for a while after each parallel op (libgomp's default wait policy); timed
-# right after upstream's torch-heavy call, ours (numba threads on the same cores) then shared them with
-# the spinning pool: DS-V3 EP32x9 2 dead 4.2 -> 6.3 ms median on the 2-core box, while upstream's own time
-# is the same either way (42.3 vs 42.2 ms). Passive waiting (set before torch starts its pool) times each
-# on its own; OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import torch
 
@@ -587,7 +580,6 @@ def machine() -> Dict[str, object]:
         "python": platform.python_version(),
         "sglang": up_version if ok else f"unavailable ({up_version})",
         "loadavg_start": loadavg(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
 
 
@@ -769,7 +761,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     h = "#" if args.markdown else "=="
     print(f"{h} EPLB benchmark: sglang_elastic vs upstream SGLang {info['sglang']}")
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}); torch {info['torch']} with {info['torch_threads']} threads; "
-          f"numpy {info['numpy']}; python {info['python']}; OMP_WAIT_POLICY={info['omp_wait_policy']}")
+          f"numpy {info['numpy']}; python {info['python']}")
     print(f"repeats: {args.repeats} (median after one warm-up); bytes per expert: {BYTES_PER_EXPERT}; "
           f"mode: {SUITES[suite][0] if suite else 'quick' if args.quick else 'full'}; load average at start: {info['loadavg_start']} "
           "(timings are wall time: other work on the machine inflates them)\n")

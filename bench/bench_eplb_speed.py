@@ -13,13 +13,6 @@ import os
 import sys
 import time
 
-# torch's OpenMP threads spin for a while after each parallel op (libgomp's default wait policy); timed
-# right after upstream's torch-heavy call, ours (numba threads on the same cores) then shared them with
-# the spinning pool: DS-V3 EP32x9 2 dead 4.2 -> 6.3 ms median on the 2-core box, while upstream's own time
-# is the same either way (42.3 vs 42.2 ms). Passive waiting (set before torch starts its pool) times each
-# on its own; OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import torch
 
@@ -63,13 +56,17 @@ def main() -> int:
     t_ours, t_up = [], []
     for _ in range(args.calls):
         for fn, acc in ((ours, t_ours), (up_call, t_up)):
+            # Each timed call follows an untimed one of its own: right after upstream's torch-heavy call,
+            # torch's OpenMP threads still spin (libgomp's wait policy) and took the 2 cores from ours
+            # (ours 4.2 -> 5.5-6.3 ms median on the 2-core box; passive waiting instead slowed upstream's
+            # small calls 2x, not a fair cure). Both are timed warm, as a server calls them.
+            fn()
             t = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t)
     mo, mu = np.median(t_ours) * 1e3, np.median(t_up) * 1e3
     print(f"DS-V3 58x256 EP32x9, 2 dead, {args.family}, {args.calls} alternating calls, "
-          f"{args.threads} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, "
-          f"loadavg {os.getloadavg()[0]:.1f}")
+          f"{args.threads} torch threads, loadavg {os.getloadavg()[0]:.1f}")
     print(f"  ours: {impl}, first call (compile or cache load included) {t_first * 1e3:.0f} ms")
     print(f"  ours (current=, {args.search or 'default':7s}) median {mo:7.2f} ms  min {min(t_ours) * 1e3:7.2f} ms  "
           f"moved {movement(cur, p_ours)}  balancedness {balancedness(w, p_ours):.4f}")
