@@ -205,8 +205,8 @@ def test_without_nodes_replicas_spread_over_blocks_of_consecutive_ranks(dead, mo
         for e in range(96):
             ranks = np.flatnonzero((x[l] == e).any(1))
             assert len(set(ranks // B)) == min(len(ranks), R // B), (l, e, ranks)
+        ranks_of = [np.flatnonzero((x[l] == e).any(1)) for e in range(96)]
         for blk in range(R // B):  # the orphans a dead block leaves: only experts of one replica
-            ranks_of = [np.flatnonzero((x[l] == e).any(1)) for e in range(96)]
             assert all(len(r) == 1 for r in ranks_of if r.size and (r // B == blk).all())
     monkeypatch.setattr(ea, "_SPREAD_BLOCK", 10 ** 9)  # the same placement, not spread
     q = rebalance(w, R, S, live_ranks=live)

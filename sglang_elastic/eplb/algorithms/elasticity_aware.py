@@ -98,6 +98,13 @@ def _check_options(min_balance: Optional[float], balance_tolerance: Optional[flo
         raise ValueError(f"balance_reference must be one of {', '.join(BALANCE_REFERENCES)}, got {balance_reference!r}")
 
 
+def _groups_of(live_idx: np.ndarray, size: int) -> Optional[np.ndarray]:
+    """int64 ``[n]``: the group (node, or block of ``size`` consecutive ranks) of each live rank,
+    numbered 0.. over the groups that have a live rank; ``None`` where they all share one."""
+    groups = np.unique(live_idx // size, return_inverse=True)[1].astype(np.int64)
+    return groups if groups.max() > 0 else None
+
+
 def _live_set_changed(current: np.ndarray, live: np.ndarray, num_ranks: int, S: int) -> bool:
     was_live = (current.reshape(current.shape[0], num_ranks, S) >= 0).any(-1).any(0)
     return bool((was_live != live).any())
@@ -168,11 +175,9 @@ def elasticity_aware(
         )
     live_idx = np.flatnonzero(live)
     n = len(live_idx)
-    node_of = None
+    node_of = None  # also where one node is left: nothing to spread over
     if ranks_per_node is not None and ranks_per_node < num_ranks:
-        node_of = np.unique(live_idx // ranks_per_node, return_inverse=True)[1].astype(np.int64)
-        if node_of.max() == 0:
-            node_of = None  # one node left: nothing to spread over
+        node_of = _groups_of(live_idx, ranks_per_node)
     # Swaps that re-route moved replicas (refine's extra partners) balance less per step: at half this
     # cap every layer of DS-V3 under zipf 1.2 ran out (129 swaps needed) and took a from-scratch
     # placement (+14 % transfers, ~4x the time). Layers that reach their target stop long before it;
@@ -186,9 +191,10 @@ def elasticity_aware(
         # layer is the ceiling (where it splits an expert twice on a rank, out of reach, the bound).
         ceiling, _ = _targets(weight, w, n, S, 1.0, "greedy")
         result, _ = from_scratch(w, n, S, node_of, iters, ceiling=ceiling)
-        if node_of is None and live_idx[-1] // _SPREAD_BLOCK > live_idx[0] // _SPREAD_BLOCK:
+        blocks = _groups_of(live_idx, _SPREAD_BLOCK) if node_of is None else None
+        if blocks is not None:
             # Rank contents stay, only which rank holds which changes: the balance is the same.
-            result = order_ranks_by_node(result, np.unique(live_idx // _SPREAD_BLOCK, return_inverse=True)[1])
+            result = order_ranks_by_node(result, blocks)
     else:
         event = _live_set_changed(current, live, num_ranks, S)
         if balance_tolerance is not None:
